@@ -1,0 +1,31 @@
+# Two commands do everything on a fresh machine: `make demo` and `make test`.
+SHELL := /bin/bash
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# The CPU wheel where there is no GPU (a plain `torch` would pull a multi-GB CUDA build); override with
+# TORCH_SPEC="torch==X" on GPU machines or leave it empty there to keep the torch already matching CUDA.
+TORCH_SPEC ?= $(if $(shell command -v nvidia-smi 2>/dev/null),torch,torch==2.13.0)
+# DeepSpeed JIT-compiles its CPU ops once; keep them where every clone can reuse them.
+export TORCH_EXTENSIONS_DIR ?= $(HOME)/.cache/guidedmix/torch_extensions
+export DS_ACCELERATOR ?= $(if $(shell command -v nvidia-smi 2>/dev/null),cuda,cpu)
+export RAY_USAGE_STATS_ENABLED := 0
+
+.PHONY: venv test demo bench clean
+
+venv: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "$(TORCH_SPEC)"
+	$(PY) -m pip install -q -e ".[test]"
+	touch $@
+
+test: venv
+	$(VENV)/bin/pytest -q tests
+
+demo: venv
+	$(VENV)/bin/guidedmix demo --out runs/demo
+
+clean:
+	rm -rf $(VENV) runs data build *.egg-info

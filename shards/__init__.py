@@ -1,0 +1,5 @@
+"""DATA: dataset layouts -> WebDataset shards on any fsspec URL -> equal, resumable streams of batches."""
+from .errors import BadInput
+from .stream import ShardStream, StreamSpec, StorageFailure, open_stream
+
+__all__ = ["BadInput", "ShardStream", "StreamSpec", "StorageFailure", "open_stream"]

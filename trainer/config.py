@@ -1,0 +1,197 @@
+"""One typed config for a run, loaded from YAML and overridden by `--set dotted.key=value`.
+
+Passed down whole (torchtitan-style); every option of ALGORITHM.md is a field here with its default.
+Unknown keys, wrong types and impossible values are `BadInput` naming the dotted key.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Literal, Optional
+
+import fsspec
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from shards.errors import BadInput
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DataConfig(_Strict):
+    url: str = "data/synthetic"
+    storage_options: dict = Field(default_factory=dict, description="fsspec options, e.g. endpoint, key")
+    crop_size: int = Field(64, ge=8)
+    scale_min: float = Field(0.5, gt=0)
+    scale_max: float = Field(2.0, gt=0)
+    flip: bool = True
+    photometric: bool = True
+    labeled_batch_size: int = Field(8, ge=1)
+    unlabeled_batch_size: int = Field(8, ge=1)
+    val_batch_size: int = Field(8, ge=1)
+    loader_workers: int = Field(1, ge=0)
+    shuffle_buffer: int = Field(256, ge=1)
+    allow_pipe: bool = False  # `pipe:` URLs run shell commands: only on explicit opt-in
+    retries: int = Field(5, ge=0)
+
+    @model_validator(mode="after")
+    def _scale_order(self):
+        if self.scale_min > self.scale_max:
+            raise ValueError("scale_min must be <= scale_max")
+        return self
+
+
+class ModelConfig(_Strict):
+    backbone: Literal["tiny", "resnet18", "resnet50", "resnet101"] = "tiny"
+    output_stride: Literal[8, 16] = 16
+    pretrained: Optional[str] = None  # torchvision-format ResNet state dict: path or fsspec URL
+    aspp_channels: int = Field(256, ge=8)
+    decoder_channels: int = Field(256, ge=8)
+    sync_bn: bool = True
+
+
+class MITransConfig(_Strict):
+    enabled: bool = True
+    reduction: int = Field(2, ge=1)
+
+
+class PairingConfig(_Strict):
+    mode: Literal["in_batch", "service"] = "in_batch"
+    similarity: Literal["most", "random", "least"] = "most"  # ablation: does similarity matter?
+    topk: int = Field(1, ge=1)
+    temperature: float = Field(0.1, gt=0)
+    bank_size: int = Field(1024, ge=1)
+    deadline_s: float = Field(0.05, gt=0)
+
+
+class GuidedMixConfig(_Strict):
+    lam_max: float = Field(0.5, gt=0, lt=1)
+    mix: Literal["interp", "region"] = "interp"
+    decouple_with: Literal["gt", "prediction"] = "gt"
+    teacher: Literal["self", "ema"] = "self"
+    ema_decay: float = Field(0.99, ge=0, lt=1)
+    tau: float = Field(0.0, ge=0, le=1)
+    unsup_weight: float = Field(1.0, ge=0)
+    warmup_steps: int = Field(0, ge=0)
+    rampup_steps: int = Field(1000, ge=0)
+    # which views learn: the paper's both, or only the mixed view from the clean one (authors' code)
+    unsup_loss: bool = True
+    mix_loss: bool = True
+    mitrans: MITransConfig = Field(default_factory=MITransConfig)
+    pairing: PairingConfig = Field(default_factory=PairingConfig)
+
+
+class OptimConfig(_Strict):
+    name: Literal["sgd", "adamw"] = "sgd"
+    lr: float = Field(0.01, gt=0)
+    momentum: float = Field(0.9, ge=0, lt=1)
+    weight_decay: float = Field(5e-4, ge=0)
+    poly_power: float = Field(0.9, ge=0)
+    head_lr_mult: float = Field(1.0, gt=0)
+
+
+class EvalConfig(_Strict):
+    mode: Literal["whole", "slide"] = "whole"
+    window: int = Field(512, ge=8)
+    stride: int = Field(341, ge=1)
+    flip: bool = False
+    max_batches: Optional[int] = Field(None, ge=1)
+
+
+class TrainConfig(_Strict):
+    method: Literal["guidedmix", "supervised"] = "guidedmix"
+    steps: int = Field(1000, ge=1)
+    seed: int = 0
+    workers: int = Field(2, ge=1)
+    use_gpu: Optional[bool] = None  # None: detect from the cluster
+    zero_stage: Literal[0, 1, 2, 3] = 0
+    precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
+    eval_every: int = Field(500, ge=1)
+    ckpt_every: int = Field(250, ge=1)
+    log_every: int = Field(25, ge=1)
+    max_failures: int = Field(3, ge=0)
+    overlays: int = Field(4, ge=0)
+
+
+class Config(_Strict):
+    out: str = "runs/latest"
+    data: DataConfig = Field(default_factory=DataConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    guidedmix: GuidedMixConfig = Field(default_factory=GuidedMixConfig)
+    optim: OptimConfig = Field(default_factory=OptimConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+
+    def digest(self) -> str:
+        """A short hash of the resolved config, for the run's info metric and summary."""
+        text = json.dumps(self.public_dict(), sort_keys=True)
+        return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+    def public_dict(self) -> dict:
+        """The resolved config without secrets (storage keys), fit for summary.json and logs."""
+        data = self.model_dump()
+        data["data"]["storage_options"] = {
+            k: ("***" if _is_secret(k) else v) for k, v in data["data"]["storage_options"].items()
+        }
+        return data
+
+
+def _is_secret(key: str) -> bool:
+    key = key.lower()
+    return any(word in key for word in ("secret", "token", "password", "key"))
+
+
+def _first_error(err: ValidationError) -> str:
+    e = err.errors()[0]
+    loc = ".".join(str(p) for p in e["loc"]) or "config"
+    msg = e["msg"]
+    if e["type"] == "extra_forbidden":
+        msg = "unknown key"
+    return f"config: {loc}: {msg}"
+
+
+def _parse_value(text: str):
+    """`--set` values are YAML scalars: 3, 0.5, true, null, [1, 2], or plain strings."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise BadInput(f"--set {item!r}: expected dotted.key=value")
+        node = raw
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise BadInput(f"--set {key}: {part} is not a section")
+            node = child
+        node[parts[-1]] = _parse_value(value)
+    return raw
+
+
+def load_config(path: Optional[str] = None, overrides: Optional[list[str]] = None) -> Config:
+    raw: dict = {}
+    if path:
+        try:
+            with fsspec.open(path, "r") as f:
+                raw = yaml.safe_load(f) or {}
+        except FileNotFoundError:
+            raise BadInput(f"config file not found: {path}") from None
+        except yaml.YAMLError as e:
+            line = getattr(getattr(e, "problem_mark", None), "line", None)
+            where = f" line {line + 1}" if line is not None else ""
+            raise BadInput(f"config file {path}{where}: not valid YAML") from None
+        if not isinstance(raw, dict):
+            raise BadInput(f"config file {path}: expected a mapping at the top level")
+    raw = apply_overrides(raw, overrides or [])
+    try:
+        return Config.model_validate(raw)
+    except ValidationError as e:
+        raise BadInput(_first_error(e)) from None
