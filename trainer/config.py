@@ -49,6 +49,7 @@ class ModelConfig(_Strict):
     pretrained: Optional[str] = None  # torchvision-format ResNet state dict: path or fsspec URL
     aspp_channels: int = Field(256, ge=8)
     decoder_channels: int = Field(256, ge=8)
+    aspp_rates: tuple[int, int, int] = (6, 12, 18)  # at output stride 16; doubled at 8
     sync_bn: bool = True
 
 
@@ -79,6 +80,8 @@ class GuidedMixConfig(_Strict):
     # which views learn: the paper's both, or only the mixed view from the clean one (authors' code)
     unsup_loss: bool = True
     mix_loss: bool = True
+    # the mixed view's target on x_u's share: the clean view's soft prediction (paper) or its argmax
+    mix_target: Literal["soft", "hard"] = "soft"
     mitrans: MITransConfig = Field(default_factory=MITransConfig)
     pairing: PairingConfig = Field(default_factory=PairingConfig)
 

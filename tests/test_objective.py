@@ -1,0 +1,169 @@
+"""Unit tests of the pure-PyTorch algorithm: model, pairing, mixing, mask generation, losses, mIoU."""
+import io
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from trainer import evaluate, guidedmix
+from trainer.config import Config
+from trainer.model import DeepLabV3Plus, load_backbone_weights
+
+
+def small_model(num_classes=5, output_stride=16, backbone="tiny"):
+    return DeepLabV3Plus(num_classes, backbone, output_stride, 32, 32, (1, 2, 3))
+
+
+def test_pairing_picks_the_brute_force_argmax():
+    g = torch.Generator().manual_seed(0)
+    query = F.normalize(torch.randn(16, 12, generator=g), dim=1)
+    bank = F.normalize(torch.randn(40, 12, generator=g), dim=1)
+    chosen = guidedmix.pair(query, bank)
+    for i in range(16):
+        sims = [float(query[i] @ bank[j]) for j in range(40)]
+        assert chosen[i].item() == max(range(40), key=sims.__getitem__)
+    least = guidedmix.pair(query, bank, similarity="least")
+    assert all(float(query[i] @ bank[least[i]]) == min(float(query[i] @ b) for b in bank) for i in range(16))
+
+
+def test_topk_pairing_stays_inside_the_top_k():
+    g = torch.Generator().manual_seed(1)
+    query = F.normalize(torch.randn(8, 6, generator=g), dim=1)
+    bank = F.normalize(torch.randn(30, 6, generator=g), dim=1)
+    top3 = (query @ bank.T).topk(3, dim=1).indices
+    for _ in range(5):
+        chosen = guidedmix.pair(query, bank, topk=3, temperature=1.0, generator=g)
+        assert all(chosen[i] in top3[i] for i in range(8))
+
+
+def test_mixing_with_lam_zero_returns_the_unlabeled_image():
+    x_u, x_r = torch.randn(2, 3, 8, 8), torch.randn(2, 3, 8, 8)
+    assert torch.equal(guidedmix.mix(x_u, x_r, torch.zeros(2, 1, 8, 8)), x_u)
+    lam = guidedmix.sample_lam(64, 8, 8, 0.5, "interp")
+    assert lam.min() >= 0 and lam.max() < 0.5 and lam.std() > 0
+
+
+def test_region_lam_is_a_box_of_ones():
+    lam = guidedmix.sample_lam(16, 32, 32, 0.5, "region", torch.Generator().manual_seed(3))
+    assert set(lam.unique().tolist()) <= {0.0, 1.0}
+    assert (lam.mean(dim=(1, 2, 3)) <= 0.5 + 1e-6).all() and lam.sum() > 0
+
+
+@pytest.mark.parametrize("mode", ["interp", "region"])
+def test_mask_generation_recovers_the_unlabeled_one_hot(mode):
+    c, g = 6, torch.Generator().manual_seed(2)
+    y_u = torch.randint(0, c, (4, 16, 16), generator=g)
+    y_r = torch.randint(0, c, (4, 16, 16), generator=g)
+    lam = guidedmix.sample_lam(4, 16, 16, 0.5, mode, g)
+    ref = guidedmix.onehot(y_r, c)
+    p_m = lam * ref + (1 - lam) * guidedmix.onehot(y_u, c)  # the true mixture
+    pseudo, confidence = guidedmix.generate_mask(p_m, ref, lam)
+    visible = lam.squeeze(1) < 1
+    assert torch.equal(pseudo[visible], y_u[visible])
+    assert torch.allclose(confidence[visible], torch.ones(()))
+    assert (pseudo[~visible] == 255).all()
+
+
+def test_losses_ignore_255():
+    logits = torch.randn(2, 4, 8, 8)
+    target = torch.randint(0, 4, (2, 8, 8))
+    marked = target.clone()
+    marked[:, :4] = 255
+    expected = F.cross_entropy(logits[:, :, 4:], target[:, 4:])
+    assert torch.allclose(F.cross_entropy(logits, marked, ignore_index=255), expected)
+    assert guidedmix.onehot(marked, 4)[:, :, :4].abs().sum() == 0
+
+
+def test_mitrans_keeps_shapes_gets_gradients_and_is_unused_at_inference():
+    model = small_model()
+    x = torch.randn(2, 3, 32, 32)
+    features = model.decode(*model.encode(x))
+    refined = model.mitrans(features)
+    assert refined.shape == features.shape
+    refined.square().mean().backward()
+    assert model.mitrans.out.weight.grad.abs().sum() > 0
+    model.eval()
+    with torch.no_grad():
+        plain = model(x)
+        model.mitrans.out.weight.data.normal_()  # a non-identity MITrans changes nothing at inference
+        assert torch.equal(model(x), plain)
+        assert not torch.equal(model(x, use_mitrans=True), plain)
+
+
+@pytest.mark.parametrize("output_stride", [8, 16])
+def test_output_size_equals_input_size(output_stride):
+    model = small_model(output_stride=output_stride).eval()
+    for shape in [(1, 3, 64, 64), (2, 3, 50, 77)]:
+        assert model(torch.randn(shape)).shape == (shape[0], 5, shape[2], shape[3])
+
+
+def test_saved_state_dict_restores_identical_outputs():
+    model = small_model().eval()
+    buf = io.BytesIO()
+    torch.save(model.state_dict(), buf)
+    other = small_model().eval()
+    x = torch.randn(2, 3, 32, 32)
+    assert not torch.equal(model(x), other(x))
+    other.load_state_dict(torch.load(io.BytesIO(buf.getvalue())))
+    assert torch.equal(model(x), other(x))
+
+
+def test_backbone_weights_in_torchvision_format_load():
+    source = small_model(backbone="resnet18")
+    state = {**source.backbone.state_dict(), "fc.weight": torch.zeros(1000, 512), "fc.bias": torch.zeros(1000)}
+    target = small_model(backbone="resnet18")
+    load_backbone_weights(target, state)
+    assert torch.equal(target.backbone.conv1.weight, source.backbone.conv1.weight)
+    with pytest.raises(ValueError, match="do not match"):
+        load_backbone_weights(small_model(backbone="tiny"), state)
+
+
+def test_miou_equals_a_hand_computed_confusion_matrix():
+    pred = torch.tensor([[0, 0, 1, 1], [2, 2, 1, 0]])
+    target = torch.tensor([[0, 1, 1, 1], [2, 255, 2, 0]])
+    cm = evaluate.confusion_matrix(pred, target, 3)
+    assert cm.tolist() == [[2, 0, 0], [1, 2, 0], [0, 1, 1]]
+    miou, per_class = evaluate.iou(cm)
+    # class 0: tp 2, union 3; class 1: tp 2, union 4; class 2: tp 1, union 2
+    assert per_class == pytest.approx([2 / 3, 2 / 4, 1 / 2])
+    assert miou == pytest.approx((2 / 3 + 1 / 2 + 1 / 2) / 3)
+
+
+def test_sliding_window_matches_whole_image_for_a_pointwise_model():
+    model = torch.nn.Conv2d(3, 4, 1)  # no spatial context: windows must agree with the whole image
+    images = torch.randn(1, 3, 40, 70)
+    whole = evaluate.predict(model, images, 4)
+    slide = evaluate.predict(model, images, 4, mode="slide", window=32, stride=20)
+    assert torch.allclose(whole, slide, atol=1e-6)
+    flipped = evaluate.predict(model, images, 4, flip=True)
+    assert torch.allclose(flipped, whole, atol=1e-6)
+
+
+def test_guidedmix_step_returns_parts_and_learns():
+    cfg = Config().guidedmix.model_copy(update={"rampup_steps": 0})
+    torch.manual_seed(0)
+    model = small_model()
+    x_l, y_l = torch.randn(4, 3, 32, 32), torch.randint(0, 5, (4, 32, 32))
+    y_l[:, :2] = 255
+    x_u = torch.randn(4, 3, 32, 32)
+    out = guidedmix.guidedmix_loss(model, x_l, y_l, x_u, 10, cfg, 5)
+    assert set(out.parts) >= {"sup", "unsup", "mix", "weight"} and out.parts["weight"] == 1.0
+    assert out.pairing.shape == (4,) and out.pseudo.shape == (4, 32, 32)
+    out.loss.backward()
+    assert model.mitrans.out.weight.grad.abs().sum() > 0
+
+
+def test_external_candidates_are_used_for_pairing():
+    cfg = Config().guidedmix
+    model = small_model()
+    x_l, y_l, x_u = torch.randn(2, 3, 32, 32), torch.randint(0, 5, (2, 32, 32)), torch.randn(3, 3, 32, 32)
+    bank = guidedmix.Candidates(F.normalize(torch.randn(9, model.backbone.high_channels), dim=1),
+                                torch.randn(9, 3, 32, 32), torch.randint(0, 5, (9, 32, 32)))
+    out = guidedmix.guidedmix_loss(model, x_l, y_l, x_u, 0, cfg, 5, candidates=bank)
+    assert out.pairing.max() < 9 and out.pairing.shape == (3,)
+
+
+def test_rampup_is_zero_in_warmup_then_rises_to_the_weight():
+    assert guidedmix.rampup(5, 10, 100, 1.0) == 0.0
+    values = [guidedmix.rampup(s, 10, 100, 2.0) for s in range(10, 120, 10)]
+    assert values == sorted(values) and values[-1] == 2.0 and values[0] < 0.02

@@ -1,0 +1,205 @@
+"""GuidedMix-Net's objective (Tu et al., AAAI 2022), step by step as in ALGORITHM.md. Pure PyTorch.
+
+1. pairing: each unlabeled image gets the most similar labeled reference (cosine of pooled embeddings)
+   among candidates: the labeled batch, or the pairing service's bank handed in from outside;
+2. mixing: x_m = lam * x_r + (1 - lam) * x_u, lam ~ U(0, lam_max) per pair; `mix: region` pastes a box
+   of the reference instead (lam becomes a 0/1 map, so the decoupling below is exact inside it);
+3. forward: encoder over [x_l; x_u], then over x_m; MITrans refines the mixed decoder features;
+4. mask generation: q = clamp((p_m - lam * onehot(y_r)) / (1 - lam), 0, 1) renormalised; the pseudo mask
+   of x_u is argmax q with confidence max q;
+5. losses: L = L_sup + w(t) * (L_unsup + L_mix), w a sigmoid ramp-up after an optional warm-up.
+
+Lam is carried as a per-pixel map B x 1 x H x W throughout, so global and region mixing share one path.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+IGNORE = 255
+
+
+@dataclass
+class Candidates:
+    """Labeled references to pair with: L2-normalised embeddings (N x D), images, masks (255 = ignore)."""
+
+    embeddings: torch.Tensor
+    images: torch.Tensor
+    masks: torch.Tensor
+
+
+@dataclass
+class StepOutput:
+    loss: torch.Tensor
+    parts: dict = field(default_factory=dict)  # floats for logging: sup, unsup, mix, weight, ...
+    pairing: Optional[torch.Tensor] = None  # index into the candidates for each unlabeled image
+    pseudo: Optional[torch.Tensor] = None  # pseudo masks of the unlabeled batch (255 = not confident)
+
+
+def pair(query: torch.Tensor, candidates: torch.Tensor, similarity: str = "most", topk: int = 1,
+         temperature: float = 0.1, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """For each query embedding, the index of its reference among the candidate embeddings.
+
+    `most`: argmax cosine (or a softmax-weighted draw among the top k); `least`: argmin; `random`:
+    uniform. The last two exist to measure whether similarity matters at all."""
+    n = candidates.shape[0]
+    if similarity == "random":
+        return torch.randint(0, n, (query.shape[0],), generator=generator, device=query.device)
+    scores = query @ candidates.T
+    if similarity == "least":
+        scores = -scores
+    if topk <= 1:
+        return scores.argmax(dim=1)
+    top, index = scores.topk(min(topk, n), dim=1)
+    probs = torch.softmax(top / temperature, dim=1)
+    choice = torch.multinomial(probs, 1, generator=generator)
+    return index.gather(1, choice).squeeze(1)
+
+
+def sample_lam(batch: int, height: int, width: int, lam_max: float, mode: str,
+               generator: Optional[torch.Generator] = None, device=None) -> torch.Tensor:
+    """B x 1 x H x W mixing weights of the reference: a constant per pair (interp) or a 0/1 box (region)."""
+    u = torch.rand(batch, generator=generator, device=device)
+    if mode == "interp":
+        return (u * lam_max).view(batch, 1, 1, 1).expand(batch, 1, height, width).contiguous()
+    # region: a box covering a U(0, lam_max) share of the image, so lam_max bounds the pasted area
+    lam = torch.zeros(batch, 1, height, width, device=device)
+    side = (u * lam_max).sqrt()
+    for i in range(batch):
+        bh, bw = int(round(height * side[i].item())), int(round(width * side[i].item()))
+        top = int(torch.randint(0, height - bh + 1, (1,), generator=generator))
+        left = int(torch.randint(0, width - bw + 1, (1,), generator=generator))
+        lam[i, :, top:top + bh, left:left + bw] = 1.0
+    return lam
+
+
+def mix(x_u: torch.Tensor, x_r: torch.Tensor, lam: torch.Tensor) -> torch.Tensor:
+    return lam * x_r + (1 - lam) * x_u
+
+
+def onehot(mask: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """B x C x H x W one-hot of a class-id mask; all zero at ignored pixels."""
+    valid = mask != IGNORE
+    out = F.one_hot(torch.where(valid, mask, 0), num_classes).permute(0, 3, 1, 2).to(torch.float32)
+    return out * valid.unsqueeze(1)
+
+
+def reference_distribution(y_r: torch.Tensor, p_r: Optional[torch.Tensor], num_classes: int) -> torch.Tensor:
+    """What the reference contributes per pixel: its one-hot mask, or where that is ignored, its
+    (detached) predicted distribution when one is given (`decouple_with: prediction`)."""
+    ref = onehot(y_r, num_classes)
+    if p_r is not None:
+        ref = torch.where((y_r == IGNORE).unsqueeze(1), p_r, ref)
+    return ref
+
+
+def generate_mask(p_m: torch.Tensor, ref: torch.Tensor, lam: torch.Tensor, eps: float = 1e-6):
+    """Mask generation: remove the reference's share from the mixed prediction.
+
+    Returns (pseudo mask, confidence). Where lam = 1 (a pasted region) x_u is not visible: those pixels
+    get IGNORE."""
+    visible = lam < 1 - eps
+    q = ((p_m - lam * ref) / (1 - lam).clamp_min(eps)).clamp(0, 1)
+    q = q / q.sum(dim=1, keepdim=True).clamp_min(eps)
+    confidence, pseudo = q.max(dim=1)
+    pseudo = torch.where(visible.squeeze(1), pseudo, torch.full_like(pseudo, IGNORE))
+    return pseudo, confidence * visible.squeeze(1)
+
+
+def rampup(step: int, warmup_steps: int, rampup_steps: int, weight: float) -> float:
+    """Sigmoid ramp-up exp(-5 (1 - t)^2) of the unsupervised weight, after `warmup_steps` of supervision."""
+    t = step - warmup_steps
+    if t < 0:
+        return 0.0
+    if rampup_steps == 0 or t >= rampup_steps:
+        return weight
+    return weight * math.exp(-5.0 * (1.0 - t / rampup_steps) ** 2)
+
+
+def soft_cross_entropy(logits: torch.Tensor, target: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """Mean over weighted pixels of -sum_c target_c log softmax(logits)_c."""
+    per_pixel = -(target * F.log_softmax(logits, dim=1)).sum(dim=1)
+    return (per_pixel * weight).sum() / weight.sum().clamp_min(1.0)
+
+
+def supervised_loss(model, x_l, y_l) -> StepOutput:
+    """`method: supervised`: L_sup alone on the labeled stream, the baseline."""
+    loss = F.cross_entropy(model(x_l), y_l, ignore_index=IGNORE)
+    return StepOutput(loss, {"sup": loss.item()})
+
+
+def guidedmix_loss(model, x_l: torch.Tensor, y_l: torch.Tensor, x_u: torch.Tensor, step: int, cfg,
+                   num_classes: int, teacher=None, candidates: Optional[Candidates] = None,
+                   generator: Optional[torch.Generator] = None) -> StepOutput:
+    """One GuidedMix step's loss. `cfg` is the config's `guidedmix` section; `teacher` an EMA copy of the
+    model (or None: the model teaches itself); `candidates` references from outside (else in-batch)."""
+    b_l, b_u = x_l.shape[0], x_u.shape[0]
+    size = x_u.shape[-2:]
+
+    # 1. pairing on the first pass's pooled embeddings (no gradient through the choice)
+    low, high = model.encode(torch.cat([x_l, x_u]))
+    embeddings = model.embed(high).detach()
+    if candidates is None:
+        candidates = Candidates(embeddings[:b_l], x_l, y_l)
+    index = pair(embeddings[b_l:], candidates.embeddings, cfg.pairing.similarity, cfg.pairing.topk,
+                 cfg.pairing.temperature, generator)
+    x_r, y_r = candidates.images[index], candidates.masks[index]
+
+    # 2. mixing
+    lam = sample_lam(b_u, size[0], size[1], cfg.lam_max, cfg.mix, generator, x_u.device)
+    x_m = mix(x_u, x_r, lam)
+
+    # 3. forward: labeled + unlabeled, then the mixed batch with MITrans
+    logits_lu = model.classify(model.decode(low, high), size)
+    logits_l, logits_u = logits_lu[:b_l], logits_lu[b_l:]
+    features_m = model.decode(*model.encode(x_m))
+    if cfg.mitrans.enabled:
+        features_m = model.mitrans(features_m)
+    logits_m = model.classify(features_m, size)
+
+    # 4. mask generation, from the teacher's view (the model itself, detached, or its EMA copy)
+    with torch.no_grad():
+        if teacher is None:
+            p_u, p_m = logits_u.softmax(1), logits_m.softmax(1)
+        else:
+            p_u = teacher(x_u).softmax(1)
+            p_m = teacher(x_m, use_mitrans=cfg.mitrans.enabled).softmax(1)
+        p_r = None
+        if cfg.decouple_with == "prediction":
+            p_r = (teacher or model)(x_r).softmax(1)
+        ref = reference_distribution(y_r, p_r, num_classes)
+        pseudo, confidence = generate_mask(p_m, ref, lam)
+        confident = (confidence >= cfg.tau) & (pseudo != IGNORE)
+        # the mixed view's target: the reference's share plus the clean view's prediction of x_u
+        conf_u, hard_u = p_u.max(1)
+        target_u = p_u if cfg.mix_target == "soft" else onehot(hard_u, num_classes)
+        target_m = lam * ref + (1 - lam) * target_u
+        # pixels whose x_u share is trusted (or absent), and whose reference share is known
+        known_ref = (ref.sum(1) > 0) | (lam.squeeze(1) == 0)
+        weight_m = (((conf_u >= cfg.tau) | (lam.squeeze(1) >= 1)) & known_ref).float()
+
+    # 5. losses
+    loss_sup = F.cross_entropy(logits_l, y_l, ignore_index=IGNORE)
+    w = rampup(step, cfg.warmup_steps, cfg.rampup_steps, cfg.unsup_weight)
+    loss_unsup = logits_u.sum() * 0.0
+    if cfg.unsup_loss:
+        loss_unsup = F.cross_entropy(logits_u, torch.where(confident, pseudo, IGNORE), ignore_index=IGNORE)
+        loss_unsup = torch.nan_to_num(loss_unsup)  # no confident pixel: nothing to learn
+    loss_mix = soft_cross_entropy(logits_m, target_m, weight_m) if cfg.mix_loss else logits_m.sum() * 0.0
+    loss = loss_sup + w * (loss_unsup + loss_mix)
+    parts = {"sup": loss_sup.item(), "unsup": loss_unsup.item(), "mix": loss_mix.item(), "weight": w,
+             "confident": confident.float().mean().item(), "lam": lam.mean().item()}
+    return StepOutput(loss, parts, index, torch.where(confident, pseudo, IGNORE))
+
+
+@torch.no_grad()
+def ema_update(teacher, student, decay: float) -> None:
+    """teacher <- decay * teacher + (1 - decay) * student; buffers (BN statistics) are copied."""
+    for t, s in zip(teacher.parameters(), student.parameters()):
+        t.lerp_(s.detach(), 1 - decay)
+    for t, s in zip(teacher.buffers(), student.buffers()):
+        t.copy_(s)
