@@ -59,7 +59,7 @@ class MITransConfig(_Strict):
 
 
 class PairingConfig(_Strict):
-    mode: Literal["in_batch", "service"] = "in_batch"
+    mode: Literal["in_batch"] = "in_batch"
     similarity: Literal["most", "random", "least"] = "most"  # ablation: does similarity matter?
     topk: int = Field(1, ge=1)
     temperature: float = Field(0.1, gt=0)
@@ -115,6 +115,8 @@ class TrainConfig(_Strict):
     ckpt_every: int = Field(250, ge=1)
     log_every: int = Field(25, ge=1)
     max_failures: int = Field(3, ge=0)
+    engine: Literal["deepspeed", "plain"] = "deepspeed"  # plain: one process, no DeepSpeed (studies, benches)
+    ledger: bool = False  # record every consumed sample key, to prove nothing is lost or repeated
     overlays: int = Field(4, ge=0)
 
 
@@ -139,6 +141,12 @@ class Config(_Strict):
             k: ("***" if _is_secret(k) else v) for k, v in data["data"]["storage_options"].items()
         }
         return data
+
+    @model_validator(mode="after")
+    def _compatible(self):
+        if self.guidedmix.teacher == "ema" and self.train.zero_stage == 3:
+            raise ValueError("guidedmix.teacher=ema needs whole parameters; use train.zero_stage <= 2")
+        return self
 
 
 def _is_secret(key: str) -> bool:

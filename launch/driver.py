@@ -1,0 +1,116 @@
+"""The Ray driver behind `guidedmix train` (and the entrypoint of `ray job submit`).
+
+Connects to Ray (`--address`, RAY_ADDRESS, or a local Ray started for this run), checks the cluster can
+hold the workers, and runs Ray Train's TorchTrainer; each worker runs `trainer.loop.train`. Checkpoints
+live under --out (see trainer/checkpoint.py), so a restarted worker group, a rerun of the same command,
+or a later `ray job submit` all continue from the last committed step.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+
+from shards.errors import BadInput
+from shards.manifest import read_manifest
+from shards.storage import filesystem, join
+from trainer.config import Config
+
+log = logging.getLogger("guidedmix.driver")
+
+
+def absolute(url: str) -> str:
+    """Local paths become absolute: Ray workers do not share the driver's working directory."""
+    if "://" in url or url.startswith("pipe:"):
+        return url
+    return os.path.abspath(url)
+
+
+def finished_summary(cfg: Config):
+    """The summary of a run under --out that already reached the requested steps, else None."""
+    url = join(cfg.out, "summary.json")
+    fs, path = filesystem(url, cfg.data.storage_options)
+    try:
+        summary = json.loads(fs.cat_file(path))
+    except FileNotFoundError:
+        return None
+    return summary if summary.get("steps", 0) >= cfg.train.steps else None
+
+
+def _worker_entry(config: dict) -> None:
+    import ray.train
+    import ray.train.torch
+    import torch
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
+    from trainer.loop import WorkerContext, train
+
+    ctx = ray.train.get_context()
+    train(Config.model_validate(config),
+          WorkerContext(ctx.get_world_rank(), ctx.get_world_size(), ray.train.torch.get_device(),
+                        report=ray.train.report))
+
+
+def _connect(address: str | None, workers: int):
+    import ray
+
+    address = address or os.environ.get("RAY_ADDRESS")
+    env = {k: os.environ[k] for k in ("DS_ACCELERATOR", "TORCH_EXTENSIONS_DIR", "AWS_ENDPOINT_URL",
+                                      "AWS_DEFAULT_REGION") if k in os.environ}
+    if address:
+        ray.init(address=address, logging_level=logging.WARNING)
+        return False
+    ray.init(num_cpus=max(workers, os.cpu_count() or 1), include_dashboard=False,
+             logging_level=logging.WARNING, runtime_env={"env_vars": env} if env else None)
+    return True
+
+
+def _check_capacity(workers: int, use_gpu: bool) -> None:
+    import ray
+
+    resources = ray.cluster_resources()
+    kind = "GPU" if use_gpu else "CPU"
+    have = int(resources.get(kind, 0))
+    if workers > have:
+        raise BadInput(f"--workers {workers}: the Ray cluster has {have} {kind}s (each worker takes one)")
+
+
+def run(cfg: Config, address: str | None = None) -> dict:
+    cfg = cfg.model_copy(update={"out": absolute(cfg.out),
+                                 "data": cfg.data.model_copy(update={"url": absolute(cfg.data.url)})})
+    done = finished_summary(cfg)
+    if done:
+        log.info("run under %s already finished (%d steps, mIoU %.4f)", cfg.out, done["steps"], done["miou"])
+        return done
+    read_manifest(cfg.data.url, cfg.data.storage_options, cfg.data.retries)  # bad data fails before Ray starts
+
+    import ray
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    started_local = _connect(address, cfg.train.workers)
+    try:
+        use_gpu = cfg.train.use_gpu
+        if use_gpu is None:
+            use_gpu = ray.cluster_resources().get("GPU", 0) >= cfg.train.workers
+        _check_capacity(cfg.train.workers, use_gpu)
+        log.info("training %s: %d %s workers, %d steps, outputs under %s", cfg.train.method,
+                 cfg.train.workers, "GPU" if use_gpu else "CPU", cfg.train.steps, cfg.out)
+        trainer = TorchTrainer(
+            _worker_entry,
+            train_loop_config=cfg.model_dump(),
+            scaling_config=ScalingConfig(num_workers=cfg.train.workers, use_gpu=use_gpu,
+                                         resources_per_worker={"GPU" if use_gpu else "CPU": 1}),
+            run_config=RunConfig(name=f"guidedmix-{cfg.digest()}-{int(time.time())}",
+                                 failure_config=FailureConfig(max_failures=cfg.train.max_failures)),
+        )
+        trainer.fit()
+    finally:
+        if started_local:
+            ray.shutdown()
+    summary = finished_summary(cfg)
+    if summary is None:
+        raise RuntimeError(f"training ended without {join(cfg.out, 'summary.json')}")
+    return summary

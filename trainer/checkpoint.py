@@ -1,0 +1,113 @@
+"""Checkpoints under OUT/checkpoints on any fsspec URL, one store for Ray workers and single processes.
+
+A checkpoint is a folder `step-NNNNNNNN/` holding the engine's files (DeepSpeed's, or a plain torch
+file) and one `rank-R.json` per rank (its data-stream positions and sample ledger). Every rank uploads
+its files, all ranks meet at a barrier, then rank 0 writes `latest` (naming the folder): the commit.
+A failed or interrupted write leaves `latest` on the previous, complete checkpoint.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+from typing import Optional
+
+import torch.distributed as dist
+
+from shards.storage import describe_error, filesystem, join, with_retries
+
+log = logging.getLogger("guidedmix.checkpoint")
+LATEST = "latest"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint could not be written or read; the message names the URL."""
+
+
+def _barrier():
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+class CheckpointStore:
+    def __init__(self, out: str, storage_options: Optional[dict] = None, keep: int = 2, retries: int = 5):
+        self.root = join(out, "checkpoints")
+        self.fs, self.path = filesystem(self.root, storage_options)
+        self.keep, self.retries = keep, retries
+
+    def _retry(self, fn, url):
+        try:
+            return with_retries(fn, url, self.retries)
+        except OSError as e:
+            raise CheckpointError(describe_error(url, e)) from None
+
+    def latest(self) -> Optional[str]:
+        """The committed checkpoint's folder name, or None for a fresh run."""
+        pointer = join(self.path, LATEST)
+        try:
+            return self._retry(lambda: self.fs.cat_file(pointer), self.root).decode().strip() or None
+        except CheckpointError as e:
+            if "not found" in str(e):
+                return None
+            raise
+
+    def save(self, local_dir: str, name: str, rank: int) -> None:
+        """Upload this rank's files, wait for every rank, then (rank 0) commit and prune."""
+        target = join(self.path, name)
+        started = time.monotonic()
+        self._retry(lambda: self.fs.makedirs(target, exist_ok=True), join(self.root, name))
+        for entry in sorted(os.listdir(local_dir)):
+            source = os.path.join(local_dir, entry)
+            self._retry(lambda: self.fs.put(source, join(target, entry), recursive=os.path.isdir(source)),
+                        join(self.root, name, entry))
+        _barrier()
+        if rank == 0:
+            self._retry(lambda: self.fs.pipe_file(join(self.path, LATEST), name.encode()), self.root)
+            self._prune(name)
+        _barrier()
+        log.info("checkpoint %s committed in %.1fs", name, time.monotonic() - started)
+
+    def _prune(self, current: str) -> None:
+        try:
+            names = sorted(os.path.basename(p.rstrip("/")) for p in self.fs.ls(self.path, detail=False))
+        except OSError:
+            return
+        steps = [n for n in names if n.startswith("step-") and n != current]
+        for old in steps[: max(0, len(steps) - (self.keep - 1))]:
+            try:
+                self.fs.rm(join(self.path, old), recursive=True)
+            except OSError as e:  # an old checkpoint left behind costs space, not correctness
+                log.warning("could not prune %s: %s", old, describe_error(join(self.root, old), e))
+
+    def download(self, name: str) -> str:
+        """A local copy of a committed checkpoint (the caller removes it)."""
+        local = tempfile.mkdtemp(prefix="guidedmix-ckpt-")
+        source = join(self.path, name)
+        self._retry(lambda: self.fs.get(source + "/", local + "/", recursive=True), join(self.root, name))
+        # some filesystems nest the folder under its own name
+        nested = os.path.join(local, name)
+        return nested if os.path.isdir(nested) else local
+
+
+def step_name(step: int) -> str:
+    return f"step-{step:08d}"
+
+
+def write_rank_state(local_dir: str, rank: int, state: dict) -> None:
+    with open(os.path.join(local_dir, f"rank-{rank}.json"), "w") as f:
+        json.dump(state, f)
+
+
+def read_rank_state(local_dir: str, rank: int) -> dict:
+    path = os.path.join(local_dir, f"rank-{rank}.json")
+    if not os.path.exists(path):
+        raise CheckpointError(f"{path}: no state for rank {rank} (was the run started with other workers?)")
+    with open(path) as f:
+        return json.load(f)
+
+
+def remove_local(path: str) -> None:
+    shutil.rmtree(path, ignore_errors=True)

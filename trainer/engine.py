@@ -1,0 +1,85 @@
+"""The optimisation engine behind the loop: DeepSpeed (ZeRO 0-3, bf16 on GPU) or plain PyTorch for one
+process. Both take the same SGD/AdamW with poly decay and expose the same small interface."""
+from __future__ import annotations
+
+import os
+
+import torch
+
+
+def build_optimizer(model, cfg_optim):
+    groups = [{"params": g["params"], "lr": cfg_optim.lr * g["lr_mult"]}
+              for g in model.param_groups(cfg_optim.head_lr_mult)]
+    if cfg_optim.name == "sgd":
+        return torch.optim.SGD(groups, lr=cfg_optim.lr, momentum=cfg_optim.momentum,
+                               weight_decay=cfg_optim.weight_decay)
+    return torch.optim.AdamW(groups, lr=cfg_optim.lr, weight_decay=cfg_optim.weight_decay)
+
+
+def poly_schedule(optimizer, total_steps: int, power: float):
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: max(0.0, 1 - s / total_steps) ** power)
+
+
+class PlainEngine:
+    def __init__(self, model, cfg, device):
+        self.module = model.to(device)
+        self.optimizer = build_optimizer(model, cfg.optim)
+        self.scheduler = poly_schedule(self.optimizer, cfg.train.steps, cfg.optim.poly_power)
+        self.dtype = torch.float32
+
+    def step(self, loss):
+        loss.backward()
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def lr(self) -> float:
+        return self.optimizer.param_groups[0]["lr"]
+
+    def save(self, local_dir: str, client_state: dict) -> None:
+        torch.save({"model": self.module.state_dict(), "optimizer": self.optimizer.state_dict(),
+                    "scheduler": self.scheduler.state_dict(), "client": client_state},
+                   os.path.join(local_dir, "plain.pt"))
+
+    def load(self, local_dir: str) -> dict:
+        state = torch.load(os.path.join(local_dir, "plain.pt"), weights_only=False)
+        self.module.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        return state["client"]
+
+
+class DeepSpeedEngine:
+    TAG = "engine"
+
+    def __init__(self, model, cfg, device, bf16: bool):
+        import deepspeed
+
+        optimizer = build_optimizer(model, cfg.optim)
+        ds_config = {
+            "train_micro_batch_size_per_gpu": cfg.data.labeled_batch_size,
+            "gradient_accumulation_steps": 1,
+            "zero_optimization": {"stage": cfg.train.zero_stage},
+            "zero_allow_untested_optimizer": True,  # SGD as the paper uses; DeepSpeed's list is Adam-centric
+            "bf16": {"enabled": bf16},
+            "steps_per_print": 10**9,
+        }
+        self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
+            model=model.to(device), optimizer=optimizer, config=ds_config,
+            lr_scheduler=poly_schedule(optimizer, cfg.train.steps, cfg.optim.poly_power))
+        self.module = self.engine.module
+        self.dtype = torch.bfloat16 if bf16 else torch.float32
+
+    def step(self, loss):
+        self.engine.backward(loss)
+        self.engine.step()  # optimizer, lr schedule and zero_grad
+
+    def lr(self) -> float:
+        return self.engine.get_lr()[0]
+
+    def save(self, local_dir: str, client_state: dict) -> None:
+        self.engine.save_checkpoint(local_dir, tag=self.TAG, client_state=client_state)
+
+    def load(self, local_dir: str) -> dict:
+        _, client_state = self.engine.load_checkpoint(local_dir, tag=self.TAG)
+        return client_state or {}
