@@ -90,7 +90,7 @@ def _write_split(fs, base: str, split: str, items: list[sources.Item], with_mask
         chunk = items[index * per_shard:(index + 1) * per_shard]
         with fs.open(join(base, name), "wb") as raw:
             hashing = _HashingWriter(raw)
-            with wds.TarWriter(hashing) as tar:
+            with wds.TarWriter(hashing, mtime=0) as tar:  # fixed mtime: byte-reproducible shards
                 for item in chunk:
                     image, ext = item.load_image()
                     sample = {"__key__": item.key, ext: image}
@@ -99,6 +99,8 @@ def _write_split(fs, base: str, split: str, items: list[sources.Item], with_mask
                         sample["mask.png"] = _png(mask)
                         height, width = mask.shape
                     else:
+                        if item.load_mask is not None:
+                            item.load_mask()  # unlabeled train images: still check their masks
                         width, height = Image.open(io.BytesIO(image)).size
                     sample["json"] = json.dumps({"id": item.key, "size": [height, width],
                                                  "source": source_name}).encode()

@@ -8,6 +8,7 @@ last tag per worker as the stream's state, and a restored stream restarts every 
 """
 from __future__ import annotations
 
+import hashlib
 import io
 import logging
 import tarfile
@@ -82,11 +83,13 @@ def plan_epoch(infos: list[ShardInfo], seed: int, epoch: int, world: int, worker
         order = list(np.random.default_rng([seed, epoch]).permutation(len(infos)))
     names = tuple(infos[i].name for i in order)
     sizes = [infos[i].samples for i in order]
-    total = sum(sizes)
-    if len(infos) >= slots:  # whole shards, round robin
-        plans = [SlotPlan(names[s::slots], 1, 0, sum(sizes[s::slots]), 0) for s in range(slots)]
-    else:  # fewer shards than slots: every slot reads all shards and keeps its residue class
-        plans = [SlotPlan(names, slots, s, len(range(s, total, slots)), 0) for s in range(slots)]
+    strided = _strided(names, sizes, slots)
+    plans = strided
+    if len(infos) >= slots:
+        whole = _whole_shards(names, sizes, slots)
+        # whole shards read each byte once; take them unless they would waste a quarter of the batches
+        if not train or _train_batches(whole, world, batch) >= 0.75 * _train_batches(strided, world, batch):
+            plans = whole
     per_rank = [plans[r * max(workers, 1):(r + 1) * max(workers, 1)] for r in range(world)]
     if train:
         caps = [[p.samples // batch for p in rank] for rank in per_rank]
@@ -98,6 +101,28 @@ def plan_epoch(infos: list[ShardInfo], seed: int, epoch: int, world: int, worker
         for c in counts:
             c[0] += target - sum(c)  # padding batches go to worker 0
     return [[replace(p, batches=n) for p, n in zip(rank, c)] for rank, c in zip(per_rank, counts)]
+
+
+def _whole_shards(names, sizes, slots) -> list[SlotPlan]:
+    """Whole shards, each to the slot with the fewest samples so far (deterministic)."""
+    owned: list[list[int]] = [[] for _ in range(slots)]
+    load = [0] * slots
+    for i in range(len(names)):
+        slot = load.index(min(load))
+        owned[slot].append(i)
+        load[slot] += sizes[i]
+    return [SlotPlan(tuple(names[i] for i in idx), 1, 0, load[s], 0) for s, idx in enumerate(owned)]
+
+
+def _strided(names, sizes, slots) -> list[SlotPlan]:
+    """Every slot reads all shards and keeps every slots-th sample: balanced to one sample."""
+    total = sum(sizes)
+    return [SlotPlan(names, slots, s, len(range(s, total, slots)), 0) for s in range(slots)]
+
+
+def _train_batches(plans: list[SlotPlan], world: int, batch: int) -> int:
+    per = len(plans) // world
+    return min(sum(p.samples // batch for p in plans[r * per:(r + 1) * per]) for r in range(world))
 
 
 def _trim(caps: list[int], target: int) -> list[int]:
@@ -124,6 +149,7 @@ class _Worker:
                  start: tuple[int, int]):
         self.spec, self.infos, self.num_classes, self.worker = spec, infos, num_classes, worker
         self.start_epoch, self.start_index = start
+        self.by_name = {info.name: info for info in infos}
         self.skipped = 0
 
     def _shard_bytes(self, name: str) -> Optional[bytes]:
@@ -140,14 +166,22 @@ class _Worker:
         position = 0
         for name in plan.shards:
             data = self._shard_bytes(name)
+            expected = self.by_name[name]
+            if hashlib.sha256(data).hexdigest() != expected.sha256:
+                log.warning("shard %s: checksum differs from the manifest; reading what is readable", name)
+            read = 0
             try:
                 for sample in tar_samples(data, name):
+                    read += 1
                     if position % plan.stride == plan.offset:
                         yield name, sample
                     position += 1
             except (tarfile.TarError, ValueError, EOFError) as e:
-                self.skipped += 1
-                log.warning("shard %s: unreadable after %d samples, rest skipped (%s)", name, position, e)
+                log.warning("shard %s: unreadable after %d samples (%s)", name, read, e)
+            if read < expected.samples:  # a truncated tar ends early without an error
+                self.skipped += expected.samples - read
+                log.warning("shard %s: unreadable past sample %d of %d, rest skipped", name, read, expected.samples)
+                position += expected.samples - read  # keep later shards' strided positions as planned
 
     def _shuffled(self, plan: SlotPlan, epoch: int) -> Iterator[tuple[str, dict]]:
         if not self.spec.train:

@@ -1,0 +1,296 @@
+"""The data layer end to end: dataset trees written here -> shards on disk and on S3 -> streams back."""
+import io
+import json
+import os
+import tarfile
+from collections import Counter
+
+import fsspec
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import run_cli
+from shards import BadInput, ShardStream, StreamSpec, build, sources
+from shards.manifest import read_manifest, summary, verify
+from shards.stream import plan_epoch
+
+
+def _image(path, rng, size=(24, 32)):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    Image.fromarray(rng.integers(0, 255, (*size, 3), dtype=np.uint8)).save(path)
+
+
+def _mask(path, mask, palette=False):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    img = Image.fromarray(mask.astype(np.uint8), mode="L")
+    if palette:
+        img = img.convert("P")
+        img.putpalette([v for i in range(256) for v in (i, 255 - i, i // 2)])
+    img.save(path)
+
+
+def _random_mask(rng, classes, size=(24, 32)):
+    mask = rng.integers(0, classes, size)
+    mask[0, :4] = 255
+    return mask
+
+
+def write_voc(root, rng, n_train=10, n_val=4, n_aug=6):
+    masks = {}
+    names = [f"2007_{i:06d}" for i in range(n_train + n_val + n_aug)]
+    for name in names:
+        _image(f"{root}/JPEGImages/{name}.jpg", rng)
+        masks[name] = _random_mask(rng, 21)
+    for name in names[: n_train + n_val]:
+        _mask(f"{root}/SegmentationClass/{name}.png", masks[name], palette=True)
+    for name in names:
+        _mask(f"{root}/SegmentationClassAug/{name}.png", masks[name])
+    os.makedirs(f"{root}/ImageSets/Segmentation")
+    open(f"{root}/ImageSets/Segmentation/train.txt", "w").write("\n".join(names[:n_train]) + "\n")
+    open(f"{root}/ImageSets/Segmentation/val.txt", "w").write("\n".join(names[n_train:n_train + n_val]) + "\n")
+    return masks
+
+
+def stream_all(url, split, **kw):
+    spec = StreamSpec(url, split, kw.pop("batch_size", 4), **kw)
+    stream = ShardStream(spec)
+    if split == "val":
+        return list(stream)
+    return [next(stream) for _ in range(stream.batches_per_epoch())]
+
+
+def test_voc_with_aug_shards_stream_back_pixel_exact(tmp_path):
+    rng = np.random.default_rng(0)
+    masks = write_voc(tmp_path / "VOC2012", rng)
+    source = sources.voc(str(tmp_path / "VOC2012"))
+    assert len(source.train) == 16 and len(source.val) == 4  # 10 fine + 6 from the Aug set
+    manifest = build.build(source, str(tmp_path / "out"), 4, seed=1, samples_per_shard=3, progress=False)
+    s = summary(manifest)
+    assert s["classes"] == 21 and s["splits"]["labeled"]["samples"] == 4
+    assert s["splits"]["unlabeled"]["samples"] == 12 and s["splits"]["val"] == {"samples": 4, "shards": 2}
+    # labeled ids come from the fine train list only
+    tar_keys = set()
+    for shard in manifest["splits"]["labeled"]["shards"]:
+        with tarfile.open(tmp_path / "out" / shard["name"]) as tar:
+            tar_keys |= {m.name.split(".")[0] for m in tar.getmembers()}
+    assert tar_keys <= {f"2007_{i:06d}" for i in range(10)} and len(tar_keys) == 4
+    # val streams back without augmentation: masks pixel-exact
+    seen = 0
+    for batch in stream_all(str(tmp_path / "out"), "val", batch_size=3):
+        for key, mask in zip(batch["keys"], batch["mask"]):
+            assert np.array_equal(mask[:24, :32].numpy(), masks[key])
+            seen += 1
+    assert seen == 4
+    # unlabeled shards carry no masks
+    for shard in manifest["splits"]["unlabeled"]["shards"]:
+        with tarfile.open(tmp_path / "out" / shard["name"]) as tar:
+            assert not [m for m in tar.getmembers() if "mask" in m.name]
+
+
+def test_cityscapes_label_ids_map_to_train_ids(tmp_path):
+    rng = np.random.default_rng(1)
+    root = tmp_path / "cityscapes"
+    label_ids = np.array([[7, 8, 26, 0], [33, 1, 24, 255]] * 4, np.uint8)
+    for split, n in (("train", 3), ("val", 1)):
+        for i in range(n):
+            stem = f"aachen_{i:06d}_000019"
+            _image(f"{root}/leftImg8bit/{split}/aachen/{stem}_leftImg8bit.png", rng, (8, 4))
+            _mask(f"{root}/gtFine/{split}/aachen/{stem}_gtFine_labelIds.png", label_ids)
+    build.build(sources.cityscapes(str(root)), str(tmp_path / "out"), 1, progress=False)
+    (batch,) = stream_all(str(tmp_path / "out"), "val", batch_size=1)
+    expected = np.array([[0, 1, 13, 255], [18, 255, 11, 255]] * 4)
+    assert np.array_equal(batch["mask"][0].numpy(), expected)
+
+
+def test_context_maps_background_to_ignore(tmp_path):
+    rng = np.random.default_rng(2)
+    root = tmp_path / "context"
+    raw = np.array([[0, 1, 59, 30]] * 4, np.uint8)
+    for name in ("a1", "a2", "b1"):
+        _image(f"{root}/JPEGImages/{name}.jpg", rng, (4, 4))
+        _mask(f"{root}/SegmentationClassContext/{name}.png", raw)
+    os.makedirs(f"{root}/ImageSets/SegmentationContext")
+    open(f"{root}/ImageSets/SegmentationContext/train.txt", "w").write("a1\na2\n")
+    open(f"{root}/ImageSets/SegmentationContext/val.txt", "w").write("b1\n")
+    manifest = build.build(sources.context(str(root)), str(tmp_path / "out"), 1, progress=False)
+    assert len(manifest["classes"]) == 59
+    (batch,) = stream_all(str(tmp_path / "out"), "val", batch_size=1)
+    assert batch["mask"][0, 0].tolist() == [255, 0, 58, 29]
+
+
+def write_folder(root, rng, n_train=12, n_val=3, n_extra=2, classes=("bg", "thing", "stuff")):
+    os.makedirs(root)
+    open(f"{root}/classes.txt", "w").write("\n".join(classes) + "\n")
+    for split, n in (("train", n_train), ("val", n_val)):
+        for i in range(n):
+            _image(f"{root}/{split}/images/{split}{i}.png", rng)
+            _mask(f"{root}/{split}/masks/{split}{i}.png", _random_mask(rng, len(classes)))
+    for i in range(n_extra):
+        _image(f"{root}/unlabeled/x{i}.jpg", rng)
+
+
+def test_folder_split_is_reproducible_and_list_file_is_exact(tmp_path):
+    rng = np.random.default_rng(3)
+    write_folder(tmp_path / "ds", rng)
+    src = sources.folder(str(tmp_path / "ds"))
+    a = build.split_labeled(src.train, 0.25, seed=7)[0]
+    b = build.split_labeled(src.train, 0.25, seed=7)[0]
+    c = build.split_labeled(src.train, 0.25, seed=8)[0]
+    assert [i.key for i in a] == [i.key for i in b] and len(a) == 3
+    assert {i.key for i in a} != {i.key for i in c}
+    listed = build.split_labeled(src.train, 1, 0, ["train2", "train5"])[0]
+    assert {i.key for i in listed} == {"train2", "train5"}
+    m = build.build(src, str(tmp_path / "out"), 3, progress=False)
+    assert m["splits"]["unlabeled"]["samples"] == 9 + 2  # the rest of train plus the extra images
+
+
+def test_s3_build_inspect_verify_and_stream(s3, tmp_path):
+    rng = np.random.default_rng(4)
+    write_folder(tmp_path / "ds", rng)
+    r = run_cli("shards", "build", "--source", "folder", "--root", str(tmp_path / "ds"), "--out", "s3://test/ds",
+                "--labeled", "4", "--samples-per-shard", "4", "--quiet")
+    assert r.returncode == 0, r.stderr
+    r = run_cli("shards", "inspect", "s3://test/ds", "--verify")
+    assert r.returncode == 0, r.stderr
+    info = json.loads(r.stdout)
+    assert info["verified"] and info["splits"]["labeled"] == {"samples": 4, "shards": 1}
+    local = build.build(sources.folder(str(tmp_path / "ds")), str(tmp_path / "local"), 4, samples_per_shard=4,
+                        progress=False)
+    remote = stream_all("s3://test/ds", "val", batch_size=2)
+    here = stream_all(str(tmp_path / "local"), "val", batch_size=2)
+    assert [b["keys"] for b in remote] == [b["keys"] for b in here]
+    assert all(np.array_equal(a["mask"], b["mask"]) for a, b in zip(remote, here))
+    # builds are byte-reproducible: the same data gives the same checksums wherever it is written
+    assert local["splits"]["val"]["shards"][0]["sha256"] == read_manifest("s3://test/ds")["splits"]["val"]["shards"][0]["sha256"]
+    # a tampered shard fails verification
+    fs = fsspec.filesystem("s3")
+    fs.pipe_file("test/ds/val-000000.tar", b"garbage")
+    assert any("sha256" in p for p in verify("s3://test/ds", read_manifest("s3://test/ds")))
+
+
+@pytest.mark.parametrize("world,workers,shards_sizes", [(3, 2, [5, 7, 3, 9, 4, 6, 8]), (2, 2, [20]), (4, 1, [3, 3, 2, 9, 1])])
+def test_plan_gives_equal_batches_disjoint_and_covering(world, workers, shards_sizes):
+    from shards.manifest import ShardInfo
+
+    infos = [ShardInfo(f"s{i}", n, "") for i, n in enumerate(shards_sizes)]
+    for epoch in range(3):
+        train = plan_epoch(infos, 0, epoch, world, workers, 2, train=True)
+        counts = [sum(p.batches for p in rank) for rank in train]
+        assert len(set(counts)) == 1 and counts[0] > 0
+        val = plan_epoch(infos, 0, epoch, world, workers, 2, train=False)
+        assert len({sum(p.batches for p in rank) for rank in val}) == 1
+        # every sample position belongs to exactly one slot
+        owners = Counter()
+        for rank in val:
+            for p in rank:
+                offset = 0
+                for name in p.shards:
+                    n = shards_sizes[int(name[1:])]
+                    owners.update((name, j) for j in range(n) if (offset + j) % p.stride == p.offset)
+                    offset += n
+        assert len(owners) == sum(shards_sizes) and set(owners.values()) == {1}
+
+
+def test_uneven_shards_equal_batch_counts_on_every_rank(synthetic_url):
+    counts = []
+    keys = []
+    for rank in range(3):
+        stream = ShardStream(StreamSpec(synthetic_url, "unlabeled", 8, rank=rank, world_size=3, loader_workers=2))
+        batches = [next(stream) for _ in range(stream.batches_per_epoch())]
+        counts.append(len(batches))
+        keys.append({k for b in batches for k in b["keys"]})
+        assert all(b["epoch"] == 0 for b in batches)
+    assert len(set(counts)) == 1 and counts[0] > 0
+    assert not (keys[0] & keys[1]) and not (keys[1] & keys[2]) and not (keys[0] & keys[2])
+    val = [sum(len(b["keys"]) for b in ShardStream(StreamSpec(synthetic_url, "val", 8, rank=r, world_size=3)))
+           for r in range(3)]
+    assert sum(val) == 64  # every val sample exactly once across ranks
+
+
+def test_resume_repeats_and_skips_nothing_with_loader_workers(synthetic_url):
+    spec = StreamSpec(synthetic_url, "unlabeled", 4, seed=3, loader_workers=2)
+    full = ShardStream(spec)
+    per_epoch = full.batches_per_epoch()
+    total = 2 * per_epoch  # loader workers end epoch 0 at different times; by then all have
+    reference = [(b["epoch"], k) for b in (next(full) for _ in range(total)) for k in b["keys"]]
+    first = ShardStream(spec)
+    part1 = [next(first) for _ in range(7)]
+    state = json.loads(json.dumps(first.state_dict()))  # it travels as JSON in checkpoints
+    resumed = ShardStream(spec)
+    resumed.load_state_dict(state)
+    part2 = [next(resumed) for _ in range(total - 7)]
+    got = [(b["epoch"], k) for b in part1 + part2 for k in b["keys"]]
+    epoch0 = [k for e, k in got if e == 0]
+    assert len(epoch0) == len(set(epoch0)) == per_epoch * 4  # nothing repeated, nothing skipped
+    assert set(epoch0) == {k for e, k in reference if e == 0}  # the same samples as without a stop
+    # augmentation is a function of (seed, epoch, key): resumed batches are the very same tensors
+    again = ShardStream(spec)
+    again.load_state_dict(state)
+    assert np.array_equal(next(again)["image"], part2[0]["image"])
+
+
+def test_corrupt_sample_and_truncated_shard_are_skipped_and_counted(tmp_path, caplog):
+    rng = np.random.default_rng(5)
+    write_folder(tmp_path / "ds", rng, n_train=16, n_val=2, n_extra=0)
+    url = str(tmp_path / "out")
+    manifest = build.build(sources.folder(str(tmp_path / "ds")), url, 8, samples_per_shard=4, progress=False)
+    shard_a, shard_b = (s["name"] for s in manifest["splits"]["labeled"]["shards"])
+    # shard a: one image replaced by garbage bytes; shard b: cut in half
+    with tarfile.open(f"{url}/{shard_a}") as tar:
+        members = [(m, tar.extractfile(m).read()) for m in tar.getmembers()]
+    with tarfile.open(f"{url}/{shard_a}", "w") as tar:
+        for m, data in members:
+            if m.name.endswith(".png") and "mask" not in m.name and not [1 for x in tar.getmembers() if x.name.endswith("garbage")]:
+                data = b"not an image"
+                bad_key = m.name.split(".")[0]
+            m.size = len(data)
+            tar.addfile(m, io.BytesIO(data))
+    raw = open(f"{url}/{shard_b}", "rb").read()
+    open(f"{url}/{shard_b}", "wb").write(raw[: len(raw) // 2 + 100])
+    stream = ShardStream(StreamSpec(url, "labeled", 2, loader_workers=0))
+    batches = [next(stream) for _ in range(6)]
+    assert stream.skipped >= 2
+    assert all(len(b["keys"]) == 2 for b in batches)
+    assert any(bad_key in r.message and shard_a in r.message for r in caplog.records)
+    assert any(shard_b in r.message and "unreadable" in r.message for r in caplog.records)
+
+
+@pytest.mark.parametrize("case", ["missing_root", "class_beyond", "unreadable_image", "bad_scheme", "no_manifest",
+                                  "exists", "bad_labeled", "too_many_labeled", "list_unknown_id"])
+def test_bad_input_is_one_line_exit_2(tmp_path, case):
+    rng = np.random.default_rng(6)
+    write_folder(tmp_path / "ds", rng, n_train=4, n_val=1, n_extra=0)
+    ds = str(tmp_path / "ds")
+    args = ["shards", "build", "--source", "folder", "--root", ds, "--out", str(tmp_path / "out"), "--labeled", "2"]
+    expect = {"missing_root": "nope", "class_beyond": "train1.png", "unreadable_image": "train2.png",
+              "bad_scheme": "ftp", "no_manifest": "manifest", "exists": "already", "bad_labeled": "--labeled",
+              "too_many_labeled": "--labeled", "list_unknown_id": "zzz"}[case]
+    if case == "missing_root":
+        args[5] = str(tmp_path / "nope")
+    elif case == "class_beyond":
+        _mask(f"{ds}/train/masks/train1.png", np.full((24, 32), 7))
+    elif case == "unreadable_image":
+        open(f"{ds}/train/images/train2.png", "wb").write(b"\x89PNG garbage")
+    elif case == "bad_scheme":
+        args[7] = "ftp://host/x"
+    elif case == "no_manifest":
+        args = ["shards", "inspect", str(tmp_path)]
+    elif case == "exists":
+        assert run_cli(*args, "--quiet").returncode == 0
+    elif case == "bad_labeled":
+        args[9] = "1/0"
+    elif case == "too_many_labeled":
+        args[9] = "40"
+    elif case == "list_unknown_id":
+        open(tmp_path / "list.txt", "w").write("train0\nzzz\n")
+        args += ["--labeled-list", str(tmp_path / "list.txt")]
+    r = run_cli(*args, "--quiet") if args[1] == "build" else run_cli(*args)
+    assert r.returncode == 2, (r.stdout, r.stderr)
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and expect in lines[0] and "Traceback" not in r.stderr
+
+
+def test_pipe_urls_need_opt_in(synthetic_url):
+    with pytest.raises(BadInput, match="allow_pipe"):
+        ShardStream(StreamSpec("pipe:cat " + synthetic_url, "val", 2))
