@@ -85,6 +85,9 @@ def run(cfg: Config, address: str | None = None) -> dict:
         log.info("run under %s already finished (%d steps, mIoU %.4f)", cfg.out, done["steps"], done["miou"])
         return done
     read_manifest(cfg.data.url, cfg.data.storage_options, cfg.data.retries)  # bad data fails before Ray starts
+    if not (address or os.environ.get("RAY_ADDRESS")):
+        # the embedded local Ray stays on loopback (Ray otherwise binds the machine's interface address)
+        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 
     import ray
     from ray.train import FailureConfig, RunConfig, ScalingConfig

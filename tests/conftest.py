@@ -16,6 +16,10 @@ VENV_BIN = os.path.dirname(sys.executable)
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+# Ray swaps 127.0.0.1 for the machine's interface address unless told this is a one-machine cluster;
+# the test cluster is loopback-only, so it also runs without Ray's token authentication.
+os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+os.environ["RAY_AUTH_MODE"] = "disabled"
 os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.expanduser("~/.cache/guidedmix/torch_extensions"))
 
 

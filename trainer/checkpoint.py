@@ -58,11 +58,15 @@ class CheckpointStore:
         """Upload this rank's files, wait for every rank, then (rank 0) commit and prune."""
         target = join(self.path, name)
         started = time.monotonic()
-        self._retry(lambda: self.fs.makedirs(target, exist_ok=True), join(self.root, name))
-        for entry in sorted(os.listdir(local_dir)):
-            source = os.path.join(local_dir, entry)
-            self._retry(lambda: self.fs.put(source, join(target, entry), recursive=os.path.isdir(source)),
-                        join(self.root, name, entry))
+        # file by file with explicit paths: ranks upload into the same folders, and a recursive put into
+        # a folder that another rank already created would nest it one level deeper
+        for folder, _, files in os.walk(local_dir):
+            relative = os.path.relpath(folder, local_dir)
+            remote = target if relative == "." else join(target, *relative.split(os.sep))
+            self._retry(lambda: self.fs.makedirs(remote, exist_ok=True), join(self.root, name))
+            for file in files:
+                self._retry(lambda: self.fs.put_file(os.path.join(folder, file), join(remote, file)),
+                            join(self.root, name, file))
         _barrier()
         if rank == 0:
             self._retry(lambda: self.fs.pipe_file(join(self.path, LATEST), name.encode()), self.root)
@@ -86,10 +90,15 @@ class CheckpointStore:
         """A local copy of a committed checkpoint (the caller removes it)."""
         local = tempfile.mkdtemp(prefix="guidedmix-ckpt-")
         source = join(self.path, name)
-        self._retry(lambda: self.fs.get(source + "/", local + "/", recursive=True), join(self.root, name))
-        # some filesystems nest the folder under its own name
-        nested = os.path.join(local, name)
-        return nested if os.path.isdir(nested) else local
+        files = self._retry(lambda: self.fs.find(source), join(self.root, name))
+        if not files:
+            raise CheckpointError(f"{join(self.root, name)}: empty or missing checkpoint")
+        for remote in files:
+            relative = remote[len(source.rstrip("/")) + 1:]
+            path = os.path.join(local, *relative.split("/"))
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            self._retry(lambda: self.fs.get_file(remote, path), join(self.root, name, relative))
+        return local
 
 
 def step_name(step: int) -> str:

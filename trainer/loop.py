@@ -42,6 +42,17 @@ def _all_reduce(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
+def average_buffers(module) -> None:
+    """Average batch-norm running statistics across ranks, so every rank (and the checkpoint, which holds
+    rank 0's copy) carries the same model. SyncBN keeps them equal on GPU; on CPU they drift apart."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return
+    for buffer in module.buffers():
+        if buffer.is_floating_point():
+            dist.all_reduce(buffer)
+            buffer /= dist.get_world_size()
+
+
 def stream_spec(cfg: Config, split: str, ctx: WorkerContext, batch_size: int) -> StreamSpec:
     d = cfg.data
     return StreamSpec(d.url, split, batch_size, cfg.train.seed, ctx.rank, ctx.world_size,
@@ -153,6 +164,7 @@ def train(cfg: Config, ctx: WorkerContext) -> Optional[dict]:
             log.info("resumed from %s at step %d", resumed_from, step)
 
     def save_checkpoint():
+        average_buffers(module)
         local = tempfile.mkdtemp(prefix="guidedmix-save-")
         try:
             engine.save(local, {"step": step, "history": history,
@@ -200,6 +212,7 @@ def train(cfg: Config, ctx: WorkerContext) -> Optional[dict]:
             if ctx.rank == 0:
                 log.info(progress.line(step, record, engine.lr()))
         if step % cfg.train.eval_every == 0 and step < cfg.train.steps:
+            average_buffers(module)
             miou, _, _ = evaluate_model(module, cfg, ctx, manifest, engine.dtype)
             history.append({"step": step, "miou": miou})
             if ctx.rank == 0:
@@ -210,6 +223,8 @@ def train(cfg: Config, ctx: WorkerContext) -> Optional[dict]:
     miou, per_class, overlays = evaluate_model(module, cfg, ctx, manifest, engine.dtype,
                                                keep=cfg.train.overlays if ctx.rank == 0 else 0)
     skipped = _all_reduce(torch.tensor([sum(s.skipped for s in streams.values())]))
+    if cfg.train.ledger:
+        outputs.write_json(f"{cfg.out.rstrip('/')}/ledger/rank-{ctx.rank}.json", ledger, cfg.data.storage_options)
     if ctx.rank != 0:
         return None
     if not history or "miou" not in history[-1] or history[-1]["step"] != step:
@@ -223,7 +238,5 @@ def train(cfg: Config, ctx: WorkerContext) -> Optional[dict]:
         "config_hash": cfg.digest(), "config": cfg.public_dict(),
     }
     outputs.write_outputs(cfg.out, summary, history, overlays, cfg.data.storage_options)
-    if cfg.train.ledger:
-        outputs.write_json(f"{cfg.out.rstrip('/')}/ledger/rank-0.json", ledger, cfg.data.storage_options)
     log.info("done: %d steps, val mIoU %.4f, outputs under %s", step, miou, cfg.out)
     return summary
