@@ -1,16 +1,19 @@
-"""Helpers the benchmarks share: a cached synthetic shard set and quiet single-process training."""
+"""Helpers the benchmarks share: a cached synthetic shard set and cached single-process training runs."""
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
+import json
 import logging
 import os
+import tempfile
+from concurrent.futures import ProcessPoolExecutor
 
 from shards import build, sources
-from trainer.config import load_config
-from trainer.loop import WorkerContext, train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CACHE = os.path.join(ROOT, "data", "run-cache")
 
 
 def synthetic_shards(labeled: str = "1/16", train_images: int = 1200, val_images: int = 240, size: int = 64,
@@ -25,8 +28,44 @@ def synthetic_shards(labeled: str = "1/16", train_images: int = 1200, val_images
 
 
 def train_once(overrides: list[str], config: str = "configs/cpu-small.yaml") -> dict:
-    """One single-process run of the loop (plain engine); returns its summary."""
+    """One single-process run of the training loop (plain engine, one thread); returns its summary."""
+    import torch
+
+    from trainer.config import load_config
+    from trainer.loop import WorkerContext, train
+
+    torch.set_num_threads(1)
     logging.getLogger("guidedmix").setLevel(logging.WARNING)
-    cfg = load_config(os.path.join(ROOT, config), ["train.engine=plain", *overrides])
+    out = tempfile.mkdtemp(prefix="gm-bench-")
+    cfg = load_config(os.path.join(ROOT, config), ["train.engine=plain", f"out={out}", *overrides])
     with contextlib.redirect_stderr(io.StringIO()):
         return train(cfg, WorkerContext())
+
+
+def _cached(overrides: tuple[str, ...]) -> dict:
+    key = hashlib.sha256(json.dumps(sorted(overrides)).encode()).hexdigest()[:16]
+    path = os.path.join(CACHE, key + ".json")
+    if os.path.exists(path):
+        with open(path) as f:
+            return json.load(f)
+    summary = train_once(list(overrides))
+    result = {"overrides": list(overrides), "miou": summary["miou"], "wall_seconds": summary["wall_seconds"],
+              "per_class_iou": summary["per_class_iou"]}
+    os.makedirs(CACHE, exist_ok=True)
+    with open(path + ".tmp", "w") as f:
+        json.dump(result, f)
+    os.replace(path + ".tmp", path)
+    return result
+
+
+def run_many(runs: list[list[str]], parallel: int = 2, on_done=None) -> list[dict]:
+    """Run (or fetch from the cache) each override list; `parallel` processes of one thread each."""
+    results: list = [None] * len(runs)
+    with ProcessPoolExecutor(parallel) as pool:
+        futures = {pool.submit(_cached, tuple(r)): i for i, r in enumerate(runs)}
+        for future in futures:
+            i = futures[future]
+            results[i] = future.result()
+            if on_done:
+                on_done(i, results[i])
+    return results

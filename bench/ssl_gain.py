@@ -2,6 +2,8 @@
 steps and seeds. Prints one JSON object as the last line: both mIoUs per seed and the mean gain.
 
     .venv/bin/python bench/ssl_gain.py [--seeds 0 1] [--steps 1500] [--labeled 1/16] [--set key=value ...]
+
+Runs two trainings at a time (one thread each) and caches finished runs under data/run-cache/.
 """
 from __future__ import annotations
 
@@ -9,41 +11,43 @@ import argparse
 import json
 import statistics
 import sys
-import tempfile
-import time
 
 sys.path.insert(0, __file__.rsplit("/bench/", 1)[0])
-from bench.common import synthetic_shards, train_once  # noqa: E402
+from bench.common import run_many, synthetic_shards  # noqa: E402
+
+
+def compare(labeled: str, steps: int, seeds: list[int], overrides: list[str], parallel: int = 2) -> dict:
+    url = synthetic_shards(labeled)
+    base = [f"data.url={url}", f"train.steps={steps}", f"train.eval_every={steps}", f"train.ckpt_every={steps}"]
+    plan = [(seed, method) for seed in seeds for method in ("supervised", "guidedmix")]
+    runs = [[*base, f"train.seed={seed}", f"train.method={method}", *(overrides if method == "guidedmix" else [])]
+            for seed, method in plan]
+    results = run_many(runs, parallel, lambda i, r: print(
+        f"seed {plan[i][0]} {plan[i][1]}: mIoU {100 * r['miou']:.2f} ({r['wall_seconds']:.0f}s)",
+        file=sys.stderr, flush=True))
+    rows = []
+    for k, seed in enumerate(seeds):
+        sup, gm = 100 * results[2 * k]["miou"], 100 * results[2 * k + 1]["miou"]
+        rows.append({"seed": seed, "supervised": round(sup, 2), "guidedmix": round(gm, 2), "gain": round(gm - sup, 2)})
+    sup = [r["supervised"] for r in rows]
+    gains = [r["gain"] for r in rows]
+    return {"labeled": labeled, "steps": steps, "overrides": overrides, "runs": rows,
+            "supervised_mean": round(statistics.mean(sup), 2),
+            "guidedmix_mean": round(statistics.mean(r["guidedmix"] for r in rows), 2),
+            "mean_gain": round(statistics.mean(gains), 2), "min_gain": round(min(gains), 2),
+            "supervised_spread": round(max(sup) - min(sup), 2)}
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     parser.add_argument("--steps", type=int, default=1500)
     parser.add_argument("--labeled", default="1/16")
+    parser.add_argument("--parallel", type=int, default=2)
     parser.add_argument("--set", dest="overrides", action="append", default=[],
                         help="extra overrides for the GuidedMix runs only")
     args = parser.parse_args()
-    url = synthetic_shards(args.labeled)
-    rows = []
-    for seed in args.seeds:
-        row = {"seed": seed}
-        for method in ("supervised", "guidedmix"):
-            t0 = time.monotonic()
-            extra = args.overrides if method == "guidedmix" else []
-            summary = train_once([f"data.url={url}", f"out={tempfile.mkdtemp(prefix='ssl-gain-')}",
-                                  f"train.method={method}", f"train.seed={seed}", f"train.steps={args.steps}",
-                                  f"train.eval_every={args.steps}", f"train.ckpt_every={args.steps}", *extra])
-            row[method] = round(100 * summary["miou"], 2)
-            print(f"seed {seed} {method}: mIoU {row[method]:.2f} ({time.monotonic() - t0:.0f}s)", flush=True)
-        row["gain"] = round(row["guidedmix"] - row["supervised"], 2)
-        rows.append(row)
-    gains = [r["gain"] for r in rows]
-    sup = [r["supervised"] for r in rows]
-    result = {"labeled": args.labeled, "steps": args.steps, "overrides": args.overrides, "runs": rows,
-              "mean_gain": round(statistics.mean(gains), 2),
-              "supervised_spread": round(max(sup) - min(sup), 2)}
-    print(json.dumps(result))
+    print(json.dumps(compare(args.labeled, args.steps, args.seeds, args.overrides, args.parallel)))
 
 
 if __name__ == "__main__":

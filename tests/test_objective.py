@@ -167,3 +167,13 @@ def test_rampup_is_zero_in_warmup_then_rises_to_the_weight():
     assert guidedmix.rampup(5, 10, 100, 1.0) == 0.0
     values = [guidedmix.rampup(s, 10, 100, 2.0) for s in range(10, 120, 10)]
     assert values == sorted(values) and values[-1] == 2.0 and values[0] < 0.02
+
+
+def test_strong_augment_changes_pixels_but_not_geometry():
+    g = torch.Generator().manual_seed(4)
+    x = torch.zeros(8, 3, 16, 16)
+    x[:, :, 4:8, 4:8] = 2.0  # a bright square
+    y = guidedmix.strong_augment(x, g)
+    assert y.shape == x.shape and not torch.equal(x, y)
+    inside, outside = y[:, :, 5:7, 5:7].mean(dim=(1, 2, 3)), y[:, :, 12:, 12:].mean(dim=(1, 2, 3))
+    assert (inside > outside).all()  # the square stays where it was

@@ -4,6 +4,7 @@
    among candidates: the labeled batch, or the pairing service's bank handed in from outside;
 2. mixing: x_m = lam * x_r + (1 - lam) * x_u, lam ~ U(0, lam_max) per pair; `mix: region` pastes a box
    of the reference instead (lam becomes a 0/1 map, so the decoupling below is exact inside it);
+   `strong_aug` perturbs the student's copy of x_u first (the teacher keeps the clean view);
 3. forward: encoder over [x_l; x_u], then over x_m; MITrans refines the mixed decoder features;
 4. mask generation: q = clamp((p_m - lam * onehot(y_r)) / (1 - lam), 0, 1) renormalised; the pseudo mask
    of x_u is argmax q with confidence max q;
@@ -75,6 +76,30 @@ def sample_lam(batch: int, height: int, width: int, lam_max: float, mode: str,
         left = int(torch.randint(0, width - bw + 1, (1,), generator=generator))
         lam[i, :, top:top + bh, left:left + bw] = 1.0
     return lam
+
+
+def strong_augment(x: torch.Tensor, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """Pixel-aligned perturbations of normalised images (the student's view only): brightness, contrast,
+    saturation, greyscale, blur and noise, each drawn per image. No geometry changes, so pseudo masks made
+    on the clean view stay aligned."""
+    b = x.shape[0]
+
+    def draw(low, high):
+        return (torch.rand(b, 1, 1, 1, generator=generator) * (high - low) + low).to(x)
+
+    def coin(p):
+        return (torch.rand(b, 1, 1, 1, generator=generator) < p).to(x)
+
+    mean = x.mean(dim=(1, 2, 3), keepdim=True)
+    x = x + coin(0.8) * draw(-0.5, 0.5)  # brightness
+    x = mean + (x - mean) * (1 + coin(0.8) * draw(-0.5, 0.5))  # contrast
+    grey = x.mean(dim=1, keepdim=True)
+    x = grey + (x - grey) * (1 + coin(0.8) * draw(-0.8, 0.8))  # saturation
+    x = x + coin(0.2) * (grey - x)  # greyscale
+    blurred = F.avg_pool2d(x, 3, 1, 1, count_include_pad=False)
+    x = x + coin(0.5) * (blurred - x)
+    noise = torch.randn(x.shape, generator=generator).to(x)
+    return x + coin(0.5) * 0.1 * noise
 
 
 def mix(x_u: torch.Tensor, x_r: torch.Tensor, lam: torch.Tensor) -> torch.Tensor:
@@ -151,7 +176,7 @@ def guidedmix_loss(model, x_l: torch.Tensor, y_l: torch.Tensor, x_u: torch.Tenso
 
     # 2. mixing
     lam = sample_lam(b_u, size[0], size[1], cfg.lam_max, cfg.mix, generator, x_u.device)
-    x_m = mix(x_u, x_r, lam)
+    x_m = mix(strong_augment(x_u, generator) if cfg.strong_aug else x_u, x_r, lam)
 
     # 3. forward: labeled + unlabeled, then the mixed batch with MITrans
     logits_lu = model.classify(model.decode(low, high), size)
