@@ -42,8 +42,21 @@ def train_once(overrides: list[str], config: str = "configs/cpu-small.yaml") -> 
         return train(cfg, WorkerContext())
 
 
+def code_digest() -> str:
+    """A hash of everything a training result depends on besides the overrides: the code and config."""
+    digest = hashlib.sha256()
+    for package in ("shards", "trainer"):
+        for name in sorted(os.listdir(os.path.join(ROOT, package))):
+            if name.endswith(".py"):
+                with open(os.path.join(ROOT, package, name), "rb") as f:
+                    digest.update(f.read())
+    with open(os.path.join(ROOT, "configs", "cpu-small.yaml"), "rb") as f:
+        digest.update(f.read())
+    return digest.hexdigest()
+
+
 def _cached(overrides: tuple[str, ...]) -> dict:
-    key = hashlib.sha256(json.dumps(sorted(overrides)).encode()).hexdigest()[:16]
+    key = hashlib.sha256(json.dumps([code_digest(), sorted(overrides)]).encode()).hexdigest()[:16]
     path = os.path.join(CACHE, key + ".json")
     if os.path.exists(path):
         with open(path) as f:

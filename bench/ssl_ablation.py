@@ -32,7 +32,14 @@ VARIANTS = {
                                         "guidedmix.warmup_steps=200", "guidedmix.rampup_steps=300"],
     "mixonly-self-tau0.95-region-hard": [*PAPER, "guidedmix.unsup_loss=false", "guidedmix.tau=0.95",
                                          "guidedmix.mix=region", "guidedmix.mix_target=hard"],
+    "mixonly-self-tau0.95-region-hard-strong": [*PAPER, "guidedmix.unsup_loss=false", "guidedmix.tau=0.95",
+                                                "guidedmix.mix=region", "guidedmix.mix_target=hard",
+                                                "guidedmix.strong_aug=true"],
+    "mixonly-self-tau0.95-region-hard-strong-sepbn": [*PAPER, "guidedmix.unsup_loss=false", "guidedmix.tau=0.95",
+                                                      "guidedmix.mix=region", "guidedmix.mix_target=hard",
+                                                      "guidedmix.strong_aug=true", "guidedmix.shared_bn=false"],
     "weight0 (diagnostic)": [*PAPER, "guidedmix.unsup_weight=0"],
+    "weight0-sepbn (diagnostic)": [*PAPER, "guidedmix.unsup_weight=0", "guidedmix.shared_bn=false"],
 }
 
 

@@ -177,3 +177,15 @@ def test_strong_augment_changes_pixels_but_not_geometry():
     assert y.shape == x.shape and not torch.equal(x, y)
     inside, outside = y[:, :, 5:7, 5:7].mean(dim=(1, 2, 3)), y[:, :, 12:, 12:].mean(dim=(1, 2, 3))
     assert (inside > outside).all()  # the square stays where it was
+
+
+def test_mixed_pass_leaves_running_bn_statistics_alone():
+    model = small_model()
+    x = torch.randn(2, 3, 32, 32)
+    before = [b.clone() for b in model.buffers()]
+    with guidedmix.frozen_bn_statistics(model):
+        model(x * 0.1)
+    assert all(torch.equal(a, b) for a, b in zip(before, model.buffers()) if a.is_floating_point())
+    model(x)  # outside the context the statistics move again
+    assert not all(torch.equal(a, b) for a, b in zip(before, model.buffers()) if a.is_floating_point())
+    assert all(m.momentum == 0.1 for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d))

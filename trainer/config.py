@@ -82,6 +82,7 @@ class GuidedMixConfig(_Strict):
     mix_loss: bool = True
     # the mixed view's target on x_u's share: the clean view's soft prediction (paper) or its argmax
     mix_target: Literal["soft", "hard"] = "soft"
+    shared_bn: bool = True  # one encoder pass over [labeled; unlabeled] (the paper) or one pass each
     strong_aug: bool = False  # perturb the student's unlabeled view (colour, grey, blur, noise) before mixing
     mitrans: MITransConfig = Field(default_factory=MITransConfig)
     pairing: PairingConfig = Field(default_factory=PairingConfig)

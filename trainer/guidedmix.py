@@ -5,7 +5,8 @@
 2. mixing: x_m = lam * x_r + (1 - lam) * x_u, lam ~ U(0, lam_max) per pair; `mix: region` pastes a box
    of the reference instead (lam becomes a 0/1 map, so the decoupling below is exact inside it);
    `strong_aug` perturbs the student's copy of x_u first (the teacher keeps the clean view);
-3. forward: encoder over [x_l; x_u], then over x_m; MITrans refines the mixed decoder features;
+3. forward: encoder over [x_l; x_u], then over x_m (its batch statistics leave the running ones alone);
+   MITrans refines the mixed decoder features;
 4. mask generation: q = clamp((p_m - lam * onehot(y_r)) / (1 - lam), 0, 1) renormalised; the pseudo mask
    of x_u is argmax q with confidence max q;
 5. losses: L = L_sup + w(t) * (L_unsup + L_mix), w a sigmoid ramp-up after an optional warm-up.
@@ -15,10 +16,12 @@ Lam is carried as a per-pixel map B x 1 x H x W throughout, so global and region
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 
 IGNORE = 255
@@ -135,6 +138,21 @@ def generate_mask(p_m: torch.Tensor, ref: torch.Tensor, lam: torch.Tensor, eps: 
     return pseudo, confidence * visible.squeeze(1)
 
 
+@contextmanager
+def frozen_bn_statistics(model):
+    """Batch norm normalises with the batch's statistics but leaves the running ones alone: mixed images
+    (lower contrast, pasted edges) are not what evaluation sees, and must not shift its statistics."""
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    saved = [m.momentum for m in norms]
+    for m in norms:
+        m.momentum = 0.0
+    try:
+        yield
+    finally:
+        for m, momentum in zip(norms, saved):
+            m.momentum = momentum
+
+
 def rampup(step: int, warmup_steps: int, rampup_steps: int, weight: float) -> float:
     """Sigmoid ramp-up exp(-5 (1 - t)^2) of the unsupervised weight, after `warmup_steps` of supervision."""
     t = step - warmup_steps
@@ -166,7 +184,11 @@ def guidedmix_loss(model, x_l: torch.Tensor, y_l: torch.Tensor, x_u: torch.Tenso
     size = x_u.shape[-2:]
 
     # 1. pairing on the first pass's pooled embeddings (no gradient through the choice)
-    low, high = model.encode(torch.cat([x_l, x_u]))
+    if cfg.shared_bn:  # the paper: one pass, labeled and unlabeled share normalisation statistics
+        low, high = model.encode(torch.cat([x_l, x_u]))
+    else:  # each batch normalised by its own statistics, as in the supervised baseline
+        (low_l, high_l), (low_u, high_u) = model.encode(x_l), model.encode(x_u)
+        low, high = torch.cat([low_l, low_u]), torch.cat([high_l, high_u])
     embeddings = model.embed(high).detach()
     if candidates is None:
         candidates = Candidates(embeddings[:b_l], x_l, y_l)
@@ -179,9 +201,13 @@ def guidedmix_loss(model, x_l: torch.Tensor, y_l: torch.Tensor, x_u: torch.Tenso
     x_m = mix(strong_augment(x_u, generator) if cfg.strong_aug else x_u, x_r, lam)
 
     # 3. forward: labeled + unlabeled, then the mixed batch with MITrans
-    logits_lu = model.classify(model.decode(low, high), size)
-    logits_l, logits_u = logits_lu[:b_l], logits_lu[b_l:]
-    features_m = model.decode(*model.encode(x_m))
+    if cfg.shared_bn:
+        logits_l, logits_u = model.classify(model.decode(low, high), size).split([b_l, b_u])
+    else:
+        logits_l = model.classify(model.decode(low[:b_l], high[:b_l]), size)
+        logits_u = model.classify(model.decode(low[b_l:], high[b_l:]), size)
+    with frozen_bn_statistics(model):
+        features_m = model.decode(*model.encode(x_m))
     if cfg.mitrans.enabled:
         features_m = model.mitrans(features_m)
     logits_m = model.classify(features_m, size)

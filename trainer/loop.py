@@ -206,7 +206,8 @@ def train(cfg: Config, ctx: WorkerContext) -> Optional[dict]:
                 if batch is not None:
                     ledger[name] += [[batch["epoch"], k] for k in batch["keys"]]
         if step % cfg.train.log_every == 0 or step == cfg.train.steps:
-            record = {"step": step, "loss": out.loss.item(), **out.parts, "lr": engine.lr(), "data_wait_s": data_wait}
+            record = {"step": step, "loss": out.loss.item(), **out.parts, "lr": engine.lr(), "data_wait_s": data_wait,
+                      "seconds": round(elapsed_before + time.monotonic() - started, 3)}
             history.append(record)
             ctx.report({k: v for k, v in record.items() if isinstance(v, (int, float))})
             if ctx.rank == 0:
