@@ -1,0 +1,91 @@
+"""The CLI and config contracts without Ray: bad input is one line and exit 2; eval and predict work on
+a checkpoint from a short single-process run."""
+import json
+import os
+
+import pytest
+from PIL import Image
+
+from conftest import run_cli
+from shards.errors import BadInput
+from trainer.config import load_config
+from trainer.loop import WorkerContext, train
+
+
+@pytest.mark.parametrize("overrides,field", [
+    (["model.bogus=1"], "model.bogus"),
+    (["train.steps=abc"], "train.steps"),
+    (["train.steps=0"], "train.steps"),
+    (["guidedmix.lam_max=1.5"], "guidedmix.lam_max"),
+    (["model.output_stride=4"], "model.output_stride"),
+    (["data.scale_min=3"], "scale_min"),
+    (["guidedmix.teacher=ema", "train.zero_stage=3"], "zero_stage"),
+    (["nodot"], "dotted.key=value"),
+])
+def test_bad_config_names_the_key(overrides, field):
+    with pytest.raises(BadInput, match=field.replace(".", r"\.")):
+        load_config("configs/cpu-small.yaml", overrides)
+
+
+def test_bad_yaml_and_missing_file(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train: {steps: [1,\n")
+    with pytest.raises(BadInput, match="not valid YAML"):
+        load_config(str(bad))
+    with pytest.raises(BadInput, match="not found"):
+        load_config(str(tmp_path / "missing.yaml"))
+
+
+def test_secrets_stay_out_of_the_public_config():
+    cfg = load_config("configs/cpu-small.yaml", ["data.storage_options.secret=PLANTED-SECRET-123",
+                                                 "data.storage_options.endpoint_url=http://127.0.0.1:1"])
+    text = json.dumps(cfg.public_dict())
+    assert "PLANTED-SECRET-123" not in text and "127.0.0.1:1" in text
+
+
+def test_cli_bad_arguments_exit_2():
+    for args in (["train", "--steps", "x"], ["nonsense"], ["train", "--config", "missing.yaml"]):
+        r = run_cli(*args)
+        assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr
+
+
+@pytest.fixture(scope="module")
+def trained_run(synthetic_url, tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("run") / "out")
+    cfg = load_config("configs/cpu-small.yaml", [f"data.url={synthetic_url}", f"out={out}", "train.engine=plain",
+                                                 "train.steps=6", "train.ckpt_every=3", "data.crop_size=32"])
+    return out, train(cfg, WorkerContext())
+
+
+def test_eval_of_a_checkpoint_matches_the_run(trained_run, synthetic_url):
+    out, summary = trained_run
+    r = run_cli("eval", "--checkpoint", out, "--data", synthetic_url)
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["miou"] == pytest.approx(summary["miou"], abs=1e-9)
+    # an older checkpoint by its folder, and a path with no checkpoint
+    assert run_cli("eval", "--checkpoint", f"{out}/checkpoints/step-00000003", "--data", synthetic_url).returncode == 0
+    r = run_cli("eval", "--checkpoint", os.path.dirname(out), "--data", synthetic_url)
+    assert r.returncode == 2 and "no committed checkpoint" in r.stderr
+
+
+def test_predict_writes_masks_and_overlays(trained_run, tmp_path):
+    out, summary = trained_run
+    for i in range(2):
+        Image.new("RGB", (40, 30), (i * 100, 50, 200)).save(tmp_path / f"img{i}.png")
+    r = run_cli("predict", "--checkpoint", out, "--images", str(tmp_path / "*.png"), "--out", str(tmp_path / "pred"))
+    assert r.returncode == 0, r.stderr
+    mask = Image.open(tmp_path / "pred" / "img0.png")
+    assert mask.size == (40, 30) and max(mask.getextrema()) < 7
+    assert Image.open(tmp_path / "pred" / "img1-overlay.png").size == (80, 30)
+    r = run_cli("predict", "--checkpoint", out, "--images", str(tmp_path / "none-*.png"), "--out", str(tmp_path / "p"))
+    assert r.returncode == 2 and "matches no file" in r.stderr
+
+
+def test_outputs_of_a_run(trained_run):
+    out, summary = trained_run
+    for key in ("method", "miou", "per_class_iou", "steps", "samples_seen", "wall_seconds", "config"):
+        assert key in summary
+    assert summary["steps"] == 6 and summary["samples_seen"] == 6 * 16
+    assert json.load(open(f"{out}/summary.json"))["miou"] == summary["miou"]
+    assert Image.open(f"{out}/curves.png").size[0] > 500
+    assert len(os.listdir(f"{out}/overlays")) == 4
