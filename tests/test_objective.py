@@ -189,3 +189,30 @@ def test_mixed_pass_leaves_running_bn_statistics_alone():
     model(x)  # outside the context the statistics move again
     assert not all(torch.equal(a, b) for a, b in zip(before, model.buffers()) if a.is_floating_point())
     assert all(m.momentum == 0.1 for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d))
+
+
+def test_guidedmix_at_zero_weight_with_separate_bn_is_the_supervised_step():
+    """The baseline comparison is fair: with the unlabeled weight at 0 and one BN pass per batch, GuidedMix
+    updates every parameter used at inference exactly as supervised-only does (dropout off)."""
+    cfg = Config().guidedmix.model_copy(update={"unsup_weight": 0.0, "shared_bn": False})
+    torch.manual_seed(0)
+    a = small_model(7)
+    for m in a.modules():
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.0
+    b = small_model(7)
+    b.load_state_dict(a.state_dict())
+    for m in b.modules():
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.0
+    opt_a, opt_b = torch.optim.SGD(a.parameters(), lr=0.1), torch.optim.SGD(b.parameters(), lr=0.1)
+    g = torch.Generator().manual_seed(0)
+    for step in range(3):
+        x_l, y_l = torch.randn(4, 3, 32, 32, generator=g), torch.randint(0, 7, (4, 32, 32), generator=g)
+        x_u = torch.randn(4, 3, 32, 32, generator=g)
+        guidedmix.supervised_loss(a, x_l, y_l).loss.backward()
+        guidedmix.guidedmix_loss(b, x_l, y_l, x_u, step, cfg, 7).loss.backward()
+        opt_a.step(), opt_b.step(), opt_a.zero_grad(), opt_b.zero_grad()
+    for (name, p), q in zip(a.named_parameters(), b.parameters()):
+        if not name.startswith("mitrans"):
+            assert torch.allclose(p, q, atol=1e-6), name
