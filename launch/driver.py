@@ -86,8 +86,10 @@ def run(cfg: Config, address: str | None = None) -> dict:
         return done
     read_manifest(cfg.data.url, cfg.data.storage_options, cfg.data.retries)  # bad data fails before Ray starts
     if not (address or os.environ.get("RAY_ADDRESS")):
-        # the embedded local Ray stays on loopback (Ray otherwise binds the machine's interface address)
+        # the embedded local Ray stays on loopback: Ray otherwise binds the machine's interface address,
+        # and gloo picks the interface its hostname resolves to unless told (workers inherit both)
         os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+        os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
 
     import ray
     from ray.train import FailureConfig, RunConfig, ScalingConfig
