@@ -14,11 +14,13 @@ export RAY_USAGE_STATS_ENABLED := 0
 
 venv: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml
+# constraints.txt pins the versions last seen working together: without it pip backtracks for many minutes
+# over botocore (s3fs pins aiobotocore, moto wants boto3). Regenerate with `pip freeze` after an upgrade.
+$(VENV)/.installed: pyproject.toml constraints.txt
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH_SPEC)"
-	$(PY) -m pip install -q -e ".[test]"
+	$(PY) -m pip install -q -c constraints.txt -e ".[test]"
 	# build DeepSpeed's CPU communication op once, here: workers that compile it together at run time
 	# wait on a lock file, and one killed mid-build leaves a lock that blocks every later run
 	$(PY) -c "from deepspeed.comm.torch import build_shm_op; build_shm_op()"
