@@ -8,7 +8,6 @@ same loader worker count, in one run. Prints one JSON object as the last line.
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import os
 import socket

@@ -87,14 +87,12 @@ def _model_state(local: str) -> dict:
 
 
 def _eval(args) -> int:
-    from trainer.loop import WorkerContext, evaluate_model
     from shards.manifest import read_manifest
+    from trainer.config import Config, apply_overrides
+    from trainer.loop import WorkerContext, evaluate_model
 
     cfg, classes, model = _load_checkpoint(args.checkpoint)
-    overrides = [f"data.url={args.data}"] + list(args.overrides)
-    from trainer.config import apply_overrides, Config
-
-    cfg = Config.model_validate(apply_overrides(cfg.model_dump(), overrides))
+    cfg = Config.model_validate(apply_overrides(cfg.model_dump(), [f"data.url={args.data}", *args.overrides]))
     manifest = read_manifest(cfg.data.url, cfg.data.storage_options)
     if manifest["classes"] != classes:
         raise BadInput(f"--data {args.data}: its classes differ from the checkpoint's")

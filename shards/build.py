@@ -47,10 +47,10 @@ def split_labeled(train: list[sources.Item], labeled: float | int, seed: int,
     `candidates` limits the draw to the first N items of train (VOC's fine set inside the Aug pool)."""
     if labeled_list is not None:
         by_key = {it.key: it for it in train}
-        missing = [k for k in labeled_list if sources._key(k) not in by_key]
+        missing = [k for k in labeled_list if sources.sample_key(k) not in by_key]
         if missing:
             raise BadInput(f"--labeled-list: id {missing[0]!r} is not in the train set")
-        chosen = {sources._key(k) for k in labeled_list}
+        chosen = {sources.sample_key(k) for k in labeled_list}
     else:
         pool = train[: candidates or len(train)]
         count = labeled if isinstance(labeled, int) else max(1, round(labeled * len(train)))

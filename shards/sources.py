@@ -36,7 +36,7 @@ class Source:
     labeled_pool: Optional[int] = None  # labeled ids are drawn from the first N of train (VOC: fine set)
 
 
-def _key(name: str) -> str:
+def sample_key(name: str) -> str:
     return name.replace(".", "_").replace("/", "_")
 
 
@@ -106,7 +106,7 @@ def voc(root: str) -> Source:
         mask = os.path.join(seg, name + ".png")
         if not os.path.exists(mask):
             mask = os.path.join(aug, name + ".png")
-        return Item(_key(name), _read_file_image(_need(os.path.join(jpeg, name + ".jpg"), "VOC image")),
+        return Item(sample_key(name), _read_file_image(_need(os.path.join(jpeg, name + ".jpg"), "VOC image")),
                     _read_mask(_need(mask, "VOC mask"), len(VOC_CLASSES)))
 
     return Source("voc", VOC_CLASSES, [item(n) for n in pool], [item(n) for n in val_ids], [],
@@ -133,7 +133,7 @@ def cityscapes(root: str) -> Source:
                     continue
                 stem = fname[: -len("_leftImg8bit.png")]
                 gt = _need(os.path.join(gt_root, city, stem + "_gtFine_labelIds.png"), "Cityscapes label")
-                items.append(Item(_key(stem), _read_file_image(os.path.join(img_root, city, fname)),
+                items.append(Item(sample_key(stem), _read_file_image(os.path.join(img_root, city, fname)),
                                   _read_mask(gt, 19, CITYSCAPES_LUT)))
         return items
 
@@ -159,7 +159,7 @@ def context(root: str) -> Source:
     lists = os.path.join(root, "ImageSets", "SegmentationContext")
 
     def item(name: str) -> Item:
-        return Item(_key(name), _read_file_image(_need(os.path.join(jpeg, name + ".jpg"), "image")),
+        return Item(sample_key(name), _read_file_image(_need(os.path.join(jpeg, name + ".jpg"), "image")),
                     _read_mask(_need(os.path.join(seg, name + ".png"), "mask"), 59, CONTEXT_LUT))
 
     return Source("context", CONTEXT_CLASSES, [item(n) for n in _list_file(os.path.join(lists, "train.txt"))],
@@ -183,12 +183,12 @@ def folder(root: str) -> Source:
     def split(name: str) -> list[Item]:
         imgs = images(_need(os.path.join(root, name, "images"), f"{name} images folder"))
         masks = _need(os.path.join(root, name, "masks"), f"{name} masks folder")
-        return [Item(_key(stem), _read_file_image(path),
+        return [Item(sample_key(stem), _read_file_image(path),
                      _read_mask(_need(os.path.join(masks, stem + ".png"), "mask"), len(classes)))
                 for stem, path in imgs.items()]
 
     extra_dir = os.path.join(root, "unlabeled")
-    extra = [Item(_key("extra_" + stem), _read_file_image(path), None)
+    extra = [Item(sample_key("extra_" + stem), _read_file_image(path), None)
              for stem, path in (images(extra_dir).items() if os.path.isdir(extra_dir) else [])]
     return Source("folder", classes, split("train"), split("val"), extra)
 

@@ -86,11 +86,14 @@ def s3(tmp_path, monkeypatch):
     for k, v in env.items():
         monkeypatch.setenv(k, v)
     import fsspec
+    import s3fs
 
-    fsspec.filesystem("s3", skip_instance_cache=True).mkdir("test")
-    fsspec.config.conf.clear()
+    # s3fs caches filesystems without the endpoint in the key: one from an earlier server would be reused
+    s3fs.S3FileSystem.clear_instance_cache()
+    fsspec.filesystem("s3").mkdir("test")
     yield server
     server.stop()
+    s3fs.S3FileSystem.clear_instance_cache()
 
 
 class RayHead:

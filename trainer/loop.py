@@ -17,7 +17,7 @@ import fsspec
 import torch
 import torch.distributed as dist
 
-from shards import ShardStream, StreamSpec
+from shards import BadInput, ShardStream, StreamSpec
 from shards.manifest import read_manifest
 
 from . import checkpoint, evaluate, guidedmix, outputs
@@ -63,8 +63,6 @@ def stream_spec(cfg: Config, split: str, ctx: WorkerContext, batch_size: int) ->
 def load_model(cfg: Config, num_classes: int):
     model = build_model(cfg.model, num_classes, cfg.guidedmix.mitrans.reduction)
     if cfg.model.pretrained:
-        from shards.errors import BadInput
-
         try:
             with fsspec.open(cfg.model.pretrained, "rb") as f:
                 load_backbone_weights(model, torch.load(f, map_location="cpu", weights_only=True))
