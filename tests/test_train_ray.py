@@ -74,7 +74,9 @@ def _train_cmd(ray_head, out, data, steps, *extra):
 
 def test_killed_worker_recovers_from_the_last_checkpoint(ray_head, synthetic_url, tmp_path):
     out = str(tmp_path / "run")
-    proc = subprocess.Popen(_train_cmd(ray_head, out, synthetic_url, 40, "--set", "train.ckpt_every=8"), cwd=REPO,
+    # ZeRO-3: parameters and optimizer state are partitioned across the ranks, the hardest state to restore
+    proc = subprocess.Popen(_train_cmd(ray_head, out, synthetic_url, 40, "--set", "train.ckpt_every=8",
+                                       "--set", "train.zero_stage=3"), cwd=REPO,
                             stdout=open(tmp_path / "driver.log", "w"), stderr=subprocess.STDOUT)
     try:
         wait_for(lambda: os.path.exists(f"{out}/checkpoints/latest"), 300, "a first checkpoint")
@@ -96,7 +98,7 @@ def test_killed_worker_recovers_from_the_last_checkpoint(ray_head, synthetic_url
 
 def test_interrupted_run_continues_and_finished_run_is_reported(ray_head, synthetic_url, tmp_path):
     out = str(tmp_path / "run")
-    cmd = _train_cmd(ray_head, out, synthetic_url, 36, "--set", "train.ckpt_every=6")
+    cmd = _train_cmd(ray_head, out, synthetic_url, 36, "--set", "train.ckpt_every=6", "--set", "train.zero_stage=2")
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=open(tmp_path / "first.log", "w"), stderr=subprocess.STDOUT)
     try:
         wait_for(lambda: os.path.exists(f"{out}/checkpoints/latest"), 300, "a first checkpoint")
