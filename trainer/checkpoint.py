@@ -42,7 +42,7 @@ class CheckpointStore:
         try:
             return with_retries(fn, url, self.retries)
         except OSError as e:
-            raise CheckpointError(describe_error(url, e)) from None
+            raise CheckpointError(describe_error(url, e)) from e
 
     def latest(self) -> Optional[str]:
         """The committed checkpoint's folder name, or None for a fresh run."""
@@ -50,7 +50,7 @@ class CheckpointStore:
         try:
             return self._retry(lambda: self.fs.cat_file(pointer), self.root).decode().strip() or None
         except CheckpointError as e:
-            if "not found" in str(e):
+            if isinstance(e.__cause__, FileNotFoundError):  # no pointer yet: a fresh run
                 return None
             raise
 

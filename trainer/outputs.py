@@ -17,10 +17,13 @@ _PALETTE = np.array([[0, 0, 0], [230, 25, 75], [60, 180, 75], [255, 225, 25], [0
                      [170, 255, 195], [128, 128, 0], [255, 215, 180], [0, 0, 128], [128, 128, 128]], np.uint8)
 
 
+# class ids past the named colours get fixed random ones; 255 (ignore) is white
+_LUT = np.vstack([_PALETTE, np.random.default_rng(0).integers(0, 255, (256 - len(_PALETTE), 3))]).astype(np.uint8)
+_LUT[255] = 255
+
+
 def colorize(mask: np.ndarray) -> np.ndarray:
-    palette = np.vstack([_PALETTE, np.random.default_rng(0).integers(0, 255, (256 - len(_PALETTE), 3))]).astype(np.uint8)
-    palette[255] = 255  # ignore: white
-    return palette[mask]
+    return _LUT[mask]
 
 
 def denormalize(image: torch.Tensor) -> np.ndarray:
