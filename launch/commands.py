@@ -105,6 +105,8 @@ def _predict(args) -> int:
     from shards.augment import to_tensor
     from trainer import evaluate, outputs
 
+    check_url(args.images)
+    check_url(args.out)
     cfg, classes, model = _load_checkpoint(args.checkpoint)
     fs, pattern = fsspec.core.url_to_fs(args.images)
     paths = sorted(fs.glob(pattern))

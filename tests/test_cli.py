@@ -79,6 +79,8 @@ def test_predict_writes_masks_and_overlays(trained_run, tmp_path):
     assert Image.open(tmp_path / "pred" / "img1-overlay.png").size == (80, 30)
     r = run_cli("predict", "--checkpoint", out, "--images", str(tmp_path / "none-*.png"), "--out", str(tmp_path / "p"))
     assert r.returncode == 2 and "matches no file" in r.stderr
+    r = run_cli("predict", "--checkpoint", out, "--images", "ftp://host/*.png", "--out", str(tmp_path / "p"))
+    assert r.returncode == 2 and "unsupported URL scheme" in r.stderr and "Traceback" not in r.stderr
 
 
 def test_outputs_of_a_run(trained_run):
