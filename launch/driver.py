@@ -103,6 +103,11 @@ def run(cfg: Config, address: str | None = None) -> dict:
         _check_capacity(cfg.train.workers, use_gpu)
         log.info("training %s: %d %s workers, %d steps, outputs under %s", cfg.train.method,
                  cfg.train.workers, "GPU" if use_gpu else "CPU", cfg.train.steps, cfg.out)
+        service = None  # held until training ends: an actor nobody holds a handle to is removed
+        if cfg.train.method == "guidedmix" and cfg.guidedmix.pairing.mode == "service":
+            from trainer.pairing import start_service
+
+            service = start_service(cfg.guidedmix.pairing, cfg.out, cfg.train.seed)
         trainer = TorchTrainer(
             _worker_entry,
             train_loop_config=cfg.model_dump(),
@@ -112,6 +117,7 @@ def run(cfg: Config, address: str | None = None) -> dict:
                                  failure_config=FailureConfig(max_failures=cfg.train.max_failures)),
         )
         trainer.fit()
+        del service
     finally:
         if started_local:
             ray.shutdown()

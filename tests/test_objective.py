@@ -153,14 +153,32 @@ def test_guidedmix_step_returns_parts_and_learns():
     assert model.mitrans.out.weight.grad.abs().sum() > 0
 
 
-def test_external_candidates_are_used_for_pairing():
-    cfg = Config().guidedmix
+def test_references_from_outside_replace_in_batch_pairing():
+    """The pairing service's hook gets the unlabeled embeddings; its answer is what gets mixed in, and
+    None means pairing in-batch for that step."""
+    cfg = Config().guidedmix.model_copy(update={"mix": "region", "lam_max": 0.9, "unsup_loss": False})
     model = small_model()
     x_l, y_l, x_u = torch.randn(2, 3, 32, 32), torch.randint(0, 5, (2, 32, 32)), torch.randn(3, 3, 32, 32)
-    bank = guidedmix.Candidates(F.normalize(torch.randn(9, model.backbone.high_channels), dim=1),
-                                torch.randn(9, 3, 32, 32), torch.randint(0, 5, (9, 32, 32)))
-    out = guidedmix.guidedmix_loss(model, x_l, y_l, x_u, 0, cfg, 5, candidates=bank)
-    assert out.pairing.max() < 9 and out.pairing.shape == (3,)
+    refs = (torch.randn(3, 3, 32, 32), torch.full((3, 32, 32), 4))
+    seen = []
+
+    def find(embeddings):
+        seen.append(embeddings)
+        return refs
+
+    torch.manual_seed(0)  # the same dropout in both calls below
+    out = guidedmix.guidedmix_loss(model, x_l, y_l, x_u, 0, cfg, 5, find_references=find,
+                                   generator=torch.Generator().manual_seed(0))
+    assert seen[0].shape == (3, model.backbone.high_channels)
+    assert torch.allclose(seen[0].norm(dim=1), torch.ones(3))
+    assert out.pairing is None and out.labeled_embeddings.shape == (2, model.backbone.high_channels)
+    # the pasted boxes' target is the references' mask: another mask, another mix loss
+    torch.manual_seed(0)
+    other = guidedmix.guidedmix_loss(model, x_l, y_l, x_u, 0, cfg, 5, find_references=lambda e: (refs[0], refs[1] - 4),
+                                     generator=torch.Generator().manual_seed(0))
+    assert other.parts["mix"] != pytest.approx(out.parts["mix"])
+    fallback = guidedmix.guidedmix_loss(model, x_l, y_l, x_u, 0, cfg, 5, find_references=lambda e: None)
+    assert fallback.pairing.shape == (3,) and fallback.pairing.max() < 2
 
 
 def test_rampup_is_zero_in_warmup_then_rises_to_the_weight():

@@ -1,7 +1,7 @@
 """GuidedMix-Net's objective (Tu et al., AAAI 2022), step by step as in ALGORITHM.md. Pure PyTorch.
 
 1. pairing: each unlabeled image gets the most similar labeled reference (cosine of pooled embeddings)
-   among candidates: the labeled batch, or the pairing service's bank handed in from outside;
+   in the labeled batch, or from outside: `find_references` (the pairing service's bank) answers;
 2. mixing: x_m = lam * x_r + (1 - lam) * x_u, lam ~ U(0, lam_max) per pair; `mix: region` pastes a box
    of the reference instead (lam becomes a 0/1 map, so the decoupling below is exact inside it);
    `strong_aug` perturbs the student's copy of x_u first (the teacher keeps the clean view);
@@ -18,7 +18,7 @@ from __future__ import annotations
 import math
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.nn as nn
@@ -27,21 +27,18 @@ import torch.nn.functional as F
 IGNORE = 255
 
 
-@dataclass
-class Candidates:
-    """Labeled references to pair with: L2-normalised embeddings (N x D), images, masks (255 = ignore)."""
-
-    embeddings: torch.Tensor
-    images: torch.Tensor
-    masks: torch.Tensor
+# Given the unlabeled batch's L2-normalised embeddings, the reference (image, mask) of each unlabeled
+# image, found outside the batch (the pairing service), or None: pair in-batch this step.
+ReferenceFinder = Callable[[torch.Tensor], Optional[tuple[torch.Tensor, torch.Tensor]]]
 
 
 @dataclass
 class StepOutput:
     loss: torch.Tensor
     parts: dict = field(default_factory=dict)  # floats for logging: sup, unsup, mix, weight, ...
-    pairing: Optional[torch.Tensor] = None  # index into the candidates for each unlabeled image
+    pairing: Optional[torch.Tensor] = None  # index into the labeled batch (None: references from outside)
     pseudo: Optional[torch.Tensor] = None  # pseudo masks of the unlabeled batch (255 = not confident)
+    labeled_embeddings: Optional[torch.Tensor] = None  # what the pairing service's bank stores
 
 
 def pair(query: torch.Tensor, candidates: torch.Tensor, similarity: str = "most", topk: int = 1,
@@ -176,10 +173,10 @@ def supervised_loss(model, x_l, y_l) -> StepOutput:
 
 
 def guidedmix_loss(model, x_l: torch.Tensor, y_l: torch.Tensor, x_u: torch.Tensor, step: int, cfg,
-                   num_classes: int, teacher=None, candidates: Optional[Candidates] = None,
+                   num_classes: int, teacher=None, find_references: Optional[ReferenceFinder] = None,
                    generator: Optional[torch.Generator] = None) -> StepOutput:
     """One GuidedMix step's loss. `cfg` is the config's `guidedmix` section; `teacher` an EMA copy of the
-    model (or None: the model teaches itself); `candidates` references from outside (else in-batch)."""
+    model (or None: the model teaches itself); `find_references` pairs from outside (else in-batch)."""
     b_l, b_u = x_l.shape[0], x_u.shape[0]
     size = x_u.shape[-2:]
 
@@ -190,11 +187,13 @@ def guidedmix_loss(model, x_l: torch.Tensor, y_l: torch.Tensor, x_u: torch.Tenso
         (low_l, high_l), (low_u, high_u) = model.encode(x_l), model.encode(x_u)
         low, high = torch.cat([low_l, low_u]), torch.cat([high_l, high_u])
     embeddings = model.embed(high).detach()
-    if candidates is None:
-        candidates = Candidates(embeddings[:b_l], x_l, y_l)
-    index = pair(embeddings[b_l:], candidates.embeddings, cfg.pairing.similarity, cfg.pairing.topk,
-                 cfg.pairing.temperature, generator)
-    x_r, y_r = candidates.images[index], candidates.masks[index]
+    found = find_references(embeddings[b_l:]) if find_references is not None else None
+    if found is None:
+        index = pair(embeddings[b_l:], embeddings[:b_l], cfg.pairing.similarity, cfg.pairing.topk,
+                     cfg.pairing.temperature, generator)
+        x_r, y_r = x_l[index], y_l[index]
+    else:
+        index, (x_r, y_r) = None, found
 
     # 2. mixing
     lam = sample_lam(b_u, size[0], size[1], cfg.lam_max, cfg.mix, generator, x_u.device)
@@ -244,7 +243,7 @@ def guidedmix_loss(model, x_l: torch.Tensor, y_l: torch.Tensor, x_u: torch.Tenso
     loss = loss_sup + w * (loss_unsup + loss_mix)
     parts = {"sup": loss_sup.item(), "unsup": loss_unsup.item(), "mix": loss_mix.item(), "weight": w,
              "confident": confident.float().mean().item(), "lam": lam.mean().item()}
-    return StepOutput(loss, parts, index, torch.where(confident, pseudo, IGNORE))
+    return StepOutput(loss, parts, index, torch.where(confident, pseudo, IGNORE), embeddings[:b_l])
 
 
 @torch.no_grad()

@@ -1,0 +1,176 @@
+"""The pairing service: its bank against brute force, and a real one behind a Ray actor during training
+(killed, slowed down), with training going on regardless."""
+import json
+import os
+import subprocess
+import time
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import REPO, run_cli, stop_tree
+from test_train_ray import SMALL, _train_cmd, wait_for
+from trainer import pairing
+from trainer.config import Config
+
+
+def batch(n, width=16, size=8, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    emb = F.normalize(torch.randn(n, width, generator=g), dim=1).numpy()
+    images = torch.randint(0, 256, (n, 3, size, size), generator=g, dtype=torch.uint8).numpy()
+    masks = torch.randint(0, 7, (n, size, size), generator=g, dtype=torch.uint8).numpy()
+    return emb, images, masks
+
+
+def test_matches_are_the_brute_force_argmax_over_the_whole_bank_from_every_worker():
+    bank = pairing.PairingBank(capacity=64)
+    pushed = []
+    for step in range(4):
+        for rank in range(2):  # two workers push in turn
+            emb, images, masks = batch(6, seed=10 * step + rank)
+            bank.push(emb, images, masks, rank, step)
+            pushed.append((emb, images, masks))
+    all_emb = np.concatenate([p[0] for p in pushed])
+    all_images = np.concatenate([p[1] for p in pushed])
+    query = batch(50, seed=99)[0]
+    answer = bank.query(query, step=5)
+    expected = (query @ all_emb.T).argmax(1)
+    assert (answer["index"] == expected).all()
+    assert (answer["images"] == all_images[expected]).all()
+    assert set(answer["ranks"].tolist()) == {0, 1}  # both workers' samples are in the answers
+    assert answer["staleness"].min() >= 2 and answer["staleness"].max() <= 5
+
+
+def test_the_ring_keeps_the_most_recent_samples():
+    bank = pairing.PairingBank(capacity=10)
+    for step in range(5):
+        bank.push(*batch(4, seed=step), rank=0, step=step)
+    assert bank.size == 10
+    assert sorted(bank.steps.tolist()) == [2, 2, 3, 3, 3, 3, 4, 4, 4, 4]  # steps 0-1 gave way
+
+
+def test_bad_input_to_the_bank_is_a_clear_error():
+    bank = pairing.PairingBank(capacity=8)
+    assert bank.query(batch(2)[0], step=0) is None  # empty bank: defined, the worker pairs in-batch
+    bank.push(*batch(4), rank=0, step=0)
+    emb, images, masks = batch(4, width=32)
+    with pytest.raises(ValueError, match="width 32, the bank holds width 16"):
+        bank.push(emb, images, masks, 0, 1)
+    with pytest.raises(ValueError, match="width 32"):
+        bank.query(emb, 1)
+    with pytest.raises(ValueError, match="float32"):
+        bank.query(batch(2)[0].astype(np.float64), 1)
+    with pytest.raises(ValueError, match="uint8"):
+        bank.push(batch(4)[0], batch(4)[1].astype(np.float32), batch(4)[2], 0, 1)
+    with pytest.raises(ValueError, match="NaN"):
+        bank.query(np.full((1, 16), np.nan, np.float32), 1)
+    with pytest.raises(ValueError, match="bank_size"):
+        pairing.PairingBank(capacity=0)
+
+
+def test_bank_size_zero_in_the_config_is_refused_with_one_line(tmp_path):
+    r = run_cli("train", "--config", "configs/cpu-small.yaml", "--set", "guidedmix.pairing.bank_size=0",
+                "--out", str(tmp_path / "run"))
+    assert r.returncode == 2 and "guidedmix.pairing.bank_size" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_images_survive_the_uint8_round_trip():
+    pixels = torch.rand(2, 3, 8, 8) * 255  # any image a loader can produce, between grey levels
+    x = pairing.from_uint8(pixels.numpy(), "cpu", torch.float32)
+    back = pairing.from_uint8(pairing.to_uint8(x), "cpu", torch.float32)
+    assert (back - x).abs().max() < 0.5 / (0.224 * 255)  # half a grey level over the normalising std
+
+
+def test_outside_ray_the_bank_lives_in_the_process():
+    cfg = Config().guidedmix.pairing.model_copy(update={"mode": "service", "bank_size": 32})
+    client = pairing.PairingClient(cfg, "runs/x", rank=0)
+    assert client.query(torch.randn(2, 16), 0, "cpu", torch.float32) is None and client.fallbacks == 1
+    emb, _, _ = batch(4)
+    client.push(torch.from_numpy(emb), torch.randn(4, 3, 8, 8), torch.randint(0, 7, (4, 8, 8)), step=0)
+    images, masks = client.query(torch.from_numpy(emb[:2]), 1, "cpu", torch.float32)
+    assert images.shape == (2, 3, 8, 8) and masks.shape == (2, 8, 8) and client.answered == 1
+
+
+# -- a real service behind a Ray actor, during a real 2-worker training run ---------------------------
+
+@pytest.fixture
+def ray_client(ray_head):
+    import ray
+
+    ray.init(address=ray_head.address, namespace=pairing.NAMESPACE, logging_level="WARNING")
+    yield ray
+    ray.shutdown()
+
+
+def _start_training(ray_head, synthetic_url, tmp_path, steps, *extra):
+    out = str(tmp_path / "run")
+    cmd = _train_cmd(ray_head, out, synthetic_url, steps, "--set", "guidedmix.pairing.mode=service",
+                     "--set", "train.ckpt_every=1000", *extra)
+    log = open(tmp_path / "driver.log", "w")
+    return out, subprocess.Popen(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
+
+
+def _service(ray, out):
+    found = []
+
+    def exists():
+        try:
+            found.append(ray.get_actor(pairing.service_name(out), namespace=pairing.NAMESPACE))
+            return True
+        except ValueError:
+            return False
+
+    wait_for(exists, 180, "the pairing service")
+    return found[0]
+
+
+def _finish(proc, out, tmp_path, steps):
+    try:
+        assert proc.wait(timeout=600) == 0, open(tmp_path / "driver.log").read()[-3000:]
+    finally:
+        stop_tree(proc.pid)
+    summary = json.load(open(f"{out}/summary.json"))
+    assert summary["steps"] == steps
+    return summary
+
+
+@pytest.mark.slow
+def test_killed_service_comes_back_and_training_goes_on(ray_head, ray_client, synthetic_url, tmp_path):
+    ray = ray_client
+    out, proc = _start_training(ray_head, synthetic_url, tmp_path, 300)
+    actor = _service(ray, out)
+    wait_for(lambda: ray.get(actor.stats.remote())["queries"] >= 10, 300, "answered queries")
+    before = ray.get(actor.stats.remote())
+    assert before["bank_size"] > 0 and before["pushes"] >= 10
+    ray.kill(actor, no_restart=False)  # a crash: Ray restarts it with an empty bank
+
+    latest = {}
+
+    def answering_again():
+        try:
+            latest.update(ray.get(actor.stats.remote(), timeout=10))
+        except ray.exceptions.RayError:  # still restarting
+            return False
+        return latest["pid"] != before["pid"] and latest["queries"] >= 5 and latest["bank_size"] > 0
+
+    # the same handle reaches the restarted actor (a new process), whose bank refills from the pushes
+    wait_for(answering_again, 300, "the restarted service answering")
+    summary = _finish(proc, out, tmp_path, 300)
+    assert summary["pairing"]["answered"] > 0
+
+
+@pytest.mark.slow
+def test_slow_service_makes_workers_fall_back_instead_of_waiting(ray_head, ray_client, synthetic_url, tmp_path):
+    ray = ray_client
+    steps, delay = 60, 5.0
+    out, proc = _start_training(ray_head, synthetic_url, tmp_path, steps, "--set", "guidedmix.pairing.deadline_s=0.2")
+    actor = _service(ray, out)
+    ray.get(actor.inject_delay.remote(delay))
+    started = time.monotonic()
+    summary = _finish(proc, out, tmp_path, steps)
+    # had each step waited for its answer, 60 steps would take 300 s
+    assert time.monotonic() - started < steps * delay / 3
+    stats = summary["pairing"]
+    assert stats["fallbacks"] >= steps - 5 and stats["queries"] == steps

@@ -1,0 +1,248 @@
+"""The pairing service: one named Ray actor per run holds a ring bank of recent labeled samples pushed by
+every worker, and answers each unlabeled embedding with its best-matching labeled sample (image, mask).
+
+Workers talk to it through `PairingClient`. Pushes go out without waiting for an answer (at most a few in
+flight; beyond that a push is dropped, not queued). A query waits at most `pairing.deadline_s`; a late or
+failed answer makes the worker pair in-batch for that step and count a fallback, so training never waits
+longer than the deadline and never dies because of the service. A crashed actor is restarted by Ray
+(`pairing.max_restarts`) with an empty bank that refills from new pushes; workers keep their handle.
+Outside Ray (single-process runs) the same service object lives in the worker's process.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import time
+from collections import deque
+from typing import Optional
+
+import numpy as np
+import torch
+
+from shards.augment import MEAN, STD
+
+from .guidedmix import pair
+from .metrics import Metrics, for_this_process
+
+log = logging.getLogger("guidedmix.pairing")
+
+NAMESPACE = "guidedmix"
+MAX_PENDING_PUSHES = 4
+
+
+def service_name(out: str) -> str:
+    """One service per run: the name follows the run's --out, so every worker (and a restarted driver)
+    finds the same actor."""
+    return "guidedmix-pairing-" + hashlib.sha256(out.encode()).hexdigest()[:12]
+
+
+class PairingBank:
+    """A bounded ring of the most recent labeled samples: L2-normalised embeddings (float32), images
+    (uint8, 3 x H x W), masks (uint8, H x W), with the rank and step that pushed each."""
+
+    def __init__(self, capacity: int, similarity: str = "most", topk: int = 1, temperature: float = 0.1,
+                 seed: int = 0):
+        if capacity < 1:
+            raise ValueError(f"guidedmix.pairing.bank_size: must be at least 1, got {capacity}")
+        self.capacity, self.similarity, self.topk, self.temperature = capacity, similarity, topk, temperature
+        self.generator = torch.Generator().manual_seed(seed)
+        self.size = self.next = 0
+        self.embeddings = self.images = self.masks = None  # allocated by the first push
+        self.steps = np.zeros(capacity, np.int64)
+        self.ranks = np.zeros(capacity, np.int32)
+
+    def _check_embeddings(self, embeddings) -> torch.Tensor:
+        if not isinstance(embeddings, np.ndarray) or embeddings.dtype != np.float32 or embeddings.ndim != 2:
+            raise ValueError(f"pairing: embeddings must be a 2-D float32 array, got "
+                             f"{getattr(embeddings, 'dtype', type(embeddings).__name__)} "
+                             f"{getattr(embeddings, 'shape', '')}")
+        if self.embeddings is not None and embeddings.shape[1] != self.embeddings.shape[1]:
+            raise ValueError(f"pairing: embeddings have width {embeddings.shape[1]}, the bank holds width "
+                             f"{self.embeddings.shape[1]}")
+        if not np.isfinite(embeddings).all():
+            raise ValueError("pairing: embeddings contain NaN or infinity")
+        return torch.nn.functional.normalize(torch.from_numpy(embeddings), dim=1)
+
+    def push(self, embeddings: np.ndarray, images: np.ndarray, masks: np.ndarray, rank: int, step: int) -> None:
+        vectors = self._check_embeddings(embeddings)
+        n = vectors.shape[0]
+        if images.dtype != np.uint8 or images.ndim != 4 or images.shape[0] != n or images.shape[1] != 3:
+            raise ValueError(f"pairing: images must be uint8 N x 3 x H x W with N = {n}, got "
+                             f"{images.dtype} {images.shape}")
+        if masks.dtype != np.uint8 or masks.shape != (n, *images.shape[2:]):
+            raise ValueError(f"pairing: masks must be uint8 {(n, *images.shape[2:])}, got {masks.dtype} {masks.shape}")
+        if self.embeddings is None:
+            self.embeddings = torch.zeros(self.capacity, vectors.shape[1])
+            self.images = np.zeros((self.capacity, *images.shape[1:]), np.uint8)
+            self.masks = np.zeros((self.capacity, *masks.shape[1:]), np.uint8)
+        elif images.shape[1:] != self.images.shape[1:]:
+            raise ValueError(f"pairing: images are {images.shape[2:]}, the bank holds {self.images.shape[2:]}")
+        for i in range(n):  # a ring: the oldest entry gives way
+            slot = self.next
+            self.embeddings[slot] = vectors[i]
+            self.images[slot], self.masks[slot] = images[i], masks[i]
+            self.steps[slot], self.ranks[slot] = step, rank
+            self.next = (slot + 1) % self.capacity
+            self.size = min(self.size + 1, self.capacity)
+
+    def query(self, embeddings: np.ndarray, step: int) -> Optional[dict]:
+        """The best-matching entry for each embedding: images, masks, the pushing ranks and staleness (steps
+        since insert). None while the bank is empty."""
+        vectors = self._check_embeddings(embeddings)
+        if self.size == 0:
+            return None
+        index = pair(vectors, self.embeddings[:self.size], self.similarity, self.topk, self.temperature,
+                     self.generator).numpy()
+        return {"images": self.images[index], "masks": self.masks[index], "index": index,
+                "ranks": self.ranks[index], "staleness": np.maximum(step - self.steps[index], 0)}
+
+
+class PairingService:
+    """The bank behind a Ray actor (or in-process): counts what it serves, for metrics and tests."""
+
+    def __init__(self, pairing_cfg: dict, seed: int = 0, metrics: Optional[Metrics] = None):
+        self.bank = PairingBank(pairing_cfg["bank_size"], pairing_cfg["similarity"], pairing_cfg["topk"],
+                                pairing_cfg["temperature"], seed)
+        self.metrics = metrics or for_this_process()  # in-process: the worker's; an actor: Ray's
+        self.delay_s = 0.0
+        self.pushes = self.queries = 0
+        self.latencies = deque(maxlen=1000)
+        self.staleness = deque(maxlen=1000)
+
+    def ready(self) -> bool:
+        return True
+
+    def push(self, embeddings, images, masks, rank: int, step: int) -> None:
+        self.bank.push(embeddings, images, masks, rank, step)
+        self.pushes += 1
+        self.metrics.set("pairing_bank_size", self.bank.size)
+
+    def query(self, embeddings, step: int) -> Optional[dict]:
+        started = time.perf_counter()
+        if self.delay_s:
+            time.sleep(self.delay_s)
+        answer = self.bank.query(embeddings, step)
+        self.queries += 1
+        self.latencies.append(time.perf_counter() - started)
+        if answer is not None:
+            self.staleness.extend(answer["staleness"].tolist())
+            self.metrics.set("pairing_staleness_steps", float(answer["staleness"].mean()))
+        return answer
+
+    def inject_delay(self, seconds: float) -> None:
+        """Fault injection for tests and drills: every query sleeps this long first."""
+        self.delay_s = seconds
+
+    def stats(self) -> dict:
+        latencies = sorted(self.latencies)
+        return {"pid": os.getpid(), "bank_size": self.bank.size, "pushes": self.pushes, "queries": self.queries,
+                "query_p50_s": latencies[len(latencies) // 2] if latencies else 0.0,
+                "staleness_mean": float(np.mean(self.staleness)) if self.staleness else 0.0}
+
+
+def start_service(pairing_cfg, out: str, seed: int = 0):
+    """Create the run's service actor (or find the one a previous driver of the same run left)."""
+    import ray
+
+    actor = ray.remote(PairingService).options(
+        name=service_name(out), namespace=NAMESPACE, get_if_exists=True, num_cpus=0,
+        max_restarts=pairing_cfg.max_restarts, lifetime=None,
+    ).remote(pairing_cfg.model_dump(), seed)
+    ray.get(actor.ready.remote(), timeout=120)
+    return actor
+
+
+def to_uint8(images: torch.Tensor) -> np.ndarray:
+    """Normalised float images (B x 3 x H x W, any device) as the uint8 pixels the bank stores."""
+    mean = torch.as_tensor(MEAN, device=images.device).view(1, 3, 1, 1)
+    std = torch.as_tensor(STD, device=images.device).view(1, 3, 1, 1)
+    return (images.float() * std + mean).round().clamp(0, 255).to(torch.uint8).cpu().numpy()
+
+
+def from_uint8(images: np.ndarray, device, dtype) -> torch.Tensor:
+    mean = torch.as_tensor(MEAN).view(1, 3, 1, 1)
+    std = torch.as_tensor(STD).view(1, 3, 1, 1)
+    return ((torch.as_tensor(images).float() - mean) / std).to(device, dtype)
+
+
+class PairingClient:
+    """A worker's side: pushes its labeled batches, asks for references under a deadline, falls back."""
+
+    def __init__(self, pairing_cfg, out: str, rank: int, seed: int = 0, metrics: Optional[Metrics] = None):
+        self.cfg, self.rank, self.name = pairing_cfg, rank, service_name(out)
+        self.metrics = metrics or Metrics()
+        self.local = None
+        self.actor = None
+        self.pending: list = []
+        self.queries = self.answered = self.fallbacks = self.dropped_pushes = 0
+        self._next_lookup = 0.0
+        import ray
+
+        if not ray.is_initialized():
+            self.local = PairingService(pairing_cfg.model_dump(), seed, self.metrics)
+
+    def _handle(self):
+        """The actor's handle, looked up by name (at most once a second while it cannot be found)."""
+        if self.actor is None and time.monotonic() >= self._next_lookup:
+            import ray
+
+            try:
+                self.actor = ray.get_actor(self.name, namespace=NAMESPACE)
+            except ValueError:
+                self._next_lookup = time.monotonic() + 1.0
+                log.warning("pairing: service %s not found; pairing in-batch", self.name)
+        return self.actor
+
+    def push(self, embeddings: torch.Tensor, images: torch.Tensor, masks: torch.Tensor, step: int) -> None:
+        batch = (embeddings.float().cpu().numpy(), to_uint8(images),
+                 masks.clamp(0, 255).to(torch.uint8).cpu().numpy(), self.rank, step)
+        if self.local is not None:
+            self.local.push(*batch)
+            return
+        import ray
+
+        if self.pending:
+            _, self.pending = ray.wait(self.pending, num_returns=len(self.pending), timeout=0)
+        actor = self._handle()
+        if actor is None or len(self.pending) >= MAX_PENDING_PUSHES:
+            self.dropped_pushes += 1  # the service is gone or behind: never queue up behind it
+            return
+        self.pending.append(actor.push.remote(*batch))
+
+    def query(self, embeddings: torch.Tensor, step: int, device, dtype):
+        """(images, masks) of the best-matching bank entries, or None: pair in-batch this step."""
+        self.queries += 1
+        started = time.perf_counter()
+        try:
+            answer = self._ask(embeddings.float().cpu().numpy(), step)
+        except Exception as e:  # a late, dead, restarting or confused service: never stop training
+            answer = None
+            log.debug("pairing: fell back to in-batch at step %d: %s", step, e)
+        self.metrics.observe("pairing_query_seconds", time.perf_counter() - started)
+        if answer is None:
+            self.fallbacks += 1
+            self.metrics.inc("pairing_fallbacks_total")
+            return None
+        self.answered += 1
+        masks = torch.from_numpy(answer["masks"]).long()
+        return from_uint8(answer["images"], device, dtype), masks.to(device)
+
+    def _ask(self, embeddings: np.ndarray, step: int):
+        if self.local is not None:
+            return self.local.query(embeddings, step)
+        import ray
+
+        actor = self._handle()
+        if actor is None:
+            return None
+        ref = actor.query.remote(embeddings, step)
+        try:
+            return ray.get(ref, timeout=self.cfg.deadline_s)
+        except ray.exceptions.GetTimeoutError:
+            ray.cancel(ref)
+            raise
+
+    def stats(self) -> dict:
+        return {"queries": self.queries, "answered": self.answered, "fallbacks": self.fallbacks,
+                "dropped_pushes": self.dropped_pushes}
