@@ -35,9 +35,14 @@ def _config(args, extra: list[str] = ()):
 
 
 def _train(args) -> int:
-    from .driver import run
+    if args.no_ray:  # one process, plain PyTorch: debugging and small studies (metrics on train.metrics_port)
+        from trainer.loop import WorkerContext, train
 
-    summary = run(_config(args), args.address)
+        summary = train(_config(args, ["train.engine=plain", "train.workers=1"]), WorkerContext())
+    else:
+        from .driver import run
+
+        summary = run(_config(args), args.address)
     print(json.dumps({k: summary[k] for k in ("method", "miou", "steps", "samples_seen", "wall_seconds")}))
     return 0
 
@@ -155,6 +160,8 @@ def add_commands(sub, add_run_args):
     t.add_argument("--steps", type=int, help="training steps (overrides train.steps)")
     t.add_argument("--method", choices=["guidedmix", "supervised"], help="overrides train.method")
     t.add_argument("--address", help="Ray cluster address (else RAY_ADDRESS, else a local Ray)")
+    t.add_argument("--no-ray", action="store_true",
+                   help="train in this process without Ray or DeepSpeed (one worker; for debugging)")
     t.set_defaults(func=_train)
 
     e = sub.add_parser("eval", help="mIoU of a checkpoint on a shard set's val split, as JSON")

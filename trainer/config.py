@@ -59,12 +59,15 @@ class MITransConfig(_Strict):
 
 
 class PairingConfig(_Strict):
-    mode: Literal["in_batch"] = "in_batch"
+    # in_batch: each unlabeled image pairs within its worker's labeled batch; service: with the best match
+    # in the pairing service's bank of recent labeled samples from all workers (trainer/pairing.py)
+    mode: Literal["in_batch", "service"] = "in_batch"
     similarity: Literal["most", "random", "least"] = "most"  # ablation: does similarity matter?
     topk: int = Field(1, ge=1)
     temperature: float = Field(0.1, gt=0)
     bank_size: int = Field(1024, ge=1)
-    deadline_s: float = Field(0.05, gt=0)
+    deadline_s: float = Field(0.05, gt=0)  # a later answer is dropped: that step pairs in-batch
+    max_restarts: int = Field(10, ge=-1)  # of the service actor after a crash (-1: no limit)
 
 
 class GuidedMixConfig(_Strict):
@@ -120,6 +123,9 @@ class TrainConfig(_Strict):
     engine: Literal["deepspeed", "plain"] = "deepspeed"  # plain: one process, no DeepSpeed (studies, benches)
     ledger: bool = False  # record every consumed sample key, to prove nothing is lost or repeated
     overlays: int = Field(4, ge=0)
+    # outside Ray only (inside Ray, each node's metrics agent serves them): a Prometheus endpoint, 0 = none
+    metrics_port: int = Field(0, ge=0, le=65535)
+    metrics_host: str = "127.0.0.1"
 
 
 class Config(_Strict):

@@ -7,6 +7,7 @@ checkpoint under --out whenever there is one: after a worker failure, a node fai
 from __future__ import annotations
 
 import copy
+import functools
 import logging
 import tempfile
 import time
@@ -20,7 +21,8 @@ import torch.distributed as dist
 from shards import BadInput, ShardStream, StreamSpec
 from shards.manifest import read_manifest
 
-from . import checkpoint, evaluate, guidedmix, outputs
+from . import checkpoint, evaluate, guidedmix, outputs, pairing
+from .metrics import for_this_process
 from .config import Config
 from .engine import DeepSpeedEngine, PlainEngine
 from .model import build_model, load_backbone_weights
@@ -115,6 +117,19 @@ class _Progress:
                 f"{rate:.1f} img/s | ETA {int(eta // 60)}m{int(eta % 60):02d}s")
 
 
+def record_step(metrics, out, seconds: float, data_wait: float, lr: float, batch_l, batch_u) -> None:
+    metrics.observe("step_duration_seconds", seconds)
+    metrics.observe("data_wait_seconds", data_wait)
+    metrics.set("learning_rate", lr)
+    metrics.set("loss", out.loss.item(), part="total")
+    for part in ("sup", "unsup", "mix"):
+        if part in out.parts:
+            metrics.set("loss", out.parts[part], part=part)
+    for split, batch in (("labeled", batch_l), ("unlabeled", batch_u)):
+        if batch is not None:
+            metrics.inc("samples_total", len(batch["keys"]), split=split)
+
+
 def train(cfg: Config, ctx: WorkerContext) -> Optional[dict]:
     """Train to cfg.train.steps (resuming if a checkpoint exists); returns the summary on rank 0."""
     started = time.monotonic()
@@ -141,6 +156,11 @@ def train(cfg: Config, ctx: WorkerContext) -> Optional[dict]:
     else:
         engine = PlainEngine(model, cfg, ctx.device)
     generator = torch.Generator(device=ctx.device).manual_seed(cfg.train.seed * 1000 + ctx.rank)
+    metrics = for_this_process(cfg.train.metrics_port if ctx.rank == 0 else 0, cfg.train.metrics_host, rank=ctx.rank)
+    metrics.set("run_info", 1, run=cfg.out.rstrip("/").rsplit("/", 1)[-1], config_hash=cfg.digest())
+    service = None
+    if semi and gm.pairing.mode == "service":
+        service = pairing.PairingClient(gm.pairing, cfg.out, ctx.rank, cfg.train.seed, metrics)
 
     store = checkpoint.CheckpointStore(cfg.out, cfg.data.storage_options, retries=cfg.data.retries)
     step, history, ledger, elapsed_before = 0, [], {s: [] for s in streams}, 0.0
@@ -162,6 +182,7 @@ def train(cfg: Config, ctx: WorkerContext) -> Optional[dict]:
             log.info("resumed from %s at step %d", resumed_from, step)
 
     def save_checkpoint():
+        t0 = time.monotonic()
         average_buffers(module)
         local = tempfile.mkdtemp(prefix="guidedmix-save-")
         try:
@@ -178,27 +199,38 @@ def train(cfg: Config, ctx: WorkerContext) -> Optional[dict]:
             store.save(local, checkpoint.step_name(step), ctx.rank)
         finally:
             checkpoint.remove_local(local)
+        metrics.observe("checkpoint_duration_seconds", time.monotonic() - t0)
+        metrics.set("checkpoint_last_step", step)
 
     images_per_step = ctx.world_size * (cfg.data.labeled_batch_size + (cfg.data.unlabeled_batch_size if semi else 0))
     progress = _Progress(cfg.train.steps, step, images_per_step)
     module = engine.module
     module.train()
+    counted_skipped = sum(s.skipped for s in streams.values())
     while step < cfg.train.steps:
         t_data = time.monotonic()
         batch_l = next(labeled)
         batch_u = next(unlabeled) if semi else None
-        data_wait = time.monotonic() - t_data
+        t_step = time.monotonic()
+        data_wait = t_step - t_data
         x_l = batch_l["image"].to(ctx.device, engine.dtype)
         y_l = batch_l["mask"].to(ctx.device)
         if semi:
             x_u = batch_u["image"].to(ctx.device, engine.dtype)
-            out = guidedmix.guidedmix_loss(module, x_l, y_l, x_u, step, gm, len(classes), teacher, None, generator)
+            find = functools.partial(service.query, step=step, device=ctx.device, dtype=engine.dtype) if service else None
+            out = guidedmix.guidedmix_loss(module, x_l, y_l, x_u, step, gm, len(classes), teacher, find, generator)
+            if service is not None:
+                service.push(out.labeled_embeddings, x_l, y_l, step)
         else:
             out = guidedmix.supervised_loss(module, x_l, y_l)
         engine.step(out.loss)
         if teacher is not None:
             guidedmix.ema_update(teacher, module, gm.ema_decay)
         step += 1
+        record_step(metrics, out, time.monotonic() - t_step, data_wait, engine.lr(), batch_l, batch_u)
+        skipped = sum(s.skipped for s in streams.values())
+        metrics.inc("corrupt_samples_total", skipped - counted_skipped)
+        counted_skipped = skipped
         if cfg.train.ledger:
             for name, batch in (("labeled", batch_l), ("unlabeled", batch_u)):
                 if batch is not None:
@@ -206,6 +238,8 @@ def train(cfg: Config, ctx: WorkerContext) -> Optional[dict]:
         if step % cfg.train.log_every == 0 or step == cfg.train.steps:
             record = {"step": step, "loss": out.loss.item(), **out.parts, "lr": engine.lr(), "data_wait_s": data_wait,
                       "seconds": round(elapsed_before + time.monotonic() - started, 3)}
+            if service is not None:
+                record.update({f"pairing_{k}": v for k, v in service.stats().items()})
             history.append(record)
             ctx.report({k: v for k, v in record.items() if isinstance(v, (int, float))})
             if ctx.rank == 0:
@@ -214,6 +248,7 @@ def train(cfg: Config, ctx: WorkerContext) -> Optional[dict]:
             average_buffers(module)
             miou, _, _ = evaluate_model(module, cfg, ctx, manifest, engine.dtype)
             history.append({"step": step, "miou": miou})
+            metrics.set("eval_miou", miou)
             if ctx.rank == 0:
                 log.info("step %d | val mIoU %.4f", step, miou)
         if step % cfg.train.ckpt_every == 0 or step == cfg.train.steps:
@@ -221,9 +256,11 @@ def train(cfg: Config, ctx: WorkerContext) -> Optional[dict]:
 
     miou, per_class, overlays = evaluate_model(module, cfg, ctx, manifest, engine.dtype,
                                                keep=cfg.train.overlays if ctx.rank == 0 else 0)
+    metrics.set("eval_miou", miou)
     skipped = _all_reduce(torch.tensor([sum(s.skipped for s in streams.values())]))
     if cfg.train.ledger:
         outputs.write_json(f"{cfg.out.rstrip('/')}/ledger/rank-{ctx.rank}.json", ledger, cfg.data.storage_options)
+    metrics.close()
     if ctx.rank != 0:
         return None
     if not history or "miou" not in history[-1] or history[-1]["step"] != step:
@@ -236,6 +273,8 @@ def train(cfg: Config, ctx: WorkerContext) -> Optional[dict]:
         "workers": ctx.world_size, "engine": cfg.train.engine, "resumed_from": resumed_from,
         "config_hash": cfg.digest(), "config": cfg.public_dict(),
     }
+    if service is not None:  # rank 0's view since its last (re)start
+        summary["pairing"] = service.stats()
     outputs.write_outputs(cfg.out, summary, history, overlays, cfg.data.storage_options)
     log.info("done: %d steps, val mIoU %.4f, outputs under %s", step, miou, cfg.out)
     return summary

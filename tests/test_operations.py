@@ -1,0 +1,300 @@
+"""Operations: the Prometheus metrics scraped for real over HTTP during training (through a Ray node's
+metrics agent, and from the endpoint a run outside Ray serves), the Grafana dashboard against those
+names, and the Kubernetes manifests validated strictly, plain and as kustomize renders them."""
+import copy
+import glob
+import io
+import json
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import tarfile
+import time
+import urllib.request
+
+import kubernetes_validate
+import pytest
+import yaml
+from jsonschema import Draft7Validator
+from prometheus_client.parser import text_string_to_metric_families
+
+from conftest import REPO, VENV_BIN, free_port, stop_tree
+from launch.cli import build_parser
+from test_train_ray import SMALL
+from trainer.config import load_config
+from trainer.metrics import PREFIX, SPECS
+
+K8S = os.path.join(REPO, "k8s")
+OVERLAYS = sorted(os.path.basename(p) for p in glob.glob(os.path.join(K8S, "overlays", "*")))
+CRD = os.path.join(REPO, "..", "shared", "k8s-schemas", "ray.io_rayjobs.yaml")
+
+
+# -- metrics ------------------------------------------------------------------------------------------
+
+def corrupted_copy(url, tmp_path):
+    """The shard set with one labeled image replaced by bytes no decoder reads."""
+    copy_url = str(tmp_path / "data")
+    shutil.copytree(url, copy_url)
+    shard = sorted(glob.glob(f"{copy_url}/labeled-*.tar"))[0]
+    with tarfile.open(shard) as tar:
+        members = [(m, tar.extractfile(m).read()) for m in tar.getmembers()]
+    victim = next(m.name for m, _ in members if m.name.endswith(".png") and ".mask." not in m.name)
+    with tarfile.open(shard, "w") as tar:
+        for m, data in members:
+            data = b"not an image" if m.name == victim else data
+            m.size = len(data)
+            tar.addfile(m, io.BytesIO(data))
+    return copy_url
+
+
+def scrape(url):
+    """{sample name: [(labels, value)]} and {family name: type} of one scrape, or None if not up yet."""
+    try:
+        text = urllib.request.urlopen(url, timeout=5).read().decode()
+    except OSError:
+        return None
+    samples, types = {}, {}
+    for family in text_string_to_metric_families(text):
+        types[family.name] = family.type
+        for s in family.samples:
+            samples.setdefault(s.name, []).append((s.labels, s.value))
+    return samples, types
+
+
+def scrape_during(proc, url, rename=lambda name: name, timeout=600):
+    """Scrape every second until the process ends; the scrapes that held any of our metrics, renamed."""
+    scrapes, deadline = [], time.monotonic() + timeout
+    while proc.poll() is None and time.monotonic() < deadline:
+        got = scrape(url)
+        if got:
+            samples = {rename(k): v for k, v in got[0].items() if rename(k).startswith(PREFIX)}
+            if samples:
+                scrapes.append((samples, {rename(k): v for k, v in got[1].items()}))
+        time.sleep(1)
+    return scrapes
+
+
+def total(samples, name, **match):
+    return sum(v for labels, v in samples.get(name, []) if all(labels.get(k) == x for k, x in match.items()))
+
+
+def expected_sample_names():
+    names = set()
+    for name, spec in SPECS.items():
+        full = PREFIX + name
+        names |= {full + "_bucket", full + "_count", full + "_sum"} if spec.kind == "histogram" else {full}
+    return names
+
+
+def check_scrapes(scrapes):
+    """Every metric of SPECS appears with its type, and the counting ones move during the run."""
+    assert len(scrapes) >= 3, f"only {len(scrapes)} scrapes held guidedmix metrics"
+    seen = set().union(*(s for s, _ in scrapes))
+    missing = expected_sample_names() - seen
+    assert not missing, f"never exported: {sorted(missing)}"
+    types = {}
+    for _, t in scrapes:
+        types.update(t)
+    for name, spec in SPECS.items():
+        family = PREFIX + (name[:-len("_total")] if spec.kind == "counter" else name)
+        assert types[family] == spec.kind, (family, types[family])
+    with_samples = [s for s, _ in scrapes if PREFIX + "samples_total" in s]
+    first, last = with_samples[0], with_samples[-1]
+    assert total(last, PREFIX + "samples_total", split="labeled") > total(first, PREFIX + "samples_total", split="labeled")
+    assert total(last, PREFIX + "step_duration_seconds_count") > total(first, PREFIX + "step_duration_seconds_count")
+    assert total(last, PREFIX + "corrupt_samples_total") >= 1  # the one image that does not decode
+    mious = [v for s, _ in scrapes for _, v in s.get(PREFIX + "eval_miou", [])]
+    assert mious and all(0 <= v <= 1 for v in mious)
+    return seen
+
+
+def podmonitor_rename():
+    """The PodMonitor's relabelling rule, applied as Prometheus would: what the dashboard gets to see."""
+    monitor = yaml.safe_load(open(os.path.join(K8S, "base", "podmonitor.yaml")))
+    rule = monitor["spec"]["podMetricsEndpoints"][0]["metricRelabelings"][0]
+    pattern = re.compile(rule["regex"])  # Prometheus anchors the regex at both ends
+    replacement = rule["replacement"].replace("$1", r"\1")
+    return lambda name: pattern.sub(replacement, name) if pattern.fullmatch(name) else name
+
+
+def dashboard_metric_names():
+    dashboard = json.load(open(os.path.join(K8S, "base", "grafana-dashboard.json")))
+    exprs = [t["expr"] for p in dashboard["panels"] for t in p["targets"]]
+    assert exprs
+    return {m for e in exprs for m in re.findall(r"\b(guidedmix_[a-z_]+)", e)}
+
+
+@pytest.mark.slow
+def test_metrics_through_ray_scraped_over_http_during_training(ray_head, synthetic_url, tmp_path):
+    data = corrupted_copy(synthetic_url, tmp_path)
+    out = str(tmp_path / "run")
+    cmd = [os.path.join(VENV_BIN, "guidedmix"), "train", *SMALL, "--data", data, "--out", out, "--workers", "2",
+           "--steps", "150", "--address", ray_head.address, "--set", "guidedmix.pairing.mode=service",
+           "--set", "train.eval_every=30", "--set", "train.ckpt_every=30"]
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=open(tmp_path / "driver.log", "w"), stderr=subprocess.STDOUT)
+    try:
+        scrapes = scrape_during(proc, f"http://127.0.0.1:{ray_head.metrics_port}/metrics", podmonitor_rename())
+        assert proc.wait(timeout=60) == 0, open(tmp_path / "driver.log").read()[-3000:]
+    finally:
+        stop_tree(proc.pid)
+    seen = check_scrapes(scrapes)
+    # both workers report, each under its rank; the service reports its bank
+    assert {labels["rank"] for labels, _ in scrapes[-1][0][PREFIX + "samples_total"]} == {"0", "1"}
+    assert max(v for s, _ in scrapes for _, v in s.get(PREFIX + "pairing_bank_size", [])) > 0
+    # the dashboard asks only for what a real cluster exports (after the PodMonitor's relabelling)
+    unknown = dashboard_metric_names() - seen
+    assert not unknown, f"dashboard queries metrics nobody exports: {sorted(unknown)}"
+
+
+@pytest.mark.slow
+def test_metrics_endpoint_outside_ray(synthetic_url, tmp_path):
+    data = corrupted_copy(synthetic_url, tmp_path)
+    port = free_port()
+    cmd = [os.path.join(VENV_BIN, "guidedmix"), "train", "--no-ray", *SMALL, "--data", data,
+           "--out", str(tmp_path / "run"), "--steps", "200", "--set", f"train.metrics_port={port}",
+           "--set", "guidedmix.pairing.mode=service", "--set", "train.eval_every=40", "--set", "train.ckpt_every=40"]
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=open(tmp_path / "run.log", "w"), stderr=subprocess.STDOUT)
+    try:
+        scrapes = scrape_during(proc, f"http://127.0.0.1:{port}/metrics")
+        assert proc.wait(timeout=60) == 0, open(tmp_path / "run.log").read()[-3000:]
+    finally:
+        stop_tree(proc.pid)
+    seen = check_scrapes(scrapes)
+    assert dashboard_metric_names() <= seen
+    info = scrapes[-1][0][PREFIX + "run_info"][0][0]
+    assert info["run"] == "run" and len(info["config_hash"]) == 12
+
+
+def test_metrics_port_in_use_is_one_line(tmp_path, synthetic_url):
+    import socket
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        r = subprocess.run([os.path.join(VENV_BIN, "guidedmix"), "train", "--no-ray", *SMALL, "--data", synthetic_url,
+                            "--out", str(tmp_path / "run"), "--steps", "2",
+                            "--set", f"train.metrics_port={busy.getsockname()[1]}"],
+                           cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2 and "train.metrics_port" in r.stderr and "Traceback" not in r.stderr
+
+
+# -- Kubernetes manifests -----------------------------------------------------------------------------
+
+def strict(schema):
+    """The CRD's schema with unknown fields refused wherever it lists properties (as the API server's
+    structural pruning would silently drop them)."""
+    schema = copy.deepcopy(schema)
+
+    def walk(node):
+        if isinstance(node, dict):
+            if "properties" in node and not node.get("x-kubernetes-preserve-unknown-fields"):
+                node.setdefault("additionalProperties", False)
+            for v in node.values():
+                walk(v)
+        elif isinstance(node, list):
+            for v in node:
+                walk(v)
+
+    walk(schema)
+    return schema
+
+
+@pytest.fixture(scope="module")
+def rayjob_validator():
+    crd = yaml.safe_load(open(CRD))
+    version = next(v for v in crd["spec"]["versions"] if v["name"] == "v1")
+    return Draft7Validator(strict(version["schema"]["openAPIV3Schema"]))
+
+
+def validate(doc, rayjob_validator):
+    if doc["kind"] == "RayJob":
+        errors = sorted(rayjob_validator.iter_errors(doc), key=lambda e: list(e.path))
+        assert not errors, f"{doc['metadata']['name']}: {errors[0].json_path}: {errors[0].message}"
+    elif doc["kind"] == "PodMonitor":  # no schema offline: check that it selects the run's pods
+        assert doc["spec"]["podMetricsEndpoints"][0]["port"] == "metrics"
+    else:
+        kubernetes_validate.validate(doc, "1.31", strict=True)
+
+
+def rendered(overlay):
+    kubectl = shutil.which("kubectl")
+    if kubectl is None:
+        pytest.skip("kubectl is not installed: rendered overlays cannot be checked here")
+    r = subprocess.run([kubectl, "kustomize", os.path.join(K8S, "overlays", overlay)], capture_output=True,
+                       text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    return list(yaml.safe_load_all(r.stdout))
+
+
+def test_plain_manifests_validate_strictly(rayjob_validator):
+    docs = [d for path in glob.glob(os.path.join(K8S, "base", "*.yaml"))
+            for d in yaml.safe_load_all(open(path)) if d and d.get("kind") != "Kustomization"]
+    assert {d["kind"] for d in docs} == {"RayJob", "PodMonitor"}
+    for doc in docs:
+        validate(doc, rayjob_validator)
+
+
+def test_strict_validation_catches_a_misspelt_field(rayjob_validator):
+    doc = yaml.safe_load(open(os.path.join(K8S, "base", "rayjob.yaml")))
+    doc["spec"]["shutdownAfterJobFinishs"] = doc["spec"].pop("shutdownAfterJobFinishes")
+    with pytest.raises(AssertionError, match="shutdownAfterJobFinishs"):
+        validate(doc, rayjob_validator)
+    doc = yaml.safe_load(open(os.path.join(K8S, "base", "rayjob.yaml")))
+    doc["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]["containers"][0]["resource"] = {}
+    with pytest.raises(AssertionError, match="resource"):
+        validate(doc, rayjob_validator)
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_rendered_overlay_validates_and_its_entrypoint_parses(overlay, rayjob_validator):
+    docs = rendered(overlay)
+    kinds = sorted(d["kind"] for d in docs)
+    assert kinds == ["ConfigMap", "PodMonitor", "RayJob"]
+    for doc in docs:
+        validate(doc, rayjob_validator)
+    job = next(d for d in docs if d["kind"] == "RayJob")
+    spec = job["spec"]
+    assert spec["shutdownAfterJobFinishes"] is True and spec["ttlSecondsAfterFinished"] > 0
+    assert spec["activeDeadlineSeconds"] > 0 and spec["backoffLimit"] >= 1
+    pods = [spec["rayClusterSpec"]["headGroupSpec"]["template"]] + \
+        [g["template"] for g in spec["rayClusterSpec"]["workerGroupSpecs"]]
+    monitor = next(d for d in docs if d["kind"] == "PodMonitor")
+    for pod in pods:
+        assert pod["spec"]["securityContext"]["runAsNonRoot"] is True
+        labels = pod["metadata"]["labels"]
+        assert all(labels.get(k) == v for k, v in monitor["spec"]["selector"]["matchLabels"].items())
+        for c in pod["spec"]["containers"]:
+            assert c["securityContext"]["allowPrivilegeEscalation"] is False
+            assert {"name": "metrics", "containerPort": 8080} in c["ports"]
+            assert c["resources"]["requests"] and c["resources"]["limits"]
+            secret_env = {e["name"]: e["valueFrom"]["secretKeyRef"] for e in c["env"] if "valueFrom" in e}
+            assert secret_env["AWS_SECRET_ACCESS_KEY"]["name"] == "guidedmix-s3"
+            assert not any("value" in e and "SECRET" in e["name"] for e in c["env"])  # no inline secrets
+    gpus = [int(g["template"]["spec"]["containers"][0]["resources"]["limits"].get("nvidia.com/gpu", 0))
+            for g in spec["rayClusterSpec"]["workerGroupSpecs"]]
+    worker_group = spec["rayClusterSpec"]["workerGroupSpecs"][0]
+    if overlay == "cpu-demo":
+        assert gpus == [0] and "tolerations" not in worker_group["template"]["spec"]
+    else:
+        assert gpus == [1] and worker_group["template"]["spec"]["tolerations"][0]["key"] == "nvidia.com/gpu"
+    # the entrypoint is a real `guidedmix train` command line
+    argv = shlex.split(spec["entrypoint"])
+    assert argv[:2] == ["guidedmix", "train"]
+    args = build_parser().parse_args(argv[1:])
+    config = args.config.replace("/app/", REPO + "/")
+    cfg = load_config(config, [f"train.workers={args.workers}", f"data.url={args.data}", f"out={args.out}"])
+    slots = worker_group["replicas"] * max(gpus[0], 1)
+    assert cfg.train.workers == slots, "--workers must match the worker group"
+    assert cfg.data.url.startswith("s3://") and cfg.out.startswith("s3://")
+
+
+def test_dockerfile_runs_as_non_root_and_installs_what_the_manifests_name():
+    text = open(os.path.join(REPO, "Dockerfile")).read()
+    user = re.findall(r"^USER\s+(\S+)", text, re.M)
+    assert user and user[-1].split(":")[0] not in ("0", "root")
+    assert "COPY configs configs" in text and "WORKDIR /app" in text  # entrypoints name /app/configs/...
+    images = {c["image"] for d in yaml.safe_load_all(open(os.path.join(K8S, "base", "rayjob.yaml")))
+              for c in [d["spec"]["submitterPodTemplate"]["spec"]["containers"][0]]}
+    assert images == {re.search(r"docker build -t (\S+)", text).group(1)}
