@@ -42,6 +42,14 @@ def train_once(overrides: list[str], config: str = "configs/cpu-small.yaml") -> 
         return train(cfg, WorkerContext())
 
 
+def steady_rate(history: list[dict], per_step: float = 1.0) -> float:
+    """Steps (times per_step) per second between the run's second and last log points: past warm-up and
+    loader start, before the final evaluation."""
+    logged = [h for h in history if "seconds" in h]
+    first, last = logged[1], logged[-1]
+    return (last["step"] - first["step"]) * per_step / (last["seconds"] - first["seconds"])
+
+
 def code_digest() -> str:
     """A hash of everything a training result depends on besides the overrides: the code and config."""
     digest = hashlib.sha256()

@@ -15,13 +15,7 @@ import sys
 import tempfile
 
 sys.path.insert(0, __file__.rsplit("/bench/", 1)[0])
-from bench.common import ROOT, synthetic_shards, train_once  # noqa: E402
-
-
-def steady_rate(history: list[dict], images_per_step: int) -> float:
-    logged = [h for h in history if "seconds" in h]
-    first, last = logged[1], logged[-1]  # from the second log point: past warm-up and loader start
-    return (last["step"] - first["step"]) * images_per_step / (last["seconds"] - first["seconds"])
+from bench.common import ROOT, steady_rate, synthetic_shards, train_once  # noqa: E402
 
 
 def main():
