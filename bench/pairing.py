@@ -75,11 +75,11 @@ def step_seconds(steps: int, mode: str) -> tuple[float, dict]:
     service actor by name, as a Ray Train worker does."""
     url = synthetic_shards("1/16")
     out = tempfile.mkdtemp(prefix="gm-bench-pairing-")
-    if mode == "service":
-        pairing.start_service(PairingConfig(mode="service"), out)
+    service = pairing.start_service(PairingConfig(mode="service"), out) if mode == "service" else None
     summary = train_once([f"data.url={url}", f"train.steps={steps}", "train.log_every=20",
                           f"train.eval_every={steps}", f"train.ckpt_every={steps}", "eval.max_batches=1",
                           f"guidedmix.pairing.mode={mode}", "train.overlays=0", f"out={out}"])
+    del service  # the last handle: the actor goes with it
     with open(os.path.join(out, "history.json")) as f:
         return 1 / steady_rate(json.load(f)["history"]), summary.get("pairing", {})
 

@@ -62,7 +62,7 @@ class PairingBank:
                              f"{self.embeddings.shape[1]}")
         if not np.isfinite(embeddings).all():
             raise ValueError("pairing: embeddings contain NaN or infinity")
-        return torch.nn.functional.normalize(torch.from_numpy(embeddings), dim=1)
+        return torch.nn.functional.normalize(torch.from_numpy(embeddings.copy()), dim=1)  # Ray hands in read-only arrays
 
     def push(self, embeddings: np.ndarray, images: np.ndarray, masks: np.ndarray, rank: int, step: int) -> None:
         vectors = self._check_embeddings(embeddings)
@@ -163,7 +163,7 @@ def to_uint8(images: torch.Tensor) -> np.ndarray:
 def from_uint8(images: np.ndarray, device, dtype) -> torch.Tensor:
     mean = torch.as_tensor(MEAN).view(1, 3, 1, 1)
     std = torch.as_tensor(STD).view(1, 3, 1, 1)
-    return ((torch.as_tensor(images).float() - mean) / std).to(device, dtype)
+    return ((torch.tensor(images).float() - mean) / std).to(device, dtype)  # a copy: Ray's arrays are read-only
 
 
 class PairingClient:
@@ -225,7 +225,7 @@ class PairingClient:
             self.metrics.inc("pairing_fallbacks_total")
             return None
         self.answered += 1
-        masks = torch.from_numpy(answer["masks"]).long()
+        masks = torch.from_numpy(answer["masks"].astype(np.int64))
         return from_uint8(answer["images"], device, dtype), masks.to(device)
 
     def _ask(self, embeddings: np.ndarray, step: int):
