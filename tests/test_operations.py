@@ -298,3 +298,35 @@ def test_dockerfile_runs_as_non_root_and_installs_what_the_manifests_name():
     images = {c["image"] for d in yaml.safe_load_all(open(os.path.join(K8S, "base", "rayjob.yaml")))
               for c in [d["spec"]["submitterPodTemplate"]["spec"]["containers"][0]]}
     assert images == {re.search(r"docker build -t (\S+)", text).group(1)}
+
+
+# -- secrets ------------------------------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_a_planted_secret_reaches_no_output(ray_head, s3, synthetic_url, tmp_path):
+    """S3 keys given as storage options never appear in the driver's output, Ray's logs, anything under
+    --out (summary, history, checkpoints and their metadata) or the metrics."""
+    import fsspec
+
+    secret = "PLANTED-secret-7f3a9c"
+    fs = fsspec.filesystem("s3")
+    fs.put(synthetic_url + "/", "test/data/", recursive=True)
+    cmd = [os.path.join(VENV_BIN, "guidedmix"), "train", *SMALL, "--data", "s3://test/data", "--out", "s3://test/run",
+           "--workers", "2", "--steps", "8", "--set", "train.ckpt_every=4", "--address", ray_head.address,
+           "--set", "data.storage_options.key=testing", "--set", f"data.storage_options.secret={secret}",
+           "--set", f"data.storage_options.endpoint_url={s3.endpoint}"]  # the head's workers lack the AWS_* env
+    env = {k: v for k, v in os.environ.items() if k not in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")}
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    scrapes = scrape_during(proc, f"http://127.0.0.1:{ray_head.metrics_port}/metrics", podmonitor_rename())
+    output = proc.communicate(timeout=600)[0]
+    assert proc.returncode == 0, output[-3000:]
+    assert secret not in output
+    assert scrapes and secret not in json.dumps(scrapes)
+    written = fs.find("test/run")
+    assert any(p.endswith("summary.json") for p in written) and any("checkpoints" in p for p in written)
+    for path in written:
+        assert secret.encode() not in fs.cat_file(path), path
+    assert json.loads(fs.cat_file("test/run/summary.json"))["config"]["data"]["storage_options"]["secret"] == "***"
+    for path in glob.glob(os.path.join(ray_head.temp_dir, "session_latest", "logs", "**", "*"), recursive=True):
+        if os.path.isfile(path):
+            assert secret.encode() not in open(path, "rb").read(), path

@@ -142,11 +142,14 @@ class Config(_Strict):
         text = json.dumps(self.public_dict(), sort_keys=True)
         return hashlib.sha256(text.encode()).hexdigest()[:12]
 
-    def public_dict(self) -> dict:
-        """The resolved config without secrets (storage keys), fit for summary.json and logs."""
+    def public_dict(self, drop_secrets: bool = False) -> dict:
+        """The resolved config without secrets (storage keys), fit for summary.json and logs: masked as
+        `***`, or dropped where the config must stay loadable (a checkpoint's; credentials then come from
+        the environment or `--set` of whoever loads it)."""
         data = self.model_dump()
         data["data"]["storage_options"] = {
             k: ("***" if _is_secret(k) else v) for k, v in data["data"]["storage_options"].items()
+            if not (drop_secrets and _is_secret(k))
         }
         return data
 

@@ -193,7 +193,8 @@ def train(cfg: Config, ctx: WorkerContext) -> Optional[dict]:
                 rank_state["ledger"] = ledger
             checkpoint.write_rank_state(local, ctx.rank, rank_state)
             if ctx.rank == 0:
-                outputs.write_json(f"{local}/config.json", {"config": cfg.model_dump(), "classes": classes})
+                outputs.write_json(f"{local}/config.json", {"config": cfg.public_dict(drop_secrets=True),
+                                                            "classes": classes})
                 if teacher is not None:
                     torch.save(teacher.state_dict(), f"{local}/teacher.pt")
             store.save(local, checkpoint.step_name(step), ctx.rank)
