@@ -6,8 +6,7 @@ import json
 import logging
 import sys
 
-from shards.errors import BadInput
-from shards.stream import StorageFailure
+from shards.errors import BadInput, StorageFailure
 
 
 class _Parser(argparse.ArgumentParser):
@@ -84,6 +83,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def one_line(err: BaseException) -> str:
+    """The error's own message. One re-raised by a DataLoader carries the worker's traceback: its last line
+    is `module.Class: message`."""
+    lines = [line for line in str(err).splitlines() if line.strip()] or [type(err).__name__]
+    if len(lines) == 1:
+        return lines[0]
+    return lines[-1].split(f"{type(err).__name__}: ", 1)[-1]
+
+
 def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     try:
@@ -92,10 +100,10 @@ def main(argv=None) -> int:
             logging.getLogger().setLevel(logging.DEBUG)
         return args.func(args)
     except BadInput as e:
-        print(f"guidedmix: error: {e}", file=sys.stderr)
+        print(f"guidedmix: error: {one_line(e)}", file=sys.stderr)
         return 2
     except StorageFailure as e:  # storage stayed down past the retry budget: rerun resumes
-        print(f"guidedmix: error: {e}", file=sys.stderr)
+        print(f"guidedmix: error: {one_line(e)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("guidedmix: interrupted", file=sys.stderr)

@@ -12,9 +12,9 @@ import logging
 import os
 import time
 
-from shards.errors import BadInput
+from shards.errors import BadInput, StorageFailure
 from shards.manifest import read_manifest
-from shards.storage import filesystem, join
+from shards.storage import filesystem, join, with_retries
 from trainer.config import Config
 
 log = logging.getLogger("guidedmix.driver")
@@ -32,10 +32,30 @@ def finished_summary(cfg: Config):
     url = join(cfg.out, "summary.json")
     fs, path = filesystem(url, cfg.data.storage_options)
     try:
-        summary = json.loads(fs.cat_file(path))
+        summary = json.loads(with_retries(lambda: fs.cat_file(path), url, cfg.data.retries))
     except FileNotFoundError:
         return None
-    return summary if summary.get("steps", 0) >= cfg.train.steps else None
+    except ValueError:
+        summary = None
+    if not isinstance(summary, dict) or not isinstance(summary.get("steps"), int):
+        raise BadInput(f"{url}: not a summary this program wrote (move it away to train into {cfg.out})")
+    return summary if summary["steps"] >= cfg.train.steps else None
+
+
+def expected_failure(err: BaseException):
+    """The BadInput or StorageFailure a worker raised, dug out of Ray Train's wrappers (worker failures,
+    causes, the DataLoader's re-raise); None for anything else."""
+    stack, seen = [err], set()
+    while stack:
+        e = stack.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, (BadInput, StorageFailure)):
+            return e
+        stack += [e.__cause__, e.__context__, getattr(e, "_base_exc", None),
+                  *getattr(e, "worker_failures", {}).values()]
+    return None
 
 
 def _worker_entry(config: dict) -> None:
@@ -116,7 +136,10 @@ def run(cfg: Config, address: str | None = None) -> dict:
             run_config=RunConfig(name=f"guidedmix-{cfg.digest()}-{int(time.time())}",
                                  failure_config=FailureConfig(max_failures=cfg.train.max_failures)),
         )
-        trainer.fit()
+        try:
+            trainer.fit()
+        except Exception as e:  # a worker's bad input or storage failure reaches the user as its own one line
+            raise expected_failure(e) or e
         del service
     finally:
         if started_local:

@@ -1,5 +1,10 @@
-"""The one error type for bad input anywhere in the house: the CLI turns it into one line and exit 2."""
+"""The house's two expected failures: the CLI turns each into one line on stderr, never a traceback."""
 
 
 class BadInput(ValueError):
-    """Bad config, argument, data or URL. The message names the field or file and fits on one line."""
+    """Bad config, argument, data or URL (exit 2). The message names the field or file and fits on one line."""
+
+
+class StorageFailure(RuntimeError):
+    """Object storage stayed unreachable past the retry budget (exit 1; a rerun resumes). The message names
+    the URL."""

@@ -5,7 +5,7 @@ import hashlib
 import json
 from dataclasses import dataclass
 
-from .errors import BadInput
+from .errors import BadInput, StorageFailure
 from .storage import describe_error, filesystem, join, with_retries
 
 MANIFEST = "manifest.json"
@@ -24,6 +24,18 @@ def _shards_of(manifest: dict, split: str) -> list[ShardInfo]:
     return [ShardInfo(**s) for s in manifest["splits"][split]["shards"]]
 
 
+def _check_shard(info: ShardInfo, path: str) -> None:
+    """Shard names are paths inside the shard set: nothing absolute, no scheme, no way up and out of it."""
+    name = info.name
+    if (not isinstance(name, str) or name.startswith("/") or "\\" in name or ":" in name
+            or any(part in ("", ".", "..") for part in name.split("/"))):
+        raise BadInput(f"{path}: shard name {name!r} is not a path inside the shard set")
+    if not isinstance(info.samples, int) or isinstance(info.samples, bool) or info.samples < 0:
+        raise BadInput(f"{path}: shard {name}: samples must be a count")
+    if not isinstance(info.sha256, str):
+        raise BadInput(f"{path}: shard {name}: sha256 must be a string")
+
+
 def read_manifest(url: str, storage_options: dict | None = None, retries: int = 3) -> dict:
     path = join(url, MANIFEST)
     try:
@@ -31,17 +43,19 @@ def read_manifest(url: str, storage_options: dict | None = None, retries: int = 
         text = with_retries(lambda: fs.cat_file(p), path, retries)
     except FileNotFoundError:
         raise BadInput(f"{path}: no manifest (not a shard set, or its build did not finish)") from None
-    except BadInput:
+    except (BadInput, StorageFailure):
         raise
     except Exception as e:
         raise BadInput(describe_error(path, e)) from None
     try:
         manifest = json.loads(text)
         assert manifest.get("format") == FORMAT
-        for split in SPLITS:
-            _shards_of(manifest, split)
+        infos = [info for split in SPLITS for info in _shards_of(manifest, split)]
+        assert isinstance(manifest["classes"], list) and manifest["classes"]
     except Exception:
         raise BadInput(f"{path}: not a {FORMAT} manifest") from None
+    for info in infos:
+        _check_shard(info, path)
     return manifest
 
 

@@ -5,15 +5,17 @@ or from storage options. `pipe:` URLs run shell commands, so they are refused un
 """
 from __future__ import annotations
 
+import logging
 import posixpath
 import time
 from typing import Callable, TypeVar
 
 import fsspec
 
-from .errors import BadInput
+from .errors import BadInput, StorageFailure
 
 T = TypeVar("T")
+log = logging.getLogger("guidedmix.storage")
 _KNOWN = {"file", "s3", "s3a", "gs", "gcs", "http", "https", "memory", "az", "abfs"}
 
 
@@ -59,18 +61,41 @@ def describe_error(url: str, err: BaseException) -> str:
     return f"{url}: {name}: {text[:200]}"
 
 
-_TRANSIENT = (OSError, TimeoutError, ConnectionError)
+def _transient_errors() -> tuple:
+    """Errors worth retrying: the OS's, and the connection errors of the HTTP clients fsspec's object stores
+    use (botocore's do not derive from OSError: s3fs raises them raw once its own retries are spent)."""
+    errors: list = [OSError, TimeoutError, ConnectionError]
+    try:
+        from botocore.exceptions import ConnectionError as BotoConnectionError, HTTPClientError
+
+        errors += [BotoConnectionError, HTTPClientError]
+    except ImportError:
+        pass
+    try:
+        from aiohttp import ClientError
+
+        errors.append(ClientError)
+    except ImportError:
+        pass
+    return tuple(errors)
+
+
+_TRANSIENT = _transient_errors()
 
 
 def with_retries(fn: Callable[[], T], url: str, retries: int, base_delay: float = 0.5) -> T:
-    """Run `fn`, retrying transient storage errors with exponential backoff; missing files fail fast."""
+    """Run `fn`, retrying transient storage errors with exponential backoff (0.5 s doubling, at most 10 s
+    apart). Missing files and refused permissions fail at once, as themselves; a store still failing after
+    `retries` retries raises StorageFailure naming the URL."""
     for attempt in range(retries + 1):
         try:
             return fn()
-        except (FileNotFoundError, PermissionError, IsADirectoryError):
+        except (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError):
             raise
-        except _TRANSIENT:
+        except _TRANSIENT as e:
             if attempt == retries:
-                raise
-            time.sleep(min(base_delay * 2**attempt, 10.0))
+                raise StorageFailure(f"{describe_error(url, e)} (gave up after {retries} retries)") from e
+            delay = min(base_delay * 2**attempt, 10.0)
+            log.warning("%s: retry %d/%d in %.1fs", describe_error(url, e), attempt + 1, retries, delay)
+            time.sleep(delay)
     raise AssertionError("unreachable")

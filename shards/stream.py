@@ -23,16 +23,12 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from webdataset.tariterators import group_by_keys, tar_file_iterator
 
 from . import augment
-from .errors import BadInput
+from .errors import BadInput, StorageFailure
 from .manifest import ShardInfo, read_manifest, shards
 from .storage import check_url, describe_error, filesystem, join, with_retries
 
 log = logging.getLogger("guidedmix.shards")
 IMAGE_EXTS = ("jpg", "jpeg", "png")
-
-
-class StorageFailure(RuntimeError):
-    """Object storage stayed unreachable past the retry budget; the message names the URL."""
 
 
 @dataclass(frozen=True)
@@ -159,7 +155,7 @@ class _Worker:
             return with_retries(lambda: fs.cat_file(path), url, self.spec.retries)
         except FileNotFoundError:
             raise BadInput(f"{url}: shard listed in the manifest is missing") from None
-        except OSError as e:
+        except PermissionError as e:
             raise StorageFailure(describe_error(url, e)) from None
 
     def _raw(self, plan: SlotPlan) -> Iterator[tuple[str, dict]]:
@@ -169,18 +165,19 @@ class _Worker:
             expected = self.by_name[name]
             if hashlib.sha256(data).hexdigest() != expected.sha256:
                 log.warning("shard %s: checksum differs from the manifest; reading what is readable", name)
-            read = 0
+            read, last_key = 0, None
             try:
                 for sample in tar_samples(data, name):
-                    read += 1
+                    read, last_key = read + 1, sample.get("__key__")
                     if position % plan.stride == plan.offset:
                         yield name, sample
                     position += 1
             except (tarfile.TarError, ValueError, EOFError) as e:
-                log.warning("shard %s: unreadable after %d samples (%s)", name, read, e)
+                log.warning("shard %s: unreadable after key %s (%s)", name, last_key, e)
             if read < expected.samples:  # a truncated tar ends early without an error
                 self.skipped += expected.samples - read
-                log.warning("shard %s: unreadable past sample %d of %d, rest skipped", name, read, expected.samples)
+                log.warning("shard %s: unreadable past sample %d of %d (last good key %s), %d skipped",
+                            name, read, expected.samples, last_key, expected.samples - read)
                 position += expected.samples - read  # keep later shards' strided positions as planned
 
     def _shuffled(self, plan: SlotPlan, epoch: int) -> Iterator[tuple[str, dict]]:

@@ -3,7 +3,8 @@
 A checkpoint is a folder `step-NNNNNNNN/` holding the engine's files (DeepSpeed's, or a plain torch
 file) and one `rank-R.json` per rank (its data-stream positions and sample ledger). Every rank uploads
 its files, all ranks meet at a barrier, then rank 0 writes `latest` (naming the folder): the commit.
-A failed or interrupted write leaves `latest` on the previous, complete checkpoint.
+A failed or interrupted write (storage down past the retry budget, a full or read-only target, a killed
+worker) leaves `latest` on the previous, complete checkpoint, and raises CheckpointError naming the URL.
 """
 from __future__ import annotations
 
@@ -13,17 +14,18 @@ import os
 import shutil
 import tempfile
 import time
-from typing import Optional
+from typing import Callable, Optional
 
 import torch.distributed as dist
 
+from shards.errors import StorageFailure
 from shards.storage import describe_error, filesystem, join, with_retries
 
 log = logging.getLogger("guidedmix.checkpoint")
 LATEST = "latest"
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(StorageFailure):
     """A checkpoint could not be written or read; the message names the URL."""
 
 
@@ -41,6 +43,8 @@ class CheckpointStore:
     def _retry(self, fn, url):
         try:
             return with_retries(fn, url, self.retries)
+        except StorageFailure as e:
+            raise CheckpointError(str(e)) from e
         except OSError as e:
             raise CheckpointError(describe_error(url, e)) from e
 
@@ -54,10 +58,30 @@ class CheckpointStore:
                 return None
             raise
 
-    def save(self, local_dir: str, name: str, rank: int) -> None:
-        """Upload this rank's files, wait for every rank, then (rank 0) commit and prune."""
-        target = join(self.path, name)
+    def save(self, name: str, rank: int, write_files: Callable[[str], None]) -> None:
+        """`write_files(folder)` puts this rank's files in a local folder; they are uploaded, every rank
+        waits for the others, then rank 0 commits and prunes."""
         started = time.monotonic()
+        local = tempfile.mkdtemp(prefix="guidedmix-save-")
+        try:
+            try:
+                write_files(local)
+            except (OSError, RuntimeError) as e:  # a full disk or a file size limit (torch's writer: RuntimeError)
+                text = (str(e).splitlines() or [""])[0][:160]
+                raise CheckpointError(f"{join(self.root, name)}: writing its files failed ({type(e).__name__}: "
+                                      f"{text}); the previous checkpoint stays the latest") from e
+            self._upload(local, name)
+        finally:
+            remove_local(local)
+        _barrier()
+        if rank == 0:
+            self._retry(lambda: self.fs.pipe_file(join(self.path, LATEST), name.encode()), self.root)
+            self._prune(name)
+        _barrier()
+        log.info("checkpoint %s committed in %.1fs", name, time.monotonic() - started)
+
+    def _upload(self, local_dir: str, name: str) -> None:
+        target = join(self.path, name)
         # file by file with explicit paths: ranks upload into the same folders, and a recursive put into
         # a folder that another rank already created would nest it one level deeper
         for folder, _, files in os.walk(local_dir):
@@ -67,12 +91,6 @@ class CheckpointStore:
             for file in files:
                 self._retry(lambda: self.fs.put_file(os.path.join(folder, file), join(remote, file)),
                             join(self.root, name, file))
-        _barrier()
-        if rank == 0:
-            self._retry(lambda: self.fs.pipe_file(join(self.path, LATEST), name.encode()), self.root)
-            self._prune(name)
-        _barrier()
-        log.info("checkpoint %s committed in %.1fs", name, time.monotonic() - started)
 
     def _prune(self, current: str) -> None:
         try:

@@ -174,10 +174,25 @@ def _first_error(err: ValidationError) -> str:
     return f"config: {loc}: {msg}"
 
 
+class _NoAliasLoader(yaml.SafeLoader):
+    """YAML without anchors' aliases: a config has no use for them, and nested aliases expand exponentially
+    (a "YAML bomb") or make a structure that contains itself."""
+
+    def compose_node(self, parent, index):
+        if self.check_event(yaml.AliasEvent):
+            raise yaml.composer.ComposerError(None, None, "aliases (*name) are not allowed",
+                                              self.peek_event().start_mark)
+        return super().compose_node(parent, index)
+
+
+def _yaml(text):
+    return yaml.load(text, Loader=_NoAliasLoader)
+
+
 def _parse_value(text: str):
     """`--set` values are YAML scalars: 3, 0.5, true, null, [1, 2], or plain strings."""
     try:
-        return yaml.safe_load(text)
+        return _yaml(text)
     except yaml.YAMLError:
         return text
 
@@ -203,13 +218,13 @@ def load_config(path: Optional[str] = None, overrides: Optional[list[str]] = Non
     if path:
         try:
             with fsspec.open(path, "r") as f:
-                raw = yaml.safe_load(f) or {}
+                raw = _yaml(f) or {}
         except FileNotFoundError:
             raise BadInput(f"config file not found: {path}") from None
         except yaml.YAMLError as e:
             line = getattr(getattr(e, "problem_mark", None), "line", None)
             where = f" line {line + 1}" if line is not None else ""
-            raise BadInput(f"config file {path}{where}: not valid YAML") from None
+            raise BadInput(f"config file {path}{where}: not valid YAML ({getattr(e, 'problem', None) or 'syntax'})") from None
         if not isinstance(raw, dict):
             raise BadInput(f"config file {path}: expected a mapping at the top level")
     raw = apply_overrides(raw, overrides or [])

@@ -9,7 +9,6 @@ from __future__ import annotations
 import copy
 import functools
 import logging
-import tempfile
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Optional
@@ -184,8 +183,8 @@ def train(cfg: Config, ctx: WorkerContext) -> Optional[dict]:
     def save_checkpoint():
         t0 = time.monotonic()
         average_buffers(module)
-        local = tempfile.mkdtemp(prefix="guidedmix-save-")
-        try:
+
+        def write_files(local):
             engine.save(local, {"step": step, "history": history,
                                 "elapsed": elapsed_before + time.monotonic() - started})
             rank_state = {"streams": {n: s.state_dict() for n, s in streams.items()}}
@@ -197,9 +196,8 @@ def train(cfg: Config, ctx: WorkerContext) -> Optional[dict]:
                                                             "classes": classes})
                 if teacher is not None:
                     torch.save(teacher.state_dict(), f"{local}/teacher.pt")
-            store.save(local, checkpoint.step_name(step), ctx.rank)
-        finally:
-            checkpoint.remove_local(local)
+
+        store.save(checkpoint.step_name(step), ctx.rank, write_files)
         metrics.observe("checkpoint_duration_seconds", time.monotonic() - t0)
         metrics.set("checkpoint_last_step", step)
 

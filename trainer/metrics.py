@@ -61,7 +61,7 @@ class Metrics:
             import prometheus_client
 
             self.registry = prometheus_client.CollectorRegistry()  # this run's, not the process-global one
-            self.server = prometheus_client.start_http_server(port, host, registry=self.registry)
+            self.server = _serve_metrics_only(self.registry, port, host)
         elif backend not in ("ray", "none"):
             raise ValueError(f"metrics backend: {backend}")
 
@@ -114,8 +114,34 @@ class Metrics:
 
     def close(self) -> None:
         if self.registry is not None:
-            self.server[0].shutdown()
-            self.server[0].server_close()
+            self.server.shutdown()
+            self.server.server_close()
+
+
+def _serve_metrics_only(registry, port: int, host: str):
+    """GET /metrics in Prometheus' text format; every other path and method is a 404 (prometheus_client's
+    own server answers any path)."""
+    import threading
+    from wsgiref.simple_server import WSGIRequestHandler, make_server
+
+    from prometheus_client import make_wsgi_app
+    from prometheus_client.exposition import ThreadingWSGIServer
+
+    metrics_app = make_wsgi_app(registry)
+
+    def app(environ, start_response):
+        if environ["PATH_INFO"] == "/metrics" and environ["REQUEST_METHOD"] in ("GET", "HEAD"):
+            return metrics_app(environ, start_response)
+        start_response("404 Not Found", [("Content-Type", "text/plain")])
+        return [b"metrics are served at GET /metrics only\n"]
+
+    class QuietHandler(WSGIRequestHandler):
+        def log_message(self, *args):  # no line per scrape in the training log
+            pass
+
+    server = make_server(host, port, app, ThreadingWSGIServer, handler_class=QuietHandler)
+    threading.Thread(target=server.serve_forever, daemon=True, name="metrics-http").start()
+    return server
 
 
 def for_this_process(port: int = 0, host: str = "127.0.0.1", **default_labels) -> Metrics:
