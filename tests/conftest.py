@@ -1,13 +1,18 @@
 """Fixtures that start real servers on 127.0.0.1 (moto_server for S3, a Ray head) and stop them by PID."""
 from __future__ import annotations
 
+import io
+import json
 import os
 import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tarfile
 import time
+import urllib.request
+from collections import Counter
 
 import psutil
 import pytest
@@ -29,18 +34,18 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def wait_port(port: int, timeout: float = 60) -> None:
+def wait_port(port: int, timeout: float = 60, host: str = "127.0.0.1") -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         with socket.socket() as s:
-            if s.connect_ex(("127.0.0.1", port)) == 0:
+            if s.connect_ex((host, port)) == 0:
                 return
         time.sleep(0.2)
     raise TimeoutError(f"nothing listens on 127.0.0.1:{port}")
 
 
-def stop_tree(pid: int, timeout: float = 20) -> None:
-    """End a process and all its descendants, by PID (never by name)."""
+def stop_tree(pid: int, timeout: float = 20, sig: int = signal.SIGTERM) -> None:
+    """End a process and all its descendants, by PID (never by name); SIGKILL for a crash."""
     try:
         root = psutil.Process(pid)
     except psutil.NoSuchProcess:
@@ -48,7 +53,7 @@ def stop_tree(pid: int, timeout: float = 20) -> None:
     procs = root.children(recursive=True) + [root]
     for p in procs:
         try:
-            p.send_signal(signal.SIGTERM)
+            p.send_signal(sig)
         except psutil.NoSuchProcess:
             pass
     _, alive = psutil.wait_procs(procs, timeout=timeout)
@@ -96,27 +101,87 @@ def s3(tmp_path, monkeypatch):
     s3fs.S3FileSystem.clear_instance_cache()
 
 
+class TcpFront:
+    """tests/tcp_proxy.py on a fixed loopback port in front of a server: `stop()` is an outage of that
+    server as its clients see it (connections refused), `start()` the same endpoint back with its data."""
+
+    def __init__(self, target_port: int, log_path: str):
+        self.port, self.target_port, self.log_path, self.proc = free_port(), target_port, log_path, None
+
+    def start(self):
+        self.proc = subprocess.Popen([sys.executable, os.path.join(REPO, "tests", "tcp_proxy.py"), str(self.port),
+                                      str(self.target_port)], stdout=open(self.log_path, "ab"), stderr=subprocess.STDOUT)
+        wait_port(self.port)
+
+    def stop(self):
+        if self.proc:
+            stop_tree(self.proc.pid)
+            self.proc = None
+
+
+# A multi-node cluster on one machine lives on 127.0.0.2: still loopback, but not an address Ray rewrites to
+# the machine's interface address once multi-node clusters are enabled (which `ray start` needs to join).
+CLUSTER_IP = "127.0.0.2"
+CLUSTER_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "1", "GLOO_SOCKET_IFNAME": "lo"}
+
+
 class RayHead:
-    def __init__(self, tmp: str, num_cpus: int = 2):
+    def __init__(self, tmp: str, num_cpus: int = 2, ip: str = "127.0.0.1", env: dict | None = None):
         self.port, self.dashboard_port, self.metrics_port = free_port(), free_port(), free_port()
         # a short temp dir: Ray's socket paths must stay under the 107-byte limit
         self.temp_dir = f"/tmp/gm-ray-{self.port}"
         self.proc = subprocess.Popen(
-            [os.path.join(VENV_BIN, "ray"), "start", "--head", "--block", "--node-ip-address", "127.0.0.1",
+            [os.path.join(VENV_BIN, "ray"), "start", "--head", "--block", "--node-ip-address", ip,
              "--port", str(self.port), "--num-cpus", str(num_cpus), "--num-gpus", "0", "--include-dashboard", "true",
              "--dashboard-host", "127.0.0.1", "--dashboard-port", str(self.dashboard_port),
              "--metrics-export-port", str(self.metrics_port), "--temp-dir", self.temp_dir, "--disable-usage-stats"],
             # metrics reach the node's endpoint within a second or two instead of ten
-            env={**os.environ, "RAY_metrics_report_interval_ms": "1000"},
+            env={**os.environ, "RAY_metrics_report_interval_ms": "1000", **(env or {})},
             stdout=open(os.path.join(tmp, "ray-head.log"), "ab"), stderr=subprocess.STDOUT)
-        wait_port(self.port)
+        wait_port(self.port, host=ip)
         wait_port(self.dashboard_port, 90)
-        self.address = f"127.0.0.1:{self.port}"
+        self.address = f"{ip}:{self.port}"
         self.dashboard = f"http://127.0.0.1:{self.dashboard_port}"
+
+    def alive_nodes(self) -> int:
+        try:
+            with urllib.request.urlopen(f"{self.dashboard}/api/v0/nodes", timeout=5) as r:
+                nodes = json.load(r)["data"]["result"]["result"]
+        except OSError:
+            return 0
+        return sum(1 for n in nodes if n["state"] == "ALIVE")
+
+    def wait_nodes(self, count: int, timeout: float = 90) -> None:
+        deadline = time.monotonic() + timeout
+        while self.alive_nodes() != count:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"the Ray cluster did not reach {count} alive nodes")
+            time.sleep(0.5)
 
     def stop(self):
         stop_tree(self.proc.pid, timeout=40)
         shutil.rmtree(self.temp_dir, ignore_errors=True)
+
+
+class RayNode:
+    """A second Ray node joining a head started with CLUSTER_IP and CLUSTER_ENV: ending its process tree is a
+    node failure."""
+
+    def __init__(self, head: RayHead, tmp: str, num_cpus: int = 1):
+        self.head = head
+        self.proc = subprocess.Popen(
+            [os.path.join(VENV_BIN, "ray"), "start", "--address", head.address, "--block", "--node-ip-address",
+             CLUSTER_IP, "--num-cpus", str(num_cpus), "--num-gpus", "0", "--metrics-export-port", str(free_port()),
+             "--disable-usage-stats"],
+            env={**os.environ, "RAY_metrics_report_interval_ms": "1000", **CLUSTER_ENV},
+            stdout=open(os.path.join(tmp, "ray-node.log"), "ab"), stderr=subprocess.STDOUT)
+
+    def crash(self):
+        """The node dies at once, as a machine does: every process of its tree killed."""
+        stop_tree(self.proc.pid, sig=signal.SIGKILL)
+
+    def stop(self):
+        stop_tree(self.proc.pid, timeout=40)
 
 
 @pytest.fixture(scope="module")
@@ -124,6 +189,91 @@ def ray_head(tmp_path_factory):
     head = RayHead(str(tmp_path_factory.mktemp("ray")))
     yield head
     head.stop()
+
+
+# a short training that still exercises everything: small crops, frequent logs, a ledger of every sample
+SMALL = ["--config", "configs/cpu-small.yaml", "--set", "data.crop_size=32", "--set", "train.log_every=4",
+         "--set", "train.eval_every=1000", "--set", "train.ledger=true", "--set", "data.val_batch_size=8"]
+
+
+def train_cmd(address: str, out: str, data: str, steps: int, *extra) -> list[str]:
+    return [os.path.join(VENV_BIN, "guidedmix"), "train", *SMALL, "--data", data, "--out", out, "--workers", "2",
+            "--steps", str(steps), "--address", address, *extra]
+
+
+def train_workers(roots: list[int], driver_pid: int) -> list[psutil.Process]:
+    """The Ray Train worker processes under these Ray nodes started for the driver's run (not the data
+    loader processes they fork)."""
+    started = psutil.Process(driver_pid).create_time()
+    return [p for root in roots for p in psutil.Process(root).children(recursive=True)
+            if p.name() == "ray::RayTrainWorker" and p.create_time() >= started
+            and p.parent().name() != "ray::RayTrainWorker"]
+
+
+def wait_for(predicate, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.5)
+    raise TimeoutError(what)
+
+
+def read_json(url: str):
+    import fsspec
+
+    with fsspec.open(url, "r") as f:
+        return json.load(f)
+
+
+def ledger_report(out: str, world: int) -> dict:
+    """Per split, from every rank's ledger of a finished run: samples consumed, samples consumed twice in
+    one epoch (`repeated`), and samples the epoch's plan gave a rank that it never consumed although it
+    went on to the next epoch (`lost`)."""
+    from shards.manifest import read_manifest, shards
+    from shards.stream import plan_epoch
+
+    cfg = read_json(f"{out}/summary.json")["config"]
+    data, seed = cfg["data"], cfg["train"]["seed"]
+    manifest = read_manifest(data["url"], data["storage_options"])
+    ledgers = [read_json(f"{out}/ledger/rank-{r}.json") for r in range(world)]
+    report = {}
+    for split in ledgers[0]:
+        batch = data[f"{split}_batch_size"]
+        consumed = [(epoch, key) for ledger in ledgers for epoch, key in ledger[split]]
+        lost = 0
+        for rank, ledger in enumerate(ledgers):
+            per_epoch = Counter(epoch for epoch, _ in ledger[split])
+            for epoch in sorted(per_epoch)[:-1]:  # the last epoch is the one the run stopped in
+                plan = plan_epoch(shards(manifest, split), seed, epoch, world, data["loader_workers"], batch, True)
+                lost += sum(p.batches for p in plan[rank]) * batch - per_epoch[epoch]
+        report[split] = {"samples": len(consumed), "repeated": len(consumed) - len(set(consumed)), "lost": lost}
+    return report
+
+
+@pytest.fixture
+def chaos_report():
+    """record(fault=..., **figures): one JSON line per fault for bench/chaos.py, which sets
+    GUIDEDMIX_CHAOS_REPORT; without it nothing is written."""
+    path = os.environ.get("GUIDEDMIX_CHAOS_REPORT")
+
+    def record(**figures):
+        if path:
+            with open(path, "a") as f:
+                f.write(json.dumps(figures) + "\n")
+
+    return record
+
+
+def rewrite_tar(path: str, change) -> None:
+    """Rewrite a shard in place: `change(member_name, data)` returns the member's new bytes."""
+    with tarfile.open(path) as tar:
+        members = [(m, tar.extractfile(m).read()) for m in tar.getmembers()]
+    with tarfile.open(path, "w") as tar:
+        for member, data in members:
+            data = change(member.name, data)
+            member.size = len(data)
+            tar.addfile(member, io.BytesIO(data))
 
 
 def run_cli(*args, env=None, timeout=600, cwd=REPO) -> subprocess.CompletedProcess:

@@ -3,7 +3,6 @@ metrics agent, and from the endpoint a run outside Ray serves), the Grafana dash
 names, and the Kubernetes manifests validated strictly, plain and as kustomize renders them."""
 import copy
 import glob
-import io
 import json
 import os
 import re
@@ -12,6 +11,7 @@ import shutil
 import subprocess
 import tarfile
 import time
+import urllib.error
 import urllib.request
 
 import kubernetes_validate
@@ -20,9 +20,8 @@ import yaml
 from jsonschema import Draft7Validator
 from prometheus_client.parser import text_string_to_metric_families
 
-from conftest import REPO, VENV_BIN, free_port, stop_tree
+from conftest import REPO, SMALL, VENV_BIN, free_port, rewrite_tar, stop_tree
 from launch.cli import build_parser
-from test_train_ray import SMALL
 from trainer.config import load_config
 from trainer.metrics import PREFIX, SPECS
 
@@ -39,13 +38,8 @@ def corrupted_copy(url, tmp_path):
     shutil.copytree(url, copy_url)
     shard = sorted(glob.glob(f"{copy_url}/labeled-*.tar"))[0]
     with tarfile.open(shard) as tar:
-        members = [(m, tar.extractfile(m).read()) for m in tar.getmembers()]
-    victim = next(m.name for m, _ in members if m.name.endswith(".png") and ".mask." not in m.name)
-    with tarfile.open(shard, "w") as tar:
-        for m, data in members:
-            data = b"not an image" if m.name == victim else data
-            m.size = len(data)
-            tar.addfile(m, io.BytesIO(data))
+        victim = next(n for n in tar.getnames() if n.endswith(".png") and ".mask." not in n)
+    rewrite_tar(shard, lambda name, data: b"not an image" if name == victim else data)
     return copy_url
 
 
@@ -165,6 +159,28 @@ def test_metrics_endpoint_outside_ray(synthetic_url, tmp_path):
     assert dashboard_metric_names() <= seen
     info = scrapes[-1][0][PREFIX + "run_info"][0][0]
     assert info["run"] == "run" and len(info["config_hash"]) == 12
+
+
+def test_the_metrics_endpoint_serves_metrics_only():
+    from trainer.metrics import Metrics
+
+    port = free_port()
+    metrics = Metrics("prometheus", port, rank=0)
+    try:
+        metrics.inc("samples_total", 8, split="labeled")
+        assert scrape(f"http://127.0.0.1:{port}/metrics")[0][PREFIX + "samples_total"] == [({"rank": "0", "split": "labeled"}, 8.0)]
+        refused = []
+        for path, method in (("/", "GET"), ("/favicon.ico", "GET"), ("/metrics/../x", "GET"), ("/metrics", "POST"),
+                             ("/metrics", "PUT")):
+            request = urllib.request.Request(f"http://127.0.0.1:{port}{path}", data=b"x" if method != "GET" else None,
+                                             method=method)
+            try:
+                urllib.request.urlopen(request, timeout=5)
+            except urllib.error.HTTPError as e:
+                refused.append(e.code)
+        assert refused == [404] * 5
+    finally:
+        metrics.close()
 
 
 def test_metrics_port_in_use_is_one_line(tmp_path, synthetic_url):

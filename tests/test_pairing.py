@@ -1,7 +1,6 @@
 """The pairing service: its bank against brute force, and a real one behind a Ray actor during training
 (killed, slowed down), with training going on regardless."""
 import json
-import os
 import subprocess
 import time
 
@@ -10,8 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import REPO, run_cli, stop_tree
-from test_train_ray import SMALL, _train_cmd, wait_for
+from conftest import REPO, ledger_report, run_cli, stop_tree, train_cmd, wait_for
 from trainer import pairing
 from trainer.config import Config
 
@@ -106,7 +104,7 @@ def ray_client(ray_head):
 
 def _start_training(ray_head, synthetic_url, tmp_path, steps, *extra):
     out = str(tmp_path / "run")
-    cmd = _train_cmd(ray_head, out, synthetic_url, steps, "--set", "guidedmix.pairing.mode=service",
+    cmd = train_cmd(ray_head.address, out, synthetic_url, steps, "--set", "guidedmix.pairing.mode=service",
                      "--set", "train.ckpt_every=1000", *extra)
     log = open(tmp_path / "driver.log", "w")
     return out, subprocess.Popen(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
@@ -137,7 +135,8 @@ def _finish(proc, out, tmp_path, steps):
 
 
 @pytest.mark.slow
-def test_killed_service_comes_back_and_training_goes_on(ray_head, ray_client, synthetic_url, tmp_path):
+@pytest.mark.chaos
+def test_killed_service_comes_back_and_training_goes_on(ray_head, ray_client, synthetic_url, tmp_path, chaos_report):
     ray = ray_client
     out, proc = _start_training(ray_head, synthetic_url, tmp_path, 300)
     actor = _service(ray, out)
@@ -145,6 +144,7 @@ def test_killed_service_comes_back_and_training_goes_on(ray_head, ray_client, sy
     before = ray.get(actor.stats.remote())
     assert before["bank_size"] > 0 and before["pushes"] >= 10
     ray.kill(actor, no_restart=False)  # a crash: Ray restarts it with an empty bank
+    killed = time.monotonic()
 
     latest = {}
 
@@ -157,12 +157,19 @@ def test_killed_service_comes_back_and_training_goes_on(ray_head, ray_client, sy
 
     # the same handle reaches the restarted actor (a new process), whose bank refills from the pushes
     wait_for(answering_again, 300, "the restarted service answering")
+    recovery = time.monotonic() - killed
     summary = _finish(proc, out, tmp_path, 300)
     assert summary["pairing"]["answered"] > 0
+    ledger = ledger_report(out, 2)
+    chaos_report(fault="pairing service killed", finished=True, steps=summary["steps"], requested=300,
+                 lost=sum(s["lost"] for s in ledger.values()), repeated=sum(s["repeated"] for s in ledger.values()),
+                 recovery_s=round(recovery, 1), fallbacks=summary["pairing"]["fallbacks"])
 
 
 @pytest.mark.slow
-def test_slow_service_makes_workers_fall_back_instead_of_waiting(ray_head, ray_client, synthetic_url, tmp_path):
+@pytest.mark.chaos
+def test_slow_service_makes_workers_fall_back_instead_of_waiting(ray_head, ray_client, synthetic_url, tmp_path,
+                                                                 chaos_report):
     ray = ray_client
     steps, delay = 60, 5.0
     out, proc = _start_training(ray_head, synthetic_url, tmp_path, steps, "--set", "guidedmix.pairing.deadline_s=0.2")
@@ -174,3 +181,6 @@ def test_slow_service_makes_workers_fall_back_instead_of_waiting(ray_head, ray_c
     assert time.monotonic() - started < steps * delay / 3
     stats = summary["pairing"]
     assert stats["fallbacks"] >= steps - 5 and stats["queries"] == steps
+    chaos_report(fault=f"pairing service slow ({delay:.0f} s per answer, deadline 0.2 s)", finished=True,
+                 steps=summary["steps"], requested=steps, lost=None, repeated=None, recovery_s=0.0,
+                 fallbacks=stats["fallbacks"], wall_s=round(time.monotonic() - started, 1))
