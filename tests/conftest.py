@@ -16,6 +16,7 @@ from collections import Counter
 
 import psutil
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 VENV_BIN = os.path.dirname(sys.executable)
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -65,20 +66,32 @@ def stop_tree(pid: int, timeout: float = 20, sig: int = signal.SIGTERM) -> None:
     psutil.wait_procs(alive, timeout=5)
 
 
-class S3Server:
+class LocalServer:
+    """A server process on a loopback port, its output in a log file, started and stopped (by PID) at will."""
+
     def __init__(self, port: int, log_path: str):
         self.port, self.log_path, self.proc = port, log_path, None
-        self.endpoint = f"http://127.0.0.1:{port}"
+
+    def command(self) -> list[str]:
+        raise NotImplementedError
 
     def start(self):
-        self.proc = subprocess.Popen([os.path.join(VENV_BIN, "moto_server"), "-H", "127.0.0.1", "-p", str(self.port)],
-                                     stdout=open(self.log_path, "ab"), stderr=subprocess.STDOUT)
+        self.proc = subprocess.Popen(self.command(), stdout=open(self.log_path, "ab"), stderr=subprocess.STDOUT)
         wait_port(self.port)
 
     def stop(self):
         if self.proc:
             stop_tree(self.proc.pid)
             self.proc = None
+
+
+class S3Server(LocalServer):
+    def __init__(self, port: int, log_path: str):
+        super().__init__(port, log_path)
+        self.endpoint = f"http://127.0.0.1:{port}"
+
+    def command(self):
+        return [os.path.join(VENV_BIN, "moto_server"), "-H", "127.0.0.1", "-p", str(self.port)]
 
 
 @pytest.fixture
@@ -101,22 +114,16 @@ def s3(tmp_path, monkeypatch):
     s3fs.S3FileSystem.clear_instance_cache()
 
 
-class TcpFront:
+class TcpFront(LocalServer):
     """tests/tcp_proxy.py on a fixed loopback port in front of a server: `stop()` is an outage of that
     server as its clients see it (connections refused), `start()` the same endpoint back with its data."""
 
     def __init__(self, target_port: int, log_path: str):
-        self.port, self.target_port, self.log_path, self.proc = free_port(), target_port, log_path, None
+        super().__init__(free_port(), log_path)
+        self.target_port = target_port
 
-    def start(self):
-        self.proc = subprocess.Popen([sys.executable, os.path.join(REPO, "tests", "tcp_proxy.py"), str(self.port),
-                                      str(self.target_port)], stdout=open(self.log_path, "ab"), stderr=subprocess.STDOUT)
-        wait_port(self.port)
-
-    def stop(self):
-        if self.proc:
-            stop_tree(self.proc.pid)
-            self.proc = None
+    def command(self):
+        return [sys.executable, os.path.join(REPO, "tests", "tcp_proxy.py"), str(self.port), str(self.target_port)]
 
 
 # A multi-node cluster on one machine lives on 127.0.0.2: still loopback, but not an address Ray rewrites to
@@ -168,10 +175,11 @@ class RayNode:
     node failure."""
 
     def __init__(self, head: RayHead, tmp: str, num_cpus: int = 1):
-        self.head = head
+        self.head, self.metrics_port = head, free_port()
         self.proc = subprocess.Popen(
             [os.path.join(VENV_BIN, "ray"), "start", "--address", head.address, "--block", "--node-ip-address",
-             CLUSTER_IP, "--num-cpus", str(num_cpus), "--num-gpus", "0", "--metrics-export-port", str(free_port()),
+             CLUSTER_IP, "--num-cpus", str(num_cpus), "--num-gpus", "0",
+             "--metrics-export-port", str(self.metrics_port),
              "--disable-usage-stats"],
             env={**os.environ, "RAY_metrics_report_interval_ms": "1000", **CLUSTER_ENV},
             stdout=open(os.path.join(tmp, "ray-node.log"), "ab"), stderr=subprocess.STDOUT)
@@ -263,6 +271,24 @@ def chaos_report():
                 f.write(json.dumps(figures) + "\n")
 
     return record
+
+
+def scrape(url):
+    """{sample name: [(labels, value)]} and {family name: type} of one scrape, or None if not up yet."""
+    try:
+        text = urllib.request.urlopen(url, timeout=5).read().decode()
+    except OSError:
+        return None
+    samples, types = {}, {}
+    for family in text_string_to_metric_families(text):
+        types[family.name] = family.type
+        for s in family.samples:
+            samples.setdefault(s.name, []).append((s.labels, s.value))
+    return samples, types
+
+
+def total(samples, name, **match):
+    return sum(v for labels, v in samples.get(name, []) if all(labels.get(k) == x for k, x in match.items()))
 
 
 def rewrite_tar(path: str, change) -> None:

@@ -80,7 +80,8 @@ KEYS = _dotted_keys()
 NAMES = sorted({part for key in KEYS for part in key.split(".")})
 WEIRD = ["-1", "0", "1e309", "nan", "-inf", "[1, 2]", "{a: 1}", "null", "true", "", "~", "'", "pipe:cat /etc/passwd",
          "ftp://x/y", "s3://", "../../etc", "*", "9" * 40, "{{", "- -"]
-scalars = st.none() | st.booleans() | st.integers() | st.floats(allow_nan=True) | st.text(max_size=20) | st.sampled_from(WEIRD)
+scalars = (st.none() | st.booleans() | st.integers() | st.floats(allow_nan=True) | st.text(max_size=20)
+           | st.sampled_from(WEIRD))
 yaml_values = st.recursive(scalars, lambda inner: st.lists(inner, max_size=3)
                            | st.dictionaries(st.sampled_from(NAMES) | st.text(max_size=8), inner, max_size=4),
                            max_leaves=12)

@@ -20,7 +20,8 @@ import s3fs
 from PIL import Image
 
 from conftest import (CLUSTER_ENV, CLUSTER_IP, REPO, RayHead, RayNode, S3Server, TcpFront, free_port,
-                      ledger_report, read_json, rewrite_tar, run_cli, stop_tree, train_cmd, train_workers, wait_for)
+                      ledger_report, read_json, rewrite_tar, run_cli, scrape, stop_tree, total, train_cmd,
+                      train_workers, wait_for)
 
 pytestmark = [pytest.mark.slow, pytest.mark.chaos]
 STEPS, EVERY = 18, 6
@@ -290,14 +291,20 @@ def test_corrupt_data_is_skipped_named_and_counted(cluster, tmp_path, chaos_repo
 
     out, log = "s3://chaos/corrupt-run", tmp_path / "driver.log"
     _, proc = start(cluster, out, log, "--set", "train.ledger=false", data="s3://chaos/corrupt", steps=12)
+    counted = 0  # the run's corrupt-sample counters, as the two nodes' metrics agents serve them
+    while proc.poll() is None:
+        scrapes = [scrape(f"http://{CLUSTER_IP}:{port}/metrics")
+                   for port in (cluster.head.metrics_port, cluster.node.metrics_port)]
+        counted = max(counted, sum(total(s[0], "ray_guidedmix_corrupt_samples_total") for s in scrapes if s))
+        time.sleep(1)
     code, text = finish(proc, log)
     assert code == 0, text[-3000:]
     summary = read_json(f"{out}/summary.json")
-    assert summary["steps"] == 12 and summary["skipped_samples"] >= 3
+    assert summary["steps"] == 12 and summary["skipped_samples"] >= 3 and counted >= 3
     # each is warned with its shard and key (the truncated shard with its last readable key)
     assert re.search(rf"shard {bad_mask_shard} key {mask_key}: corrupt sample skipped \(class id 200", text)
     assert re.search(rf"shard {bad_image_shard} key {image_key}: corrupt sample skipped", text)
     assert re.search(rf"shard {truncated}: unreadable past sample \d+ of 16 \(last good key ", text)
     chaos_report(fault="corrupt data (truncated shard, undecodable image, mask ids out of range)",
                  finished=True, steps=12, requested=12, lost=None, repeated=None, recovery_s=0.0,
-                 skipped_samples=summary["skipped_samples"])
+                 skipped_samples=summary["skipped_samples"], counted_in_metrics=counted)

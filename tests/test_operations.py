@@ -18,9 +18,8 @@ import kubernetes_validate
 import pytest
 import yaml
 from jsonschema import Draft7Validator
-from prometheus_client.parser import text_string_to_metric_families
 
-from conftest import REPO, SMALL, VENV_BIN, free_port, rewrite_tar, stop_tree
+from conftest import REPO, SMALL, VENV_BIN, free_port, rewrite_tar, scrape, stop_tree, total
 from launch.cli import build_parser
 from trainer.config import load_config
 from trainer.metrics import PREFIX, SPECS
@@ -43,20 +42,6 @@ def corrupted_copy(url, tmp_path):
     return copy_url
 
 
-def scrape(url):
-    """{sample name: [(labels, value)]} and {family name: type} of one scrape, or None if not up yet."""
-    try:
-        text = urllib.request.urlopen(url, timeout=5).read().decode()
-    except OSError:
-        return None
-    samples, types = {}, {}
-    for family in text_string_to_metric_families(text):
-        types[family.name] = family.type
-        for s in family.samples:
-            samples.setdefault(s.name, []).append((s.labels, s.value))
-    return samples, types
-
-
 def scrape_during(proc, url, rename=lambda name: name, timeout=600):
     """Scrape every second until the process ends; the scrapes that held any of our metrics, renamed."""
     scrapes, deadline = [], time.monotonic() + timeout
@@ -68,10 +53,6 @@ def scrape_during(proc, url, rename=lambda name: name, timeout=600):
                 scrapes.append((samples, {rename(k): v for k, v in got[1].items()}))
         time.sleep(1)
     return scrapes
-
-
-def total(samples, name, **match):
-    return sum(v for labels, v in samples.get(name, []) if all(labels.get(k) == x for k, x in match.items()))
 
 
 def expected_sample_names():
@@ -168,7 +149,8 @@ def test_the_metrics_endpoint_serves_metrics_only():
     metrics = Metrics("prometheus", port, rank=0)
     try:
         metrics.inc("samples_total", 8, split="labeled")
-        assert scrape(f"http://127.0.0.1:{port}/metrics")[0][PREFIX + "samples_total"] == [({"rank": "0", "split": "labeled"}, 8.0)]
+        samples = scrape(f"http://127.0.0.1:{port}/metrics")[0]
+        assert samples[PREFIX + "samples_total"] == [({"rank": "0", "split": "labeled"}, 8.0)]
         refused = []
         for path, method in (("/", "GET"), ("/favicon.ico", "GET"), ("/metrics/../x", "GET"), ("/metrics", "POST"),
                              ("/metrics", "PUT")):

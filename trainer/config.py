@@ -224,7 +224,8 @@ def load_config(path: Optional[str] = None, overrides: Optional[list[str]] = Non
         except yaml.YAMLError as e:
             line = getattr(getattr(e, "problem_mark", None), "line", None)
             where = f" line {line + 1}" if line is not None else ""
-            raise BadInput(f"config file {path}{where}: not valid YAML ({getattr(e, 'problem', None) or 'syntax'})") from None
+            problem = getattr(e, "problem", None) or "syntax"
+            raise BadInput(f"config file {path}{where}: not valid YAML ({problem})") from None
         if not isinstance(raw, dict):
             raise BadInput(f"config file {path}: expected a mapping at the top level")
     raw = apply_overrides(raw, overrides or [])
