@@ -47,6 +47,8 @@ VARIANTS = {
     "best-ramp300-ema": [*BEST, "guidedmix.rampup_steps=300", "guidedmix.teacher=ema"],
     "best-ramp300-tau0.8": [*BEST, "guidedmix.rampup_steps=300", "guidedmix.tau=0.8"],
     "best-ramp300-random-pairs": [*BEST, "guidedmix.rampup_steps=300", "guidedmix.pairing.similarity=random"],
+    "best-ramp300-random-pairs-tau0.8": [*BEST, "guidedmix.rampup_steps=300", "guidedmix.pairing.similarity=random",
+                                         "guidedmix.tau=0.8"],
     "weight0 (diagnostic)": [*PAPER, "guidedmix.unsup_weight=0"],
     "weight0-sepbn (diagnostic)": [*PAPER, "guidedmix.unsup_weight=0", "guidedmix.shared_bn=false"],
 }
