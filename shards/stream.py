@@ -155,7 +155,7 @@ class _Worker:
             return with_retries(lambda: fs.cat_file(path), url, self.spec.retries)
         except FileNotFoundError:
             raise BadInput(f"{url}: shard listed in the manifest is missing") from None
-        except PermissionError as e:
+        except OSError as e:  # what with_retries does not retry: refused, a folder where a file should be
             raise StorageFailure(describe_error(url, e)) from None
 
     def _raw(self, plan: SlotPlan) -> Iterator[tuple[str, dict]]:

@@ -259,6 +259,21 @@ def ledger_report(out: str, world: int) -> dict:
     return report
 
 
+def check_ledgers(out: str, world: int) -> dict:
+    """Nothing repeated or lost across all ranks' ledgers; returns the report."""
+    report = ledger_report(out, world)
+    assert all(r["repeated"] == 0 and r["lost"] == 0 for r in report.values()), report
+    return report
+
+
+def fault_figures(fault: str, summary: dict, requested: int, recovery_s, ledger: dict | None = None, **more) -> dict:
+    """One line of the chaos report: what the run that met `fault` finished with (lost/repeated: None
+    where the run kept no ledger)."""
+    totals = {k: sum(split[k] for split in ledger.values()) if ledger else None for k in ("lost", "repeated")}
+    return {"fault": fault, "finished": True, "steps": summary["steps"], "requested": requested, **totals,
+            "recovery_s": recovery_s, **more}
+
+
 @pytest.fixture
 def chaos_report():
     """record(fault=..., **figures): one JSON line per fault for bench/chaos.py, which sets

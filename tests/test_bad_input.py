@@ -112,7 +112,7 @@ def test_any_set_values(guidedmix, workdir, synthetic_url, overrides):
 
 
 def _mutations(manifest):
-    """(path into the manifest, new value or DELETE) pairs that hypothesis picks from."""
+    """Every path (a tuple of keys and indices) into the manifest: the places hypothesis may change."""
     paths = []
 
     def walk(node, path):

@@ -19,8 +19,8 @@ import pytest
 import s3fs
 from PIL import Image
 
-from conftest import (CLUSTER_ENV, CLUSTER_IP, REPO, RayHead, RayNode, S3Server, TcpFront, free_port,
-                      ledger_report, read_json, rewrite_tar, run_cli, scrape, stop_tree, total, train_cmd,
+from conftest import (CLUSTER_ENV, CLUSTER_IP, REPO, RayHead, RayNode, S3Server, TcpFront, check_ledgers,
+                      fault_figures, free_port, read_json, rewrite_tar, run_cli, scrape, stop_tree, total, train_cmd,
                       train_workers, wait_for)
 
 pytestmark = [pytest.mark.slow, pytest.mark.chaos]
@@ -132,17 +132,9 @@ class Progress:
 def check_finished(out, steps=STEPS):
     summary = read_json(f"{out}/summary.json")
     assert summary["steps"] == steps and summary["workers"] == 2
-    ledger = ledger_report(out, 2)
+    ledger = check_ledgers(out, 2)
     assert ledger["labeled"]["samples"] == 2 * steps * 8  # one labeled batch per rank per step
-    assert all(split["repeated"] == 0 and split["lost"] == 0 for split in ledger.values()), ledger
     return summary, ledger
-
-
-def figures(fault, summary, ledger, recovery_s, steps=STEPS, **more):
-    return {"fault": fault, "finished": summary is not None, "steps": summary["steps"] if summary else None,
-            "requested": steps, "lost": sum(s["lost"] for s in ledger.values()) if ledger else None,
-            "repeated": sum(s["repeated"] for s in ledger.values()) if ledger else None,
-            "recovery_s": recovery_s, **more}
 
 
 def error_lines(text):
@@ -170,7 +162,7 @@ def test_node_lost_mid_run_resumes_from_the_last_checkpoint(cluster, tmp_path, c
     assert code == 0, text[-3000:]
     assert "resumed from step-" in text
     summary, ledger = check_finished(out)
-    chaos_report(**figures("node lost", summary, ledger, progress.seconds_after(fault)))
+    chaos_report(**fault_figures("node lost", summary, STEPS, progress.seconds_after(fault), ledger))
 
 
 def test_driver_lost_the_same_command_continues(cluster, tmp_path, chaos_report):
@@ -193,7 +185,7 @@ def test_driver_lost_the_same_command_continues(cluster, tmp_path, chaos_report)
     # and the same command once more reports the finished run instead of starting over
     again = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120)
     assert again.returncode == 0 and "already finished" in again.stderr
-    chaos_report(**figures("driver lost", summary, ledger, progress.seconds_after(fault)))
+    chaos_report(**fault_figures("driver lost", summary, STEPS, progress.seconds_after(fault), ledger))
 
 
 def test_object_store_outage_is_ridden_out(cluster, tmp_path, chaos_report):
@@ -210,8 +202,8 @@ def test_object_store_outage_is_ridden_out(cluster, tmp_path, chaos_report):
     assert code == 0, text[-3000:]
     assert re.search(r"s3://chaos/\S+: .*retry 1/", text), "the outage was never felt"
     summary, ledger = check_finished(out)
-    chaos_report(**figures("object store down 15 s", summary, ledger, progress.seconds_after(back),
-                           outage_s=round(back - fault, 1)))
+    chaos_report(**fault_figures("object store down 15 s", summary, STEPS, progress.seconds_after(back), ledger,
+                                 outage_s=round(back - fault, 1)))
 
 
 def test_object_store_outage_past_the_retry_budget_stops_cleanly_and_a_rerun_resumes(cluster, tmp_path,
@@ -231,8 +223,8 @@ def test_object_store_outage_past_the_retry_budget_stops_cleanly_and_a_rerun_res
     _, progress = rerun(cmd, tmp_path / "again.log")
     summary, ledger = check_finished(out)
     assert summary["resumed_from"]
-    chaos_report(**figures("object store down past the retry budget, then a rerun", summary, ledger,
-                           progress.seconds_after(back), error=errors[0][:200]))
+    chaos_report(**fault_figures("object store down past the retry budget, then a rerun", summary, STEPS,
+                                 progress.seconds_after(back), ledger, error=errors[0][:200]))
 
 
 def test_a_failed_checkpoint_write_keeps_the_previous_one(cluster, tmp_path, synthetic_url, chaos_report):
@@ -254,8 +246,8 @@ def test_a_failed_checkpoint_write_keeps_the_previous_one(cluster, tmp_path, syn
     _, progress = rerun(cmd, tmp_path / "again.log")
     summary, ledger = check_finished(out)
     assert summary["resumed_from"] == first
-    chaos_report(**figures("checkpoint write fails (file size limit), then a rerun", summary, ledger,
-                           progress.seconds_after(fixed), error=errors[0][:200]))
+    chaos_report(**fault_figures("checkpoint write fails (file size limit), then a rerun", summary, STEPS,
+                                 progress.seconds_after(fixed), ledger, error=errors[0][:200]))
 
 
 def _png(array):
@@ -305,6 +297,6 @@ def test_corrupt_data_is_skipped_named_and_counted(cluster, tmp_path, chaos_repo
     assert re.search(rf"shard {bad_mask_shard} key {mask_key}: corrupt sample skipped \(class id 200", text)
     assert re.search(rf"shard {bad_image_shard} key {image_key}: corrupt sample skipped", text)
     assert re.search(rf"shard {truncated}: unreadable past sample \d+ of 16 \(last good key ", text)
-    chaos_report(fault="corrupt data (truncated shard, undecodable image, mask ids out of range)",
-                 finished=True, steps=12, requested=12, lost=None, repeated=None, recovery_s=0.0,
-                 skipped_samples=summary["skipped_samples"], counted_in_metrics=counted)
+    chaos_report(**fault_figures("corrupt data (truncated shard, undecodable image, mask ids out of range)",
+                                 summary, 12, 0.0, skipped_samples=summary["skipped_samples"],
+                                 counted_in_metrics=counted))

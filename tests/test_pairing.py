@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import REPO, ledger_report, run_cli, stop_tree, train_cmd, wait_for
+from conftest import REPO, fault_figures, ledger_report, run_cli, stop_tree, train_cmd, wait_for
 from trainer import pairing
 from trainer.config import Config
 
@@ -160,10 +160,8 @@ def test_killed_service_comes_back_and_training_goes_on(ray_head, ray_client, sy
     recovery = time.monotonic() - killed
     summary = _finish(proc, out, tmp_path, 300)
     assert summary["pairing"]["answered"] > 0
-    ledger = ledger_report(out, 2)
-    chaos_report(fault="pairing service killed", finished=True, steps=summary["steps"], requested=300,
-                 lost=sum(s["lost"] for s in ledger.values()), repeated=sum(s["repeated"] for s in ledger.values()),
-                 recovery_s=round(recovery, 1), fallbacks=summary["pairing"]["fallbacks"])
+    chaos_report(**fault_figures("pairing service killed", summary, 300, round(recovery, 1), ledger_report(out, 2),
+                                 fallbacks=summary["pairing"]["fallbacks"]))
 
 
 @pytest.mark.slow
@@ -181,6 +179,5 @@ def test_slow_service_makes_workers_fall_back_instead_of_waiting(ray_head, ray_c
     assert time.monotonic() - started < steps * delay / 3
     stats = summary["pairing"]
     assert stats["fallbacks"] >= steps - 5 and stats["queries"] == steps
-    chaos_report(fault=f"pairing service slow ({delay:.0f} s per answer, deadline 0.2 s)", finished=True,
-                 steps=summary["steps"], requested=steps, lost=None, repeated=None, recovery_s=0.0,
-                 fallbacks=stats["fallbacks"], wall_s=round(time.monotonic() - started, 1))
+    chaos_report(**fault_figures(f"pairing service slow ({delay:.0f} s per answer, deadline 0.2 s)", summary, steps,
+                                 0.0, fallbacks=stats["fallbacks"], wall_s=round(time.monotonic() - started, 1)))

@@ -9,17 +9,10 @@ import time
 import fsspec
 import pytest
 
-from conftest import (REPO, SMALL, VENV_BIN, ledger_report, read_json, run_cli, stop_tree, train_cmd, train_workers,
-                      wait_for)
+from conftest import (REPO, SMALL, VENV_BIN, check_ledgers, read_json, run_cli, stop_tree, train_cmd,
+                      train_workers, wait_for)
 
 pytestmark = pytest.mark.slow
-
-
-def check_ledgers(out, world):
-    """Nothing repeated or lost across all ranks' ledgers; returns the report."""
-    report = ledger_report(out, world)
-    assert all(r["repeated"] == 0 and r["lost"] == 0 for r in report.values()), report
-    return report
 
 
 def test_ray_job_submit_trains_to_s3(ray_head, s3, synthetic_url):
