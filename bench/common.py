@@ -18,12 +18,13 @@ CACHE = os.path.join(ROOT, "data", "run-cache")
 
 def synthetic_shards(labeled: str = "1/16", train_images: int = 1200, val_images: int = 240, size: int = 64,
                      seed: int = 0) -> str:
-    """Build (once) and return the URL of a synthetic shard set under data/."""
-    name = f"synthetic-{labeled.replace('/', '_')}-{train_images}-{size}-s{seed}"
+    """Build (once) and return the URL of a synthetic shard set under data/, the unlabeled masks withheld
+    (runs score their pseudo masks against them)."""
+    name = f"synthetic-{labeled.replace('/', '_')}-{train_images}-{size}-s{seed}-withheld"
     url = os.path.join(ROOT, "data", name)
     if not os.path.exists(os.path.join(url, "manifest.json")):
         source = sources.synthetic_source(train_images, val_images, size, seed)
-        build.build(source, url, build.parse_labeled(labeled), seed=seed, progress=False)
+        build.build(source, url, build.parse_labeled(labeled), seed=seed, progress=False, withhold_masks=True)
     return url
 
 
@@ -71,7 +72,7 @@ def _cached(overrides: tuple[str, ...]) -> dict:
             return json.load(f)
     summary = train_once(list(overrides))
     result = {"overrides": list(overrides), "miou": summary["miou"], "wall_seconds": summary["wall_seconds"],
-              "per_class_iou": summary["per_class_iou"]}
+              "per_class_iou": summary["per_class_iou"], "pseudo_masks": summary.get("pseudo_masks")}
     os.makedirs(CACHE, exist_ok=True)
     with open(path + ".tmp", "w") as f:
         json.dump(result, f)

@@ -58,6 +58,15 @@ VARIANTS = {
 }
 
 
+def pseudo_means(runs: list[dict]) -> dict:
+    """Mean share of unlabeled pixels taught and share of those right, over the runs that scored both."""
+    scored = [r for r in runs if "pseudo_accuracy" in r]
+    if not scored:
+        return {}
+    return {"pseudo_taught": round(statistics.mean(r["pseudo_coverage"] for r in scored), 4),
+            "pseudo_right": round(statistics.mean(r["pseudo_accuracy"] for r in scored), 4)}
+
+
 def describe(overrides: list[str]) -> str:
     """A variant's overrides for the table, the paper's shared part abbreviated."""
     rest = [o for o in overrides if o != "train.method=guidedmix"]
@@ -85,20 +94,27 @@ def main():
     results = run_many([[*base, f"train.seed={seed}", *VARIANTS[name]] for name, seed in plan], args.parallel,
                        lambda i, r: print(f"{plan[i][0]} seed {plan[i][1]}: {100 * r['miou']:.2f}",
                                           file=sys.stderr, flush=True))
-    miou = {}
+    miou, pseudo = {}, {}
     for (name, seed), r in zip(plan, results):
         miou.setdefault(name, []).append(round(100 * r["miou"], 2))
+        if r.get("pseudo_masks"):
+            pseudo.setdefault(name, []).append(r["pseudo_masks"])
     sup = statistics.mean(miou["supervised"])
     rows = [{"variant": n, "miou": miou[n], "mean": round(statistics.mean(miou[n]), 2),
-             "gain": round(statistics.mean(miou[n]) - sup, 2), "overrides": VARIANTS[n]} for n in names]
+             "gain": round(statistics.mean(miou[n]) - sup, 2), **pseudo_means(pseudo.get(n, [])),
+             "overrides": VARIANTS[n]} for n in names]
     command = shlex.join(["bench/ssl_ablation.py", *sys.argv[1:]])
     lines = [f"# GuidedMix variants against supervised-only ({args.labeled} labels, {args.steps} steps)", "",
              f"Made by `.venv/bin/python {command}` on the synthetic set, `configs/cpu-small.yaml`, "
              "one process per run. mIoU in %; gain against the supervised mean.", "",
-             "| variant | mIoU per seed | mean | gain | overrides |", "|---|---|---|---|---|"]
+             "Pseudo masks: over each run's last log interval, the share of unlabeled pixels taught and the "
+             "share of those right against the withheld true masks, means over seeds.", "",
+             "| variant | mIoU per seed | mean | gain | pseudo: taught / right | overrides |",
+             "|---|---|---|---|---|---|"]
     for r in rows:
+        taught = f"{r['pseudo_taught']:.0%} / {r['pseudo_right']:.0%}" if "pseudo_right" in r else "-"
         lines.append(f"| {r['variant']} | {' / '.join(f'{v:.2f}' for v in r['miou'])} | {r['mean']:.2f} | "
-                     f"{r['gain']:+.2f} | {describe(r['overrides'])} |")
+                     f"{r['gain']:+.2f} | {taught} | {describe(r['overrides'])} |")
     lines += ["", f"PAPER: `{' '.join(PAPER[1:])}`"]
     os.makedirs(os.path.dirname(args.table), exist_ok=True)
     with open(args.table, "w") as f:

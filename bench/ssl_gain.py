@@ -29,7 +29,9 @@ def compare(labeled: str, steps: int, seeds: list[int], overrides: list[str], pa
     rows = []
     for k, seed in enumerate(seeds):
         sup, gm = 100 * results[2 * k]["miou"], 100 * results[2 * k + 1]["miou"]
-        rows.append({"seed": seed, "supervised": round(sup, 2), "guidedmix": round(gm, 2), "gain": round(gm - sup, 2)})
+        pseudo = results[2 * k + 1].get("pseudo_masks") or {}  # what GuidedMix taught its unlabeled pixels
+        rows.append({"seed": seed, "supervised": round(sup, 2), "guidedmix": round(gm, 2), "gain": round(gm - sup, 2),
+                     "pseudo_taught": pseudo.get("pseudo_coverage"), "pseudo_right": pseudo.get("pseudo_accuracy")})
     sup = [r["supervised"] for r in rows]
     gains = [r["gain"] for r in rows]
     return {"labeled": labeled, "steps": steps, "overrides": overrides, "runs": rows,

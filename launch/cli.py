@@ -24,7 +24,7 @@ def _shards_build(args) -> int:
     manifest = build.build(source, args.out, labeled, seed=args.seed, labeled_list=listed,
                            samples_per_shard=args.samples_per_shard, overwrite=args.overwrite,
                            args={k: v for k, v in vars(args).items() if k not in ("func",)},
-                           progress=not args.quiet)
+                           progress=not args.quiet, withhold_masks=args.withhold_masks)
     from shards.manifest import summary
 
     print(json.dumps(summary(manifest)))
@@ -70,6 +70,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--train-images", type=int, default=1200, help="synthetic: train images")
     b.add_argument("--val-images", type=int, default=240, help="synthetic: val images")
     b.add_argument("--image-size", type=int, default=64, help="synthetic: image side in pixels")
+    b.add_argument("--withhold-masks", action="store_true",
+                   help="studies: keep unlabeled images' true masks (withheld.png), never trained on, to score "
+                        "pseudo masks against")
     b.add_argument("--quiet", action="store_true", help="no progress bar")
     b.set_defaults(func=_shards_build)
     i = shards_sub.add_parser("inspect", help="print a shard set's manifest summary as JSON")

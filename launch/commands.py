@@ -140,13 +140,18 @@ def _demo(args) -> int:
     data = os.path.join(ROOT, "data", "demo")
     if not os.path.exists(os.path.join(data, "manifest.json")):
         log.info("building synthetic shards under %s", data)
-        build.build(sources.synthetic_source(1200, 240, 64, 0), data, build.parse_labeled("1/16"), seed=0)
+        build.build(sources.synthetic_source(1200, 240, 64, 0), data, build.parse_labeled("1/16"), seed=0,
+                    withhold_masks=True)  # so the log shows how right the pseudo masks are
     args.config = args.config or os.path.join(ROOT, "configs", "cpu-small.yaml")
     args.data = data
     cfg = _config(args)
     summary = run(cfg, None)
     print(f"GuidedMix demo: val mIoU {100 * summary['miou']:.1f} after {summary['steps']} steps on "
           f"{summary['workers']} CPU DeepSpeed workers ({summary['wall_seconds']:.0f}s)")
+    pseudo = summary.get("pseudo_masks", {})
+    if "pseudo_accuracy" in pseudo:
+        print(f"pseudo masks (last {cfg.train.log_every} steps): {pseudo['pseudo_coverage']:.0%} of unlabeled "
+              f"pixels taught, {pseudo['pseudo_accuracy']:.0%} of them right against the withheld masks")
     print(f"summary: {join(cfg.out, 'summary.json')}\npictures: {join(cfg.out, 'overlays')}/, "
           f"{join(cfg.out, 'curves.png')}")
     return 0

@@ -16,7 +16,7 @@ from tqdm import tqdm
 
 from . import sources
 from .errors import BadInput
-from .manifest import FORMAT, MANIFEST
+from .manifest import FORMAT, MANIFEST, WITHHELD
 from .storage import check_url, describe_error, filesystem, join
 
 VERSION = 1
@@ -83,7 +83,7 @@ def _png(mask: np.ndarray) -> bytes:
 
 
 def _write_split(fs, base: str, split: str, items: list[sources.Item], with_masks: bool,
-                 per_shard: int, source_name: str, bar: tqdm) -> list[dict]:
+                 per_shard: int, source_name: str, bar: tqdm, withhold_masks: bool = False) -> list[dict]:
     shards = []
     for index in range(math.ceil(len(items) / per_shard)):
         name = f"{split}-{index:06d}.tar"
@@ -100,7 +100,9 @@ def _write_split(fs, base: str, split: str, items: list[sources.Item], with_mask
                         height, width = mask.shape
                     else:
                         if item.load_mask is not None:
-                            item.load_mask()  # unlabeled train images: still check their masks
+                            mask = item.load_mask()  # unlabeled train images: still check their masks
+                            if withhold_masks:  # never `mask.png`: training cannot mistake it for a label
+                                sample[WITHHELD] = _png(mask)
                         width, height = Image.open(io.BytesIO(image)).size
                     sample["json"] = json.dumps({"id": item.key, "size": [height, width],
                                                  "source": source_name}).encode()
@@ -113,7 +115,9 @@ def _write_split(fs, base: str, split: str, items: list[sources.Item], with_mask
 def build(source: sources.Source, out: str, labeled: float | int, *, seed: int = 0,
           labeled_list: Optional[list[str]] = None, samples_per_shard: int = 256,
           storage_options: Optional[dict] = None, overwrite: bool = False,
-          args: Optional[dict] = None, progress: bool = True) -> dict:
+          args: Optional[dict] = None, progress: bool = True, withhold_masks: bool = False) -> dict:
+    """Write the shard set; `withhold_masks` (studies) keeps each unlabeled image's true mask beside it as
+    `withheld.png`, which training never learns from but uses to score its pseudo masks."""
     check_url(out)
     if samples_per_shard < 1:
         raise BadInput("--samples-per-shard: must be at least 1")
@@ -136,7 +140,8 @@ def build(source: sources.Source, out: str, labeled: float | int, *, seed: int =
               disable=not progress, mininterval=1.0) as bar:
         for split, items, with_masks in plan:
             try:
-                written = _write_split(fs, base, split, items, with_masks, samples_per_shard, source.name, bar)
+                written = _write_split(fs, base, split, items, with_masks, samples_per_shard, source.name, bar,
+                                       withhold_masks)
             except BadInput:
                 raise
             except Exception as e:
@@ -144,7 +149,7 @@ def build(source: sources.Source, out: str, labeled: float | int, *, seed: int =
             splits[split] = {"samples": len(items), "shards": written}
     manifest = {
         "format": FORMAT, "version": VERSION, "source": source.name, "classes": source.classes,
-        "ignore_index": sources.IGNORE, "splits": splits, "seed": seed,
+        "ignore_index": sources.IGNORE, "splits": splits, "seed": seed, "withheld_masks": withhold_masks,
         "args": args or {}, "created": datetime.datetime.now(datetime.timezone.utc).isoformat(),
     }
     with fs.open(join(base, MANIFEST), "w") as f:  # last: only a complete build has a manifest

@@ -10,6 +10,7 @@ from .storage import describe_error, filesystem, join, with_retries
 
 MANIFEST = "manifest.json"
 FORMAT = "guidedmix-shards/1"
+WITHHELD = "withheld.png"  # an unlabeled image's true mask in a study's shard set, to score pseudo masks only
 SPLITS = ("labeled", "unlabeled", "val")
 
 

@@ -24,7 +24,7 @@ from webdataset.tariterators import group_by_keys, tar_file_iterator
 
 from . import augment
 from .errors import BadInput, StorageFailure
-from .manifest import ShardInfo, read_manifest, shards
+from .manifest import WITHHELD, ShardInfo, read_manifest, shards
 from .storage import check_url, describe_error, filesystem, join, with_retries
 
 log = logging.getLogger("guidedmix.shards")
@@ -198,9 +198,11 @@ class _Worker:
         try:
             ext = next(e for e in IMAGE_EXTS if e in sample)
             image = np.asarray(Image.open(io.BytesIO(sample[ext])).convert("RGB"))
+            # unlabeled images have no mask; a study's shard set keeps their true one apart, to score pseudo masks
+            mask_name = "mask.png" if self.spec.split != "unlabeled" else WITHHELD
             mask = None
-            if self.spec.split != "unlabeled":
-                mask = np.asarray(Image.open(io.BytesIO(sample["mask.png"])))
+            if mask_name in sample or self.spec.split != "unlabeled":
+                mask = np.asarray(Image.open(io.BytesIO(sample[mask_name])))
                 if mask.ndim != 2 or mask.shape != image.shape[:2]:
                     raise ValueError(f"mask shape {mask.shape} does not match image {image.shape[:2]}")
                 bad = mask[(mask >= self.num_classes) & (mask != augment.IGNORE)]
@@ -249,6 +251,8 @@ class _Worker:
                  "epoch": epoch, "index": index, "skipped": self.skipped}
         if self.spec.split != "unlabeled":
             batch["mask"] = masks
+        elif any(mask is not None for _, _, mask in items):
+            batch["withheld_mask"] = masks  # never a training target: scores pseudo masks
         self.skipped = 0
         return batch
 
@@ -290,7 +294,8 @@ class _Dataset(IterableDataset):
 class ShardStream:
     """An endless (train) or one-pass (val) iterator of batches with `state_dict()`/`load_state_dict()`.
 
-    Batches: {"image": Bx3xHxW float, "mask": BxHxW long (not for unlabeled), "keys", "epoch", ...}.
+    Batches: {"image": Bx3xHxW float, "mask": BxHxW long (not for unlabeled), "keys", "epoch", ...};
+    unlabeled batches of a shard set built with withheld masks also carry them as "withheld_mask".
     `skipped` accumulates the corrupt samples and shards skipped so far.
     """
 

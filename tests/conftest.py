@@ -324,10 +324,11 @@ def run_cli(*args, env=None, timeout=600, cwd=REPO) -> subprocess.CompletedProce
 
 @pytest.fixture(scope="session")
 def synthetic_url(tmp_path_factory) -> str:
-    """A small synthetic shard set (1/16 labeled) on local disk, shared by the tests that only read it."""
+    """A small synthetic shard set (1/8 labeled, the unlabeled masks withheld to score pseudo masks) on
+    local disk, shared by the tests that only read it."""
     from shards import build, sources
 
     url = str(tmp_path_factory.mktemp("shards") / "synthetic")
     build.build(sources.synthetic_source(480, 64, 32, 0), url, build.parse_labeled("1/8"), seed=0,
-                samples_per_shard=64, progress=False)
+                samples_per_shard=64, progress=False, withhold_masks=True)
     return url

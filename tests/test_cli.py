@@ -53,7 +53,8 @@ def test_cli_bad_arguments_exit_2():
 def trained_run(synthetic_url, tmp_path_factory):
     out = str(tmp_path_factory.mktemp("run") / "out")
     cfg = load_config("configs/cpu-small.yaml", [f"data.url={synthetic_url}", f"out={out}", "train.engine=plain",
-                                                 "train.steps=6", "train.ckpt_every=3", "data.crop_size=32"])
+                                                 "train.steps=6", "train.ckpt_every=3", "data.crop_size=32",
+                                                 "guidedmix.tau=0"])  # tau 0: an untrained model's pseudo masks count
     return out, train(cfg, WorkerContext())
 
 
@@ -91,3 +92,8 @@ def test_outputs_of_a_run(trained_run):
     assert json.load(open(f"{out}/summary.json"))["miou"] == summary["miou"]
     assert Image.open(f"{out}/curves.png").size[0] > 500
     assert len(os.listdir(f"{out}/overlays")) == 4
+    # the synthetic set withholds the unlabeled masks: the run scores what it taught against them
+    pseudo = summary["pseudo_masks"]
+    assert 0 < pseudo["pseudo_coverage"] <= 1 and 0 <= pseudo["pseudo_accuracy"] <= 1
+    assert len(pseudo["pseudo_class_freq"]) == len(pseudo["true_class_freq"]) == 7
+    assert sum(pseudo["true_class_freq"]) == pytest.approx(1, abs=1e-3)

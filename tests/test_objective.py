@@ -234,3 +234,43 @@ def test_guidedmix_at_zero_weight_with_separate_bn_is_the_supervised_step():
     for (name, p), q in zip(a.named_parameters(), b.parameters()):
         if not name.startswith("mitrans"):
             assert torch.allclose(p, q, atol=1e-6), name
+
+
+def test_pseudo_mask_score_against_a_hand_count():
+    score = evaluate.PseudoMaskScore(3)
+    pseudo = torch.tensor([[[0, 1, 255], [2, 2, 1]]])
+    truth = torch.tensor([[[0, 2, 1], [2, 255, 1]]])
+    score.add(pseudo, truth)
+    out = score.summary()
+    assert out["pseudo_coverage"] == pytest.approx(5 / 6, abs=1e-4)
+    assert out["pseudo_class_freq"] == pytest.approx([1 / 5, 2 / 5, 2 / 5], abs=1e-4)
+    assert out["pseudo_accuracy"] == pytest.approx(3 / 4, abs=1e-4)  # (1,1) has no truth: not scored
+    assert out["true_class_freq"] == pytest.approx([1 / 5, 2 / 5, 2 / 5], abs=1e-4)
+    score.reset()
+    score.add(pseudo)  # no withheld masks: frequencies only
+    assert set(score.summary()) == {"pseudo_coverage", "pseudo_class_freq"}
+
+
+def _no_dropout(model):
+    for m in model.modules():
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.0
+    return model
+
+
+@pytest.mark.parametrize("mix", ["interp", "region"])
+def test_what_the_unlabeled_pixels_are_taught_without_l_unsup(mix):
+    """With only the mixed view learning, x_u's pixels are taught the clean view's argmax where it is
+    confident, and nothing where a pasted box hides x_u."""
+    cfg = Config().guidedmix.model_copy(update={"unsup_loss": False, "tau": 0.0, "mix": mix, "shared_bn": False})
+    torch.manual_seed(0)
+    model = _no_dropout(small_model())
+    x_l, y_l, x_u = torch.randn(2, 3, 32, 32), torch.randint(0, 5, (2, 32, 32)), torch.randn(3, 3, 32, 32)
+    out = guidedmix.guidedmix_loss(model, x_l, y_l, x_u, 0, cfg, 5, generator=torch.Generator().manual_seed(1))
+    clean = model(x_u).argmax(1)  # train mode: the same batch statistics as the step's clean pass
+    taught = out.pseudo != 255
+    assert torch.equal(out.pseudo[taught], clean[taught])
+    if mix == "interp":
+        assert taught.all()
+    else:
+        assert 0 < taught.float().mean() < 1  # the boxes are not taught

@@ -8,6 +8,7 @@ from collections import Counter
 import fsspec
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from conftest import run_cli
@@ -143,6 +144,35 @@ def test_folder_split_is_reproducible_and_list_file_is_exact(tmp_path):
     assert {i.key for i in listed} == {"train2", "train5"}
     m = build.build(src, str(tmp_path / "out"), 3, progress=False)
     assert m["splits"]["unlabeled"]["samples"] == 9 + 2  # the rest of train plus the extra images
+
+
+def test_withheld_masks_stay_out_of_training_and_follow_their_image(tmp_path):
+    """A study's shard set keeps unlabeled images' true masks as withheld.png (never mask.png), and the
+    unlabeled stream hands each back under the image's own augmentation: the same image labeled in another
+    build streams back with the same pixels and mask, because augmentation draws from (seed, epoch, key)."""
+    rng = np.random.default_rng(5)
+    write_folder(tmp_path / "ds", rng)
+    src = sources.folder(str(tmp_path / "ds"))
+    ids = sorted(it.key for it in src.train)
+    labeled_here = build.build(src, str(tmp_path / "a"), 6, labeled_list=ids[:6], samples_per_shard=4, progress=False)
+    withheld = build.build(src, str(tmp_path / "b"), 6, labeled_list=ids[6:], samples_per_shard=4, progress=False,
+                           withhold_masks=True)
+    assert withheld["withheld_masks"] and not labeled_here["withheld_masks"]
+    for shard in withheld["splits"]["unlabeled"]["shards"]:
+        with tarfile.open(tmp_path / "b" / shard["name"]) as tar:
+            names = tar.getnames()
+        assert not any(n.endswith(".mask.png") for n in names)
+    assert sum(n.endswith(".withheld.png") for n in names) >= 1
+    kw = dict(batch_size=2, crop_size=16, photometric=True)
+    as_labeled = {k: (b["image"][i], b["mask"][i]) for b in stream_all(str(tmp_path / "a"), "labeled", **kw)
+                  for i, k in enumerate(b["keys"])}
+    as_unlabeled = {k: (b["image"][i], b["withheld_mask"][i]) for b in stream_all(str(tmp_path / "b"), "unlabeled", **kw)
+                    for i, k in enumerate(b["keys"])}
+    assert set(ids[:6]) <= set(as_unlabeled) and set(as_labeled) == set(ids[:6])
+    for key in ids[:6]:
+        assert torch.equal(as_labeled[key][0], as_unlabeled[key][0]) and torch.equal(as_labeled[key][1], as_unlabeled[key][1])
+    assert (as_unlabeled["extra_x0"][1] == 255).all()  # an extra image without a mask: nothing to score against
+    assert all("withheld_mask" not in b for b in stream_all(str(tmp_path / "a"), "unlabeled", **kw))
 
 
 def test_s3_build_inspect_verify_and_stream(s3, tmp_path):

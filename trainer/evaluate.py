@@ -60,3 +60,41 @@ def predict(model, images: torch.Tensor, num_classes: int, mode: str = "whole", 
         probs = (probs + run(images.flip(-1)).flip(-1)) / 2
     return probs
 
+
+
+class PseudoMaskScore:
+    """Pseudo masks over a stretch of training: the share of unlabeled pixels they label, the class
+    frequencies they claim against the true ones and, where the true masks were withheld (a study's shard
+    set), how often they are right. Collapse shows as one class's frequency running away from its truth."""
+
+    def __init__(self, num_classes: int):
+        self.num_classes = num_classes
+        self.reset()
+
+    def reset(self) -> None:
+        self.pixels, self.claimed, self.confusion, self.truth = 0, 0, None, None
+
+    def add(self, pseudo: torch.Tensor, truth: torch.Tensor | None = None) -> None:
+        labeled = pseudo != IGNORE
+        self.pixels += pseudo.numel()
+        self.claimed = self.claimed + torch.bincount(pseudo[labeled], minlength=self.num_classes)
+        if truth is not None:
+            truth = truth.to(pseudo.device)
+            self.truth = (0 if self.truth is None else self.truth) + torch.bincount(
+                truth[truth != IGNORE], minlength=self.num_classes)
+            self.confusion = (0 if self.confusion is None else self.confusion) + confusion_matrix(
+                pseudo[labeled], truth[labeled], self.num_classes)
+
+    def summary(self) -> dict:
+        if not self.pixels:
+            return {}
+        claimed = torch.as_tensor(self.claimed).double()
+        out = {"pseudo_coverage": round(claimed.sum().item() / self.pixels, 4),
+               "pseudo_class_freq": [round(v, 4) for v in (claimed / claimed.sum().clamp(min=1)).tolist()]}
+        if self.confusion is not None:
+            scored = self.confusion.sum().item()
+            if scored:  # else nothing was claimed where the truth is known
+                out["pseudo_accuracy"] = round(self.confusion.diag().sum().item() / scored, 4)
+            truth = self.truth.double()
+            out["true_class_freq"] = [round(v, 4) for v in (truth / truth.sum().clamp(min=1)).tolist()]
+        return out

@@ -37,7 +37,7 @@ class StepOutput:
     loss: torch.Tensor
     parts: dict = field(default_factory=dict)  # floats for logging: sup, unsup, mix, weight, ...
     pairing: Optional[torch.Tensor] = None  # index into the labeled batch (None: references from outside)
-    pseudo: Optional[torch.Tensor] = None  # pseudo masks of the unlabeled batch (255 = not confident)
+    pseudo: Optional[torch.Tensor] = None  # what the unlabeled batch is taught per pixel (255 = nothing)
     labeled_embeddings: Optional[torch.Tensor] = None  # what the pairing service's bank stores
 
 
@@ -243,7 +243,13 @@ def guidedmix_loss(model, x_l: torch.Tensor, y_l: torch.Tensor, x_u: torch.Tenso
     loss = loss_sup + w * (loss_unsup + loss_mix)
     parts = {"sup": loss_sup.item(), "unsup": loss_unsup.item(), "mix": loss_mix.item(), "weight": w,
              "confident": confident.float().mean().item(), "lam": lam.mean().item()}
-    return StepOutput(loss, parts, index, torch.where(confident, pseudo, IGNORE), embeddings[:b_l])
+    # what the unlabeled pixels are taught: the decoupled pseudo mask (L_unsup), else the clean view's
+    # confident argmax that the mixed view learns where x_u shows through
+    if cfg.unsup_loss:
+        taught = torch.where(confident, pseudo, IGNORE)
+    else:
+        taught = torch.where((conf_u >= cfg.tau) & (lam.squeeze(1) < 1), hard_u, IGNORE)
+    return StepOutput(loss, parts, index, taught, embeddings[:b_l])
 
 
 @torch.no_grad()

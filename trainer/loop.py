@@ -112,8 +112,11 @@ class _Progress:
         rate = done * self.images / max(elapsed, 1e-9)
         eta = (self.total - step) * elapsed / max(done, 1)
         losses = " ".join(f"{k} {parts[k]:.3f}" for k in ("sup", "unsup", "mix") if k in parts)
-        return (f"step {step}/{self.total} | loss {parts['loss']:.3f} ({losses}) | lr {lr:.2e} | "
-                f"{rate:.1f} img/s | ETA {int(eta // 60)}m{int(eta % 60):02d}s")
+        pseudo = f"pseudo {parts['pseudo_coverage']:.0%} px" if "pseudo_coverage" in parts else ""
+        if "pseudo_accuracy" in parts:
+            pseudo += f", {parts['pseudo_accuracy']:.0%} right"
+        return (f"step {step}/{self.total} | loss {parts['loss']:.3f} ({losses}) | {pseudo + ' | ' if pseudo else ''}"
+                f"lr {lr:.2e} | {rate:.1f} img/s | ETA {int(eta // 60)}m{int(eta % 60):02d}s")
 
 
 def record_step(metrics, out, seconds: float, data_wait: float, lr: float, batch_l, batch_u) -> None:
@@ -203,6 +206,7 @@ def train(cfg: Config, ctx: WorkerContext) -> Optional[dict]:
 
     images_per_step = ctx.world_size * (cfg.data.labeled_batch_size + (cfg.data.unlabeled_batch_size if semi else 0))
     progress = _Progress(cfg.train.steps, step, images_per_step)
+    pseudo_score = evaluate.PseudoMaskScore(len(classes))  # watches for collapse between log lines
     module = engine.module
     module.train()
     counted_skipped = sum(s.skipped for s in streams.values())
@@ -222,6 +226,8 @@ def train(cfg: Config, ctx: WorkerContext) -> Optional[dict]:
                 service.push(out.labeled_embeddings, x_l, y_l, step)
         else:
             out = guidedmix.supervised_loss(module, x_l, y_l)
+        if out.pseudo is not None:
+            pseudo_score.add(out.pseudo.detach(), batch_u.get("withheld_mask"))
         engine.step(out.loss)
         if teacher is not None:
             guidedmix.ema_update(teacher, module, gm.ema_decay)
@@ -239,6 +245,11 @@ def train(cfg: Config, ctx: WorkerContext) -> Optional[dict]:
                       "seconds": round(elapsed_before + time.monotonic() - started, 3)}
             if service is not None:
                 record.update({f"pairing_{k}": v for k, v in service.stats().items()})
+            record.update(pseudo_score.summary())
+            pseudo_score.reset()
+            for name in ("coverage", "accuracy"):
+                if f"pseudo_{name}" in record:
+                    metrics.set(f"pseudo_mask_{name}", record[f"pseudo_{name}"])
             history.append(record)
             ctx.report({k: v for k, v in record.items() if isinstance(v, (int, float))})
             if ctx.rank == 0:
@@ -274,6 +285,9 @@ def train(cfg: Config, ctx: WorkerContext) -> Optional[dict]:
     }
     if service is not None:  # rank 0's view since its last (re)start
         summary["pairing"] = service.stats()
+    last_log = [h for h in history if "pseudo_coverage" in h]
+    if last_log:  # rank 0's pseudo masks over the last log interval
+        summary["pseudo_masks"] = {k: v for k, v in last_log[-1].items() if "pseudo" in k or k == "true_class_freq"}
     outputs.write_outputs(cfg.out, summary, history, overlays, cfg.data.storage_options)
     log.info("done: %d steps, val mIoU %.4f, outputs under %s", step, miou, cfg.out)
     return summary

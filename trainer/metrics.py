@@ -41,6 +41,10 @@ SPECS = {
                                         ("rank",), SLOW_BUCKETS),
     "checkpoint_last_step": Spec("gauge", "Step of the last committed checkpoint", ("rank",)),
     "eval_miou": Spec("gauge", "Validation mIoU (0-1) at the last evaluation", ("rank",)),
+    "pseudo_mask_coverage": Spec("gauge", "Share of unlabeled pixels given a pseudo label over the last log interval",
+                                 ("rank",)),
+    "pseudo_mask_accuracy": Spec("gauge", "Share of pseudo-labelled pixels that match the withheld true mask "
+                                 "(shard sets built with --withhold-masks) over the last log interval", ("rank",)),
     "pairing_query_seconds": Spec("histogram", "Round trip of a worker's query to the pairing service",
                                   ("rank",), FAST_BUCKETS),
     "pairing_fallbacks_total": Spec("counter", "Steps that paired in-batch because the service was late or failed",
