@@ -34,6 +34,12 @@ BEST = [*PAPER, "guidedmix.unsup_loss=false", "guidedmix.tau=0.95", "guidedmix.m
 VARIANTS = {
     "supervised": ["train.method=supervised"],
     "default": ["train.method=guidedmix"],  # = BEST + ramp-up 300 + random pairs + tau 0.8
+    # does the partner matter? the default recipe with the least similar labeled image in the batch, and
+    # with partners from the pairing service's bank of the 1,024 latest labeled samples (random, most similar)
+    "default-least-similar": ["train.method=guidedmix", "guidedmix.pairing.similarity=least"],
+    "default-bank-random": ["train.method=guidedmix", "guidedmix.pairing.mode=service"],
+    "default-bank-most-similar": ["train.method=guidedmix", "guidedmix.pairing.mode=service",
+                                  "guidedmix.pairing.similarity=most"],
     "paper": PAPER,
     "authors-code": AUTHORS,
     "ema-tau0.95-region-hard": [*PAPER, "guidedmix.teacher=ema", "guidedmix.tau=0.95", "guidedmix.mix=region",
