@@ -274,3 +274,17 @@ def test_what_the_unlabeled_pixels_are_taught_without_l_unsup(mix):
         assert taught.all()
     else:
         assert 0 < taught.float().mean() < 1  # the boxes are not taught
+
+
+def test_class_balanced_floor_teaches_each_classes_most_confident_share():
+    # class 0 is confident everywhere; class 1 never reaches tau; 255 marks pixels with no pseudo label
+    confidence = torch.tensor([[0.99, 0.95, 0.90, 0.85, 0.4, 0.3, 0.2, 0.1, 0.9]])
+    label = torch.tensor([[0, 0, 0, 0, 1, 1, 1, 1, 255]])
+    valid = label != 255
+    fixed = guidedmix.confident_pixels(confidence, label, 0.8, 0.0, valid)
+    assert fixed.tolist() == [[True] * 4 + [False] * 5]  # the rare class is never taught
+    balanced = guidedmix.confident_pixels(confidence, label, 0.8, 0.5, valid)
+    # class 0 keeps everything above tau, class 1 its 2 most confident pixels, the invalid one nothing
+    assert balanced.tolist() == [[True] * 6 + [False] * 3]
+    assert guidedmix.confident_pixels(confidence, label, 1.0, 0.25, valid).tolist() == \
+        [[True, False, False, False, True, False, False, False, False]]  # ceil(0.25 * 4) = 1 per class

@@ -83,6 +83,9 @@ class GuidedMixConfig(_Strict):
     teacher: Literal["self", "ema"] = "self"
     ema_decay: float = Field(0.99, ge=0, lt=1)
     tau: float = Field(0.8, ge=0, le=1)  # confidence threshold of pseudo masks; the paper has none (0)
+    # besides pixels above tau, teach each predicted class's most confident share (class-balanced; 0: off,
+    # as the paper); tau alone teaches ~91% background where the truth has ~72% (docs/results-class-balanced.md)
+    class_keep: float = Field(0.5, ge=0, le=1)
     unsup_weight: float = Field(1.0, ge=0)
     warmup_steps: int = Field(0, ge=0)
     rampup_steps: int = Field(300, ge=0)

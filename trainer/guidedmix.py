@@ -135,6 +135,23 @@ def generate_mask(p_m: torch.Tensor, ref: torch.Tensor, lam: torch.Tensor, eps: 
     return pseudo, confidence * visible.squeeze(1)
 
 
+def confident_pixels(confidence: torch.Tensor, label: torch.Tensor, tau: float, class_keep: float,
+                     valid: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Pixels whose pseudo label is taught: confidence >= tau, and with `class_keep` > 0 also the most
+    confident share `class_keep` of the pixels predicted as each class in the batch. A fixed tau teaches
+    mostly the easy majority (background); the per-class floor keeps the rarer, less confident classes
+    taught (class-balanced self-training, Zou et al. 2018)."""
+    valid = torch.ones_like(label, dtype=torch.bool) if valid is None else valid
+    keep = (confidence >= tau) & valid
+    if class_keep > 0:
+        for c in label[valid].unique():
+            values = confidence[valid & (label == c)]
+            taught = math.ceil(class_keep * values.numel())  # the class's most confident `taught` pixels
+            floor = values.kthvalue(values.numel() - taught + 1).values
+            keep |= valid & (label == c) & (confidence >= floor)
+    return keep
+
+
 @contextmanager
 def frozen_bn_statistics(model):
     """Batch norm normalises with the batch's statistics but leaves the running ones alone: mixed images
@@ -223,14 +240,15 @@ def guidedmix_loss(model, x_l: torch.Tensor, y_l: torch.Tensor, x_u: torch.Tenso
             p_r = (teacher or model)(x_r).softmax(1)
         ref = reference_distribution(y_r, p_r, num_classes)
         pseudo, confidence = generate_mask(p_m, ref, lam)
-        confident = (confidence >= cfg.tau) & (pseudo != IGNORE)
+        confident = confident_pixels(confidence, pseudo, cfg.tau, cfg.class_keep, pseudo != IGNORE)
         # the mixed view's target: the reference's share plus the clean view's prediction of x_u
         conf_u, hard_u = p_u.max(1)
+        trusted_u = confident_pixels(conf_u, hard_u, cfg.tau, cfg.class_keep)
         target_u = p_u if cfg.mix_target == "soft" else onehot(hard_u, num_classes)
         target_m = lam * ref + (1 - lam) * target_u
         # pixels whose x_u share is trusted (or absent), and whose reference share is known
         known_ref = (ref.sum(1) > 0) | (lam.squeeze(1) == 0)
-        weight_m = (((conf_u >= cfg.tau) | (lam.squeeze(1) >= 1)) & known_ref).float()
+        weight_m = ((trusted_u | (lam.squeeze(1) >= 1)) & known_ref).float()
 
     # 5. losses
     loss_sup = F.cross_entropy(logits_l, y_l, ignore_index=IGNORE)
@@ -248,7 +266,7 @@ def guidedmix_loss(model, x_l: torch.Tensor, y_l: torch.Tensor, x_u: torch.Tenso
     if cfg.unsup_loss:
         taught = torch.where(confident, pseudo, IGNORE)
     else:
-        taught = torch.where((conf_u >= cfg.tau) & (lam.squeeze(1) < 1), hard_u, IGNORE)
+        taught = torch.where(trusted_u & (lam.squeeze(1) < 1), hard_u, IGNORE)
     return StepOutput(loss, parts, index, taught, embeddings[:b_l])
 
 
