@@ -240,7 +240,6 @@ def guidedmix_loss(model, x_l: torch.Tensor, y_l: torch.Tensor, x_u: torch.Tenso
             p_r = (teacher or model)(x_r).softmax(1)
         ref = reference_distribution(y_r, p_r, num_classes)
         pseudo, confidence = generate_mask(p_m, ref, lam)
-        confident = confident_pixels(confidence, pseudo, cfg.tau, cfg.class_keep, pseudo != IGNORE)
         # the mixed view's target: the reference's share plus the clean view's prediction of x_u
         conf_u, hard_u = p_u.max(1)
         trusted_u = confident_pixels(conf_u, hard_u, cfg.tau, cfg.class_keep)
@@ -253,20 +252,19 @@ def guidedmix_loss(model, x_l: torch.Tensor, y_l: torch.Tensor, x_u: torch.Tenso
     # 5. losses
     loss_sup = F.cross_entropy(logits_l, y_l, ignore_index=IGNORE)
     w = rampup(step, cfg.warmup_steps, cfg.rampup_steps, cfg.unsup_weight)
+    # what the unlabeled pixels are taught: the decoupled pseudo mask (L_unsup), else the clean view's
+    # confident argmax that the mixed view learns where x_u shows through
     loss_unsup = logits_u.sum() * 0.0
     if cfg.unsup_loss:
-        loss_unsup = F.cross_entropy(logits_u, torch.where(confident, pseudo, IGNORE), ignore_index=IGNORE)
-        loss_unsup = torch.nan_to_num(loss_unsup)  # no confident pixel: nothing to learn
+        confident = confident_pixels(confidence, pseudo, cfg.tau, cfg.class_keep, pseudo != IGNORE)
+        taught = torch.where(confident, pseudo, IGNORE)
+        loss_unsup = torch.nan_to_num(F.cross_entropy(logits_u, taught, ignore_index=IGNORE))  # none: 0
+    else:
+        taught = torch.where(trusted_u & (lam.squeeze(1) < 1), hard_u, IGNORE)
     loss_mix = soft_cross_entropy(logits_m, target_m, weight_m) if cfg.mix_loss else logits_m.sum() * 0.0
     loss = loss_sup + w * (loss_unsup + loss_mix)
     parts = {"sup": loss_sup.item(), "unsup": loss_unsup.item(), "mix": loss_mix.item(), "weight": w,
-             "confident": confident.float().mean().item(), "lam": lam.mean().item()}
-    # what the unlabeled pixels are taught: the decoupled pseudo mask (L_unsup), else the clean view's
-    # confident argmax that the mixed view learns where x_u shows through
-    if cfg.unsup_loss:
-        taught = torch.where(confident, pseudo, IGNORE)
-    else:
-        taught = torch.where(trusted_u & (lam.squeeze(1) < 1), hard_u, IGNORE)
+             "taught": (taught != IGNORE).float().mean().item(), "lam": lam.mean().item()}
     return StepOutput(loss, parts, index, taught, embeddings[:b_l])
 
 
