@@ -23,8 +23,7 @@ from bench.common import ROOT, run_many, synthetic_shards  # noqa: E402
 # floor, self teacher, both losses, global interpolation, soft target, one BN pass, no strong augmentation, the
 # most similar partner
 PAPER = ["train.method=guidedmix", "guidedmix.tau=0", "guidedmix.class_keep=0", "guidedmix.teacher=self",
-         "guidedmix.unsup_loss=true",
-         "guidedmix.mix=interp", "guidedmix.mix_target=soft", "guidedmix.shared_bn=true",
+         "guidedmix.unsup_loss=true", "guidedmix.mix=interp", "guidedmix.mix_target=soft", "guidedmix.shared_bn=true",
          "guidedmix.strong_aug=false", "guidedmix.rampup_steps=1000", "guidedmix.pairing.similarity=most"]
 AUTHORS = [*PAPER, "guidedmix.unsup_loss=false", "guidedmix.pairing.similarity=random",
            "guidedmix.mitrans.enabled=false"]  # the released code: random pairs, no MITrans, mixed view only

@@ -1,8 +1,8 @@
 """Cost of a GuidedMix step against a supervised step (same labeled batch; unlabeled batch equal to it).
 
 Prints as its last line {"ratio": guidedmix step / supervised step, "parts": {...seconds...}}, medians over
-repeated steps after warm-up, the two
-steps timed in turns. Three forward/backward passes make the floor about 3x.
+repeated steps after warm-up, the two steps timed in turns. Three forward/backward passes make the floor about
+3x.
 
     .venv/bin/python bench/step_cost.py [--batch 8] [--size 64] [--repeats 40] [--config configs/cpu-small.yaml]
 """

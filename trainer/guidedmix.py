@@ -145,10 +145,10 @@ def confident_pixels(confidence: torch.Tensor, label: torch.Tensor, tau: float, 
     keep = (confidence >= tau) & valid
     if class_keep > 0:
         for c in label[valid].unique():
-            values = confidence[valid & (label == c)]
+            in_class = valid & (label == c)
+            values = confidence[in_class]
             taught = math.ceil(class_keep * values.numel())  # the class's most confident `taught` pixels
-            floor = values.kthvalue(values.numel() - taught + 1).values
-            keep |= valid & (label == c) & (confidence >= floor)
+            keep |= in_class & (confidence >= values.kthvalue(values.numel() - taught + 1).values)
     return keep
 
 
