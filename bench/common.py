@@ -10,7 +10,11 @@ import os
 import tempfile
 from concurrent.futures import ProcessPoolExecutor
 
+import torch
+
 from shards import build, sources
+from trainer.config import load_config
+from trainer.loop import WorkerContext, train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CACHE = os.path.join(ROOT, "data", "run-cache")
@@ -28,19 +32,15 @@ def synthetic_shards(labeled: str = "1/16", train_images: int = 1200, val_images
     return url
 
 
-def train_once(overrides: list[str], config: str = "configs/cpu-small.yaml") -> dict:
-    """One single-process run of the training loop (plain engine, one thread); returns its summary."""
-    import torch
-
-    from trainer.config import load_config
-    from trainer.loop import WorkerContext, train
-
+def train_once(overrides: list[str], config: str = "configs/cpu-small.yaml", in_ray: bool = False) -> dict:
+    """One single-process run of the training loop (plain engine, one thread); returns its summary. `in_ray`:
+    this process is a Ray driver, and the run's pairing service an actor of that Ray."""
     torch.set_num_threads(1)
     logging.getLogger("guidedmix").setLevel(logging.WARNING)
     out = tempfile.mkdtemp(prefix="gm-bench-")
     cfg = load_config(os.path.join(ROOT, config), ["train.engine=plain", f"out={out}", *overrides])
     with contextlib.redirect_stderr(io.StringIO()):
-        return train(cfg, WorkerContext())
+        return train(cfg, WorkerContext(in_ray=in_ray))
 
 
 def steady_rate(history: list[dict], per_step: float = 1.0) -> float:

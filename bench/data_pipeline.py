@@ -1,13 +1,24 @@
-"""Decoded + augmented samples per second: WebDataset shards on local disk, the same shards from an S3
-server on loopback (moto_server), and the usual per-file loader (a torch Dataset opening each image and
-mask with PIL, as UniMatch and the authors' code do). Same images (JPEG + PNG masks), same augmentation,
-same loader worker count, in one run. Prints one JSON object as the last line.
+"""The input pipeline where it matters: decoded + augmented samples per second, in one run, at the same loader
+workers, decode and augmentation, from
 
-    .venv/bin/python bench/data_pipeline.py [--images 2000] [--size 320] [--workers 2] [--batches 100]
+- `per_file_s3`: the usual per-file loader (a torch Dataset reading each image and mask object through fsspec,
+  as UniMatch- and mmseg-style loaders read a bucket) from S3 at a distance;
+- `shards_s3`: WebDataset shards from the same S3 at the same distance (each loader worker reads ahead);
+- `shards_local`: the shards on local disk;
+- `ceiling`: the shards already in memory (`memory://`, inherited by the forked loader workers): the same
+  tar parsing, decode, augmentation and collation with no I/O at all, the limit of this CPU.
+
+S3 is moto_server on loopback behind bench/tcp_proxy.py, which delays each response's first byte by
+`--latency-ms` and caps each connection at `--bandwidth-mbps` (a real object store's distance). Prints one
+JSON object as the last line.
+
+    .venv/bin/python bench/data_pipeline.py [--latency-ms 20] [--bandwidth-mbps 100] [--images 600]
+        [--size 320] [--crop 256] [--workers 2] [--batches 60]
 """
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import os
 import socket
@@ -17,13 +28,18 @@ import tempfile
 import time
 import zlib
 
+import fsspec
 import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 sys.path.insert(0, __file__.rsplit("/bench/", 1)[0])
-from shards import ShardStream, StreamSpec, augment, build, sources, synthetic  # noqa: E402
+from shards import augment, build, sources, synthetic  # noqa: E402
+from shards.stream import ShardStream, StreamSpec  # noqa: E402
+from trainer.config import DataConfig  # noqa: E402
+
+BENCH = os.path.dirname(os.path.abspath(__file__))
 
 
 def write_folder(root: str, count: int, size: int) -> None:
@@ -41,19 +57,20 @@ def write_folder(root: str, count: int, size: int) -> None:
 
 
 class PerFileDataset(Dataset):
-    """The usual loader: one image file and one mask file per sample, decoded and augmented."""
+    """The usual loader: one image object and one mask object per sample, read through fsspec, decoded and
+    augmented."""
 
-    def __init__(self, root: str, crop: int):
-        self.items = sorted(n[:-4] for n in os.listdir(f"{root}/train/images"))
-        self.root, self.crop = root, crop
+    def __init__(self, root: str, names: list[str], crop: int):
+        self.root, self.names, self.crop = root, names, crop
 
     def __len__(self):
-        return len(self.items)
+        return len(self.names)
 
     def __getitem__(self, i):
-        name = self.items[i]
-        image = np.asarray(Image.open(f"{self.root}/train/images/{name}.jpg").convert("RGB"))
-        mask = np.asarray(Image.open(f"{self.root}/train/masks/{name}.png"))
+        name = self.names[i]
+        fs, root = fsspec.core.url_to_fs(self.root)
+        image = np.asarray(Image.open(io.BytesIO(fs.cat_file(f"{root}/train/images/{name}.jpg"))).convert("RGB"))
+        mask = np.asarray(Image.open(io.BytesIO(fs.cat_file(f"{root}/train/masks/{name}.png"))))
         rng = np.random.default_rng([0, zlib.crc32(name.encode())])
         image, mask = augment.train_augment(image, mask, rng, self.crop, 0.5, 2.0, True, True)
         return augment.to_tensor(image), augment.mask_tensor(mask)
@@ -74,57 +91,81 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def wait_port(port: int) -> None:
+    for _ in range(200):
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.1)
+    raise TimeoutError(f"nothing listens on 127.0.0.1:{port}")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--images", type=int, default=2000)
+    parser.add_argument("--latency-ms", type=float, default=20.0)
+    parser.add_argument("--bandwidth-mbps", type=float, default=100.0, help="megabytes per second per connection")
+    parser.add_argument("--images", type=int, default=600)
     parser.add_argument("--size", type=int, default=320)
     parser.add_argument("--crop", type=int, default=256)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--batches", type=int, default=100)
+    parser.add_argument("--batches", type=int, default=60)
     args = parser.parse_args()
     tmp = tempfile.mkdtemp(prefix="gm-data-bench-")
     write_folder(f"{tmp}/folder", args.images, args.size)
     # all train images labeled, so every loader reads image + mask for every sample
-    build.build(sources.folder(f"{tmp}/folder"), f"{tmp}/shards", args.images, samples_per_shard=128,
+    build.build(sources.folder(f"{tmp}/folder"), f"{tmp}/shards", args.images, samples_per_shard=64,
                 progress=False)
-    port = free_port()
-    server = subprocess.Popen([os.path.join(os.path.dirname(sys.executable), "moto_server"), "-H", "127.0.0.1",
-                               "-p", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    s3_port, front_port = free_port(), free_port()
+    servers = [subprocess.Popen([os.path.join(os.path.dirname(sys.executable), "moto_server"), "-H", "127.0.0.1",
+                                 "-p", str(s3_port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)]
+    servers.append(subprocess.Popen([sys.executable, os.path.join(BENCH, "tcp_proxy.py"), str(front_port),
+                                     str(s3_port), "--latency-ms", str(args.latency_ms),
+                                     "--bandwidth-mbps", str(args.bandwidth_mbps)]))
     try:
-        os.environ.update({"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "bench",
-                           "AWS_SECRET_ACCESS_KEY": "bench", "AWS_DEFAULT_REGION": "us-east-1"})
-        import fsspec
+        wait_port(s3_port)
+        wait_port(front_port)
+        os.environ.update({"AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench",
+                           "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL": f"http://127.0.0.1:{s3_port}"})
+        near = fsspec.filesystem("s3", skip_instance_cache=True)  # uploads go around the front
+        near.mkdir("bench")
+        near.put(f"{tmp}/shards/", "bench/shards/", recursive=True)
+        near.put(f"{tmp}/folder/", "bench/folder/", recursive=True)
+        memory = fsspec.filesystem("memory")
+        memory.put(f"{tmp}/shards/", "/bench/shards/", recursive=True)
+        os.environ["AWS_ENDPOINT_URL"] = f"http://127.0.0.1:{front_port}"  # everything measured is far
+        import s3fs
 
-        for _ in range(100):
-            try:
-                fs = fsspec.filesystem("s3", skip_instance_cache=True)
-                fs.mkdir("bench")
-                break
-            except Exception:
-                time.sleep(0.2)
-        fs.put(f"{tmp}/shards/", "bench/shards/", recursive=True)
+        s3fs.S3FileSystem.clear_instance_cache()
 
         def shard_stream(url):
-            return ShardStream(StreamSpec(url, "labeled", args.batch, loader_workers=args.workers,
-                                          crop_size=args.crop))
+            return ShardStream(StreamSpec(url=url, split="labeled", batch_size=args.batch,
+                                          retries=DataConfig().retries, readahead=DataConfig().readahead,
+                                          loader_workers=args.workers, crop_size=args.crop))
 
-        per_file = DataLoader(PerFileDataset(f"{tmp}/folder", args.crop), batch_size=args.batch, shuffle=True,
-                              num_workers=args.workers, drop_last=True)
+        names = sorted(n[:-4] for n in os.listdir(f"{tmp}/folder/train/images"))
+        per_file = DataLoader(PerFileDataset("s3://bench/folder", names, args.crop), batch_size=args.batch,
+                              shuffle=True, num_workers=args.workers, drop_last=True)
         result = {
+            "ceiling": rate(shard_stream("memory://bench/shards"), args.batches, args.batch),
             "shards_local": rate(shard_stream(f"{tmp}/shards"), args.batches, args.batch),
             "shards_s3": rate(shard_stream("s3://bench/shards"), args.batches, args.batch),
-            "per_file": rate(per_file, args.batches, args.batch),
+            # the per-file loader pays the distance per object: a quarter of the batches measure it well
+            "per_file_s3": rate(per_file, max(args.batches // 4, 5), args.batch),
         }
     finally:
-        server.terminate()
-        server.wait(10)
+        for server in servers:
+            server.terminate()
+            server.wait(10)
     samples = {k: round(v, 1) for k, v in result.items()}
-    print(json.dumps({"samples_per_s": samples,
-                      "local_over_per_file": round(result["shards_local"] / result["per_file"], 2),
-                      "s3_over_local": round(result["shards_s3"] / result["shards_local"], 2),
-                      "images": args.images, "size": args.size, "crop": args.crop, "loader_workers": args.workers,
-                      "threads": torch.get_num_threads()}))
+    print(json.dumps({
+        "latency_ms": args.latency_ms, "bandwidth_mbps": args.bandwidth_mbps, "samples_per_s": samples,
+        "samples_per_s_per_loader_worker": {k: round(v / max(args.workers, 1), 1) for k, v in result.items()},
+        "ratios": {"shards_vs_per_file_s3": round(result["shards_s3"] / result["per_file_s3"], 2),
+                   "s3_vs_local_shards": round(result["shards_s3"] / result["shards_local"], 2),
+                   "pipeline_vs_ceiling": round(result["shards_local"] / result["ceiling"], 2)},
+        "images": args.images, "size": args.size, "crop": args.crop, "loader_workers": args.workers,
+        "readahead_shards": DataConfig().readahead, "threads": torch.get_num_threads()}))
 
 
 if __name__ == "__main__":

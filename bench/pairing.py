@@ -78,7 +78,7 @@ def step_seconds(steps: int, mode: str) -> tuple[float, dict]:
     service = pairing.start_service(PairingConfig(mode="service"), out) if mode == "service" else None
     summary = train_once([f"data.url={url}", f"train.steps={steps}", "train.log_every=20",
                           f"train.eval_every={steps}", f"train.ckpt_every={steps}", "eval.max_batches=1",
-                          f"guidedmix.pairing.mode={mode}", "train.overlays=0", f"out={out}"])
+                          f"guidedmix.pairing.mode={mode}", "train.overlays=0", f"out={out}"], in_ray=True)
     del service  # the last handle: the actor goes with it
     with open(os.path.join(out, "history.json")) as f:
         return 1 / steady_rate(json.load(f)["history"]), summary.get("pairing", {})

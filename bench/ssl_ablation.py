@@ -19,7 +19,7 @@ import sys
 sys.path.insert(0, __file__.rsplit("/bench/", 1)[0])
 from bench.common import ROOT, run_many, synthetic_shards  # noqa: E402
 
-# ALGORITHM.md as written (the schema's defaults are the measured best instead): tau 0 and no class-balanced
+# the paper as written (docs/method.md; the schema's defaults are the measured best instead): tau 0 and no class-balanced
 # floor, self teacher, both losses, global interpolation, soft target, one BN pass, no strong augmentation, the
 # most similar partner
 PAPER = ["train.method=guidedmix", "guidedmix.tau=0", "guidedmix.class_keep=0", "guidedmix.teacher=self",

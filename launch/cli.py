@@ -6,7 +6,11 @@ import json
 import logging
 import sys
 
+from shards import build, sources
 from shards.errors import BadInput, StorageFailure
+from shards.manifest import read_manifest, summary, verify
+
+from . import commands
 
 
 class _Parser(argparse.ArgumentParser):
@@ -15,8 +19,6 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _shards_build(args) -> int:
-    from shards import build, sources
-
     labeled = build.parse_labeled(args.labeled)
     listed = build.read_list(args.labeled_list) if args.labeled_list else None
     source = sources.open_source(args.source, args.root, synthetic_train=args.train_images,
@@ -25,30 +27,20 @@ def _shards_build(args) -> int:
                            samples_per_shard=args.samples_per_shard, overwrite=args.overwrite,
                            args={k: v for k, v in vars(args).items() if k not in ("func",)},
                            progress=not args.quiet, withhold_masks=args.withhold_masks)
-    from shards.manifest import summary
-
     print(json.dumps(summary(manifest)))
     return 0
 
 
 def _shards_inspect(args) -> int:
-    from shards.manifest import read_manifest, summary, verify
-
-    manifest = read_manifest(args.url)
+    storage = commands.storage_config(args).data
+    manifest = read_manifest(args.url, storage.storage_options, storage.retries)
     result = summary(manifest)
     if args.verify:
-        problems = verify(args.url, manifest)
+        problems = verify(args.url, manifest, storage.storage_options, storage.retries)
         result["verified"] = not problems
         result["problems"] = problems
     print(json.dumps(result, indent=1))
     return 0 if not args.verify or not result["problems"] else 1
-
-
-def _add_run_args(p, data_required=False):
-    p.add_argument("--config", help="YAML run config (see configs/)")
-    p.add_argument("--data", required=data_required, help="shard set URL (overrides data.url)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config value, e.g. --set guidedmix.tau=0.95 (repeatable)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -78,11 +70,10 @@ def build_parser() -> argparse.ArgumentParser:
     i = shards_sub.add_parser("inspect", help="print a shard set's manifest summary as JSON")
     i.add_argument("url")
     i.add_argument("--verify", action="store_true", help="read every shard, check counts and checksums")
+    commands.add_config_args(i, reads_storage_only=True)
     i.set_defaults(func=_shards_inspect)
 
-    from . import commands
-
-    commands.add_commands(sub, _add_run_args)
+    commands.add_commands(sub)
     return parser
 
 

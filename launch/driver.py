@@ -12,10 +12,19 @@ import logging
 import os
 import time
 
+import ray
+import ray.train
+import ray.train.torch
+import torch
+from ray.train import FailureConfig, RunConfig, ScalingConfig
+from ray.train.torch import TorchTrainer
+
 from shards.errors import BadInput, StorageFailure
 from shards.manifest import read_manifest
 from shards.storage import filesystem, join, with_retries
-from trainer.config import Config
+from trainer.config import CREDENTIALS_HELP, Config
+from trainer.loop import WorkerContext, train
+from trainer.pairing import start_service
 
 log = logging.getLogger("guidedmix.driver")
 
@@ -59,23 +68,15 @@ def expected_failure(err: BaseException):
 
 
 def _worker_entry(config: dict) -> None:
-    import ray.train
-    import ray.train.torch
-    import torch
-
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
-    from trainer.loop import WorkerContext, train
-
     ctx = ray.train.get_context()
     train(Config.model_validate(config),
-          WorkerContext(ctx.get_world_rank(), ctx.get_world_size(), ray.train.torch.get_device(),
+          WorkerContext(ctx.get_world_rank(), ctx.get_world_size(), ray.train.torch.get_device(), in_ray=True,
                         report=ray.train.report))
 
 
 def _connect(address: str | None, workers: int):
-    import ray
-
     address = address or os.environ.get("RAY_ADDRESS")
     env = {k: os.environ[k] for k in ("DS_ACCELERATOR", "TORCH_EXTENSIONS_DIR", "AWS_ENDPOINT_URL",
                                       "AWS_DEFAULT_REGION") if k in os.environ}
@@ -88,8 +89,6 @@ def _connect(address: str | None, workers: int):
 
 
 def _check_capacity(workers: int, use_gpu: bool) -> None:
-    import ray
-
     resources = ray.cluster_resources()
     kind = "GPU" if use_gpu else "CPU"
     have = int(resources.get(kind, 0))
@@ -98,6 +97,11 @@ def _check_capacity(workers: int, use_gpu: bool) -> None:
 
 
 def run(cfg: Config, address: str | None = None) -> dict:
+    if cfg.secret_keys():
+        # Ray Train keeps a run's config in its object store and the controller's arguments, and its dashboard
+        # serves it: credentials stay with the processes that use them
+        raise BadInput(f"{cfg.secret_keys()[0]}: a run on Ray takes no credentials in its config; {CREDENTIALS_HELP} "
+                       "on every node (train --no-ray reads them from the config)")
     cfg = cfg.model_copy(update={"out": absolute(cfg.out),
                                  "data": cfg.data.model_copy(update={"url": absolute(cfg.data.url)})})
     done = finished_summary(cfg)
@@ -111,10 +115,6 @@ def run(cfg: Config, address: str | None = None) -> dict:
         os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
         os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
 
-    import ray
-    from ray.train import FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
-
     started_local = _connect(address, cfg.train.workers)
     try:
         use_gpu = cfg.train.use_gpu
@@ -125,12 +125,10 @@ def run(cfg: Config, address: str | None = None) -> dict:
                  cfg.train.workers, "GPU" if use_gpu else "CPU", cfg.train.steps, cfg.out)
         service = None  # held until training ends: an actor nobody holds a handle to is removed
         if cfg.train.method == "guidedmix" and cfg.guidedmix.pairing.mode == "service":
-            from trainer.pairing import start_service
-
             service = start_service(cfg.guidedmix.pairing, cfg.out, cfg.train.seed)
         trainer = TorchTrainer(
             _worker_entry,
-            train_loop_config=cfg.model_dump(),
+            train_loop_config=cfg.public_dict(drop_secrets=True),
             scaling_config=ScalingConfig(num_workers=cfg.train.workers, use_gpu=use_gpu,
                                          resources_per_worker={"GPU" if use_gpu else "CPU": 1}),
             run_config=RunConfig(name=f"guidedmix-{cfg.digest()}-{int(time.time())}",

@@ -1,5 +1,5 @@
-"""DATA: dataset layouts -> WebDataset shards on any fsspec URL -> equal, resumable streams of batches."""
-from .errors import BadInput, StorageFailure
-from .stream import ShardStream, StreamSpec, open_stream
+"""DATA: dataset layouts -> WebDataset shards on any fsspec URL -> equal, resumable streams of batches.
 
-__all__ = ["BadInput", "ShardStream", "StreamSpec", "StorageFailure", "open_stream"]
+Import the modules themselves (`shards.stream`, `shards.errors`, ...): this package imports nothing, so
+`shards.errors` stays light for every layer that raises or catches its errors.
+"""

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 from .errors import BadInput, StorageFailure
 from .storage import describe_error, filesystem, join, with_retries
+from .tario import count_samples
 
 MANIFEST = "manifest.json"
 FORMAT = "guidedmix-shards/1"
@@ -21,7 +22,7 @@ class ShardInfo:
     sha256: str
 
 
-def _shards_of(manifest: dict, split: str) -> list[ShardInfo]:
+def shard_infos(manifest: dict, split: str) -> list[ShardInfo]:
     return [ShardInfo(**s) for s in manifest["splits"][split]["shards"]]
 
 
@@ -37,7 +38,7 @@ def _check_shard(info: ShardInfo, path: str) -> None:
         raise BadInput(f"{path}: shard {name}: sha256 must be a string")
 
 
-def read_manifest(url: str, storage_options: dict | None = None, retries: int = 3) -> dict:
+def read_manifest(url: str, storage_options: dict | None, retries: int) -> dict:
     path = join(url, MANIFEST)
     try:
         fs, p = filesystem(path, storage_options)
@@ -48,20 +49,17 @@ def read_manifest(url: str, storage_options: dict | None = None, retries: int = 
         raise
     except Exception as e:
         raise BadInput(describe_error(path, e)) from None
+    not_ours = BadInput(f"{path}: not a {FORMAT} manifest")
     try:
         manifest = json.loads(text)
-        assert manifest.get("format") == FORMAT
-        infos = [info for split in SPLITS for info in _shards_of(manifest, split)]
-        assert isinstance(manifest["classes"], list) and manifest["classes"]
-    except Exception:
-        raise BadInput(f"{path}: not a {FORMAT} manifest") from None
+        infos = [info for split in SPLITS for info in shard_infos(manifest, split)]
+    except (ValueError, TypeError, KeyError, AttributeError):
+        raise not_ours from None
+    if manifest.get("format") != FORMAT or not isinstance(manifest.get("classes"), list) or not manifest["classes"]:
+        raise not_ours
     for info in infos:
         _check_shard(info, path)
     return manifest
-
-
-def shards(manifest: dict, split: str) -> list[ShardInfo]:
-    return _shards_of(manifest, split)
 
 
 def summary(manifest: dict) -> dict:
@@ -74,18 +72,16 @@ def summary(manifest: dict) -> dict:
     }
 
 
-def verify(url: str, manifest: dict, storage_options: dict | None = None) -> list[str]:
+def verify(url: str, manifest: dict, storage_options: dict | None, retries: int) -> list[str]:
     """Read every shard; return one line per problem (missing, wrong checksum, wrong sample count)."""
-    from .stream import count_samples  # reading tars is the stream's job
-
     problems = []
     for split in SPLITS:
-        for shard in shards(manifest, split):
+        for shard in shard_infos(manifest, split):
             path = join(url, shard.name)
             try:
                 fs, p = filesystem(path, storage_options)
-                data = fs.cat_file(p)
-            except Exception as e:
+                data = with_retries(lambda: fs.cat_file(p), path, retries)
+            except (OSError, StorageFailure) as e:
                 problems.append(describe_error(path, e))
                 continue
             if hashlib.sha256(data).hexdigest() != shard.sha256:

@@ -9,6 +9,7 @@ import logging
 import posixpath
 import time
 from typing import Callable, TypeVar
+from urllib.parse import urlsplit
 
 import fsspec
 
@@ -27,6 +28,9 @@ def check_url(url: str, allow_pipe: bool = False) -> str:
             raise BadInput(f"{url}: pipe: URLs run shell commands; set data.allow_pipe=true to allow them")
         return url
     scheme = url.split("://", 1)[0] if "://" in url else "file"
+    if "@" in urlsplit(url).netloc:  # user:password@host; the message must not repeat it
+        raise BadInput(f"{scheme}:// URL with credentials in it: URLs are logged and shown by Ray's dashboard; "
+                       "give credentials through the environment or a credentials file")
     if scheme not in _KNOWN:
         raise BadInput(f"{url}: unsupported URL scheme {scheme!r}")
     if scheme in ("s3", "s3a", "gs", "gcs") and not url.split("://", 1)[1].strip("/"):

@@ -13,31 +13,36 @@ import io
 import logging
 import tarfile
 import zlib
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
-from typing import Iterator, Optional
+from itertools import islice
+from typing import Callable, Iterable, Iterator, Optional
 
 import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
-from webdataset.tariterators import group_by_keys, tar_file_iterator
 
 from . import augment
 from .errors import BadInput, StorageFailure
-from .manifest import WITHHELD, ShardInfo, read_manifest, shards
+from .manifest import WITHHELD, ShardInfo, read_manifest, shard_infos
 from .storage import check_url, describe_error, filesystem, join, with_retries
+from .tario import tar_samples
 
 log = logging.getLogger("guidedmix.shards")
 IMAGE_EXTS = ("jpg", "jpeg", "png")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class StreamSpec:
-    """Plain values only: the data layer knows nothing of configs, models or Ray."""
+    """Plain values only: the data layer knows nothing of configs, models or Ray. Keywords only: adjacent
+    floats and flags must not be swapped by a reordered call."""
 
     url: str
     split: str  # labeled | unlabeled | val
     batch_size: int
+    retries: int  # of every shard read (the config's data.retries: one default, there)
     seed: int = 0
     rank: int = 0
     world_size: int = 1
@@ -50,7 +55,7 @@ class StreamSpec:
     shuffle_buffer: int = 256
     storage_options: dict = field(default_factory=dict)
     allow_pipe: bool = False
-    retries: int = 5
+    readahead: int = 1  # shards each loader worker fetches ahead of the one it decodes
 
     @property
     def train(self) -> bool:
@@ -128,14 +133,24 @@ def _trim(caps: list[int], target: int) -> list[int]:
     return caps
 
 
-def tar_samples(tar_bytes: bytes, name: str = "") -> Iterator[dict]:
-    """The samples of one shard held in memory, grouped by key as webdataset does."""
-    files = tar_file_iterator(io.BytesIO(tar_bytes))
-    return group_by_keys({**f, "__url__": name} for f in files)
-
-
-def count_samples(tar_bytes: bytes) -> int:
-    return sum(1 for _ in tar_samples(tar_bytes))
+def read_ahead(names: Iterable[str], fetch: Callable[[str], bytes], depth: int) -> Iterator[tuple[str, bytes]]:
+    """(name, fetch(name)) in order, with up to `depth` fetches running ahead in a thread while the consumer
+    decodes: a remote store's latency is paid while the CPU works. At most depth + 1 shards are held."""
+    if depth <= 0:
+        yield from ((name, fetch(name)) for name in names)
+        return
+    names = iter(names)
+    pool = ThreadPoolExecutor(1, thread_name_prefix="shard-read-ahead")
+    try:
+        pending = deque((name, pool.submit(fetch, name)) for name in islice(names, depth))
+        while pending:
+            name, future = pending.popleft()
+            following = next(names, None)
+            if following is not None:
+                pending.append((following, pool.submit(fetch, following)))
+            yield name, future.result()
+    finally:  # also when the consumer stops early: fetches not started are dropped
+        pool.shutdown(wait=False, cancel_futures=True)
 
 
 class _Worker:
@@ -147,8 +162,9 @@ class _Worker:
         self.start_epoch, self.start_index = start
         self.by_name = {info.name: info for info in infos}
         self.skipped = 0
+        self.verified: set[str] = set()
 
-    def _shard_bytes(self, name: str) -> Optional[bytes]:
+    def _shard_bytes(self, name: str) -> bytes:
         url = join(self.spec.url, name)
         try:
             fs, path = filesystem(url, self.spec.storage_options)
@@ -158,13 +174,20 @@ class _Worker:
         except OSError as e:  # what with_retries does not retry: refused, a folder where a file should be
             raise StorageFailure(describe_error(url, e)) from None
 
+    def _verify_once(self, name: str, data: bytes) -> None:
+        """The checksum of a shard's first read by this worker in this run; later epochs trust it (hashing
+        every read costs as much as reading a local disk)."""
+        if name in self.verified:
+            return
+        self.verified.add(name)
+        if hashlib.sha256(data).hexdigest() != self.by_name[name].sha256:
+            log.warning("shard %s: checksum differs from the manifest; reading what is readable", name)
+
     def _raw(self, plan: SlotPlan) -> Iterator[tuple[str, dict]]:
         position = 0
-        for name in plan.shards:
-            data = self._shard_bytes(name)
+        for name, data in read_ahead(plan.shards, self._shard_bytes, self.spec.readahead):
+            self._verify_once(name, data)
             expected = self.by_name[name]
-            if hashlib.sha256(data).hexdigest() != expected.sha256:
-                log.warning("shard %s: checksum differs from the manifest; reading what is readable", name)
             read, last_key = 0, None
             try:
                 for sample in tar_samples(data, name):
@@ -305,7 +328,7 @@ class ShardStream:
             raise BadInput(f"split {spec.split!r}: expected labeled, unlabeled or val")
         self.spec = spec
         self.manifest = manifest or read_manifest(spec.url, spec.storage_options, spec.retries)
-        self.infos = shards(self.manifest, spec.split)
+        self.infos = shard_infos(self.manifest, spec.split)
         self.num_classes = len(self.manifest["classes"])
         if not self.infos:
             raise BadInput(f"{spec.url}: split {spec.split} has no samples")
@@ -352,7 +375,3 @@ class ShardStream:
         self.positions[batch["worker"]] = (batch["epoch"], batch["index"])
         self.skipped += batch["skipped"]
         return batch
-
-
-def open_stream(spec: StreamSpec, manifest: Optional[dict] = None) -> ShardStream:
-    return ShardStream(spec, manifest)

@@ -115,7 +115,7 @@ def s3(tmp_path, monkeypatch):
 
 
 class TcpFront(LocalServer):
-    """tests/tcp_proxy.py on a fixed loopback port in front of a server: `stop()` is an outage of that
+    """bench/tcp_proxy.py on a fixed loopback port in front of a server: `stop()` is an outage of that
     server as its clients see it (connections refused), `start()` the same endpoint back with its data."""
 
     def __init__(self, target_port: int, log_path: str):
@@ -123,7 +123,7 @@ class TcpFront(LocalServer):
         self.target_port = target_port
 
     def command(self):
-        return [sys.executable, os.path.join(REPO, "tests", "tcp_proxy.py"), str(self.port), str(self.target_port)]
+        return [sys.executable, os.path.join(REPO, "bench", "tcp_proxy.py"), str(self.port), str(self.target_port)]
 
 
 # A multi-node cluster on one machine lives on 127.0.0.2: still loopback, but not an address Ray rewrites to
@@ -236,42 +236,52 @@ def read_json(url: str):
 
 def ledger_report(out: str, world: int) -> dict:
     """Per split, from every rank's ledger of a finished run: samples consumed, samples consumed twice in
-    one epoch (`repeated`), and samples the epoch's plan gave a rank that it never consumed although it
-    went on to the next epoch (`lost`)."""
-    from shards.manifest import read_manifest, shards
+    one epoch (`repeated`), samples the epoch's plan gave a rank that it never consumed although it went on
+    to the next epoch (`lost`), and how many such complete epochs were checked (`epochs_checked`, over the
+    ranks: a run that never finished an epoch of a split could not show a loss there)."""
+    from shards.manifest import read_manifest, shard_infos
     from shards.stream import plan_epoch
 
     cfg = read_json(f"{out}/summary.json")["config"]
     data, seed = cfg["data"], cfg["train"]["seed"]
-    manifest = read_manifest(data["url"], data["storage_options"])
+    manifest = read_manifest(data["url"], data["storage_options"], data["retries"])
     ledgers = [read_json(f"{out}/ledger/rank-{r}.json") for r in range(world)]
     report = {}
     for split in ledgers[0]:
         batch = data[f"{split}_batch_size"]
         consumed = [(epoch, key) for ledger in ledgers for epoch, key in ledger[split]]
-        lost = 0
+        lost = checked = 0
         for rank, ledger in enumerate(ledgers):
             per_epoch = Counter(epoch for epoch, _ in ledger[split])
             for epoch in sorted(per_epoch)[:-1]:  # the last epoch is the one the run stopped in
-                plan = plan_epoch(shards(manifest, split), seed, epoch, world, data["loader_workers"], batch, True)
-                lost += sum(p.batches for p in plan[rank]) * batch - per_epoch[epoch]
-        report[split] = {"samples": len(consumed), "repeated": len(consumed) - len(set(consumed)), "lost": lost}
+                plan = plan_epoch(shard_infos(manifest, split), seed, epoch, world, data["loader_workers"], batch, True)
+                lost += sum(p.batches for p in plan[rank]) * batch - len({k for e, k in ledger[split] if e == epoch})
+                checked += 1
+        report[split] = {"samples": len(consumed), "repeated": len(consumed) - len(set(consumed)), "lost": lost,
+                         "epochs_checked": checked}
     return report
 
 
-def check_ledgers(out: str, world: int) -> dict:
-    """Nothing repeated or lost across all ranks' ledgers; returns the report."""
+def check_ledgers(out: str, world: int, crossed_epochs: bool = True) -> dict:
+    """Nothing repeated or lost across all ranks' ledgers; with `crossed_epochs`, every split finished at least
+    one epoch on every rank, so that a lost sample would have shown. Returns the report."""
     report = ledger_report(out, world)
     assert all(r["repeated"] == 0 and r["lost"] == 0 for r in report.values()), report
+    if crossed_epochs:
+        assert all(r["epochs_checked"] >= world for r in report.values()), f"no complete epoch to check: {report}"
     return report
 
 
 def fault_figures(fault: str, summary: dict, requested: int, recovery_s, ledger: dict | None = None, **more) -> dict:
-    """One line of the chaos report: what the run that met `fault` finished with (lost/repeated: None
-    where the run kept no ledger)."""
-    totals = {k: sum(split[k] for split in ledger.values()) if ledger else None for k in ("lost", "repeated")}
-    return {"fault": fault, "finished": True, "steps": summary["steps"], "requested": requested, **totals,
-            "recovery_s": recovery_s, **more}
+    """One line of the chaos report, asserted as it is recorded: the run that met `fault` finished all the
+    steps requested (lost/repeated: from its checked ledger, None where the run kept none)."""
+    assert summary["steps"] == requested, (fault, summary["steps"], requested)
+    if ledger:
+        assert all(split["lost"] == 0 and split["repeated"] == 0 for split in ledger.values()), (fault, ledger)
+    totals = {k: sum(split[k] for split in ledger.values()) if ledger else None
+              for k in ("lost", "repeated", "epochs_checked")}
+    return {"fault": fault, "finished": summary["steps"] == requested, "steps": summary["steps"],
+            "requested": requested, **totals, "recovery_s": recovery_s, **more}
 
 
 @pytest.fixture
@@ -331,4 +341,16 @@ def synthetic_url(tmp_path_factory) -> str:
     url = str(tmp_path_factory.mktemp("shards") / "synthetic")
     build.build(sources.synthetic_source(480, 64, 32, 0), url, build.parse_labeled("1/8"), seed=0,
                 samples_per_shard=64, progress=False, withhold_masks=True)
+    return url
+
+
+@pytest.fixture(scope="session")
+def short_epochs_url(tmp_path_factory) -> str:
+    """A synthetic set whose epochs are short (48 labeled, 144 unlabeled images): an 18-step run of two ranks
+    with 8 + 8 per batch finishes both splits' epochs, so its sample ledger can show a lost sample."""
+    from shards import build, sources
+
+    url = str(tmp_path_factory.mktemp("shards") / "short-epochs")
+    build.build(sources.synthetic_source(192, 32, 32, 2), url, build.parse_labeled("1/4"), seed=0,
+                samples_per_shard=24, progress=False)
     return url

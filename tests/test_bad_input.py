@@ -41,7 +41,7 @@ def guidedmix():
     """run(argv) -> "started", or the exit code with stderr checked: one error line, no traceback, quick."""
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr("launch.driver._connect", _start)
-        patch.setattr("trainer.loop.train", _start)
+        patch.setattr("launch.commands.train", _start)
         patch.setattr("shards.build.build", _start)
 
         def run(argv):
@@ -58,8 +58,9 @@ def guidedmix():
             text = err.getvalue()
             assert "Traceback" not in text, text
             if code not in ("started", 0):
-                errors = [line for line in text.splitlines() if line.startswith("guidedmix: error: ")]
-                assert code == 2 and len(errors) == 1 and len(errors[0]) < 400, (argv, code, text)
+                lines = text.strip().splitlines()  # all of stderr: the error line and nothing else
+                assert code == 2 and len(lines) == 1 and lines[0].startswith("guidedmix: error: ") \
+                    and len(lines[0]) < 400, (argv, code, text)
             return code
 
         yield run

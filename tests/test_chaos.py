@@ -1,6 +1,6 @@
 """Reliability under faults, on a real two-node Ray cluster on this machine: a head and a second node
 (`ray start --address`), one CPU each, so one training worker runs on each; shards, checkpoints and results on
-an S3 server on loopback (moto_server behind tests/tcp_proxy.py, so the store can go down and come back with
+an S3 server on loopback (moto_server behind bench/tcp_proxy.py, so the store can go down and come back with
 its data). Each test injects one fault into a running `guidedmix train`, asserts what must hold after it,
 and records its figures for `bench/chaos.py`.
 """
@@ -9,6 +9,7 @@ import json
 import os
 import re
 import resource
+import signal
 import subprocess
 import threading
 import time
@@ -55,7 +56,7 @@ class Cluster:
 
 
 @pytest.fixture(scope="module")
-def cluster(tmp_path_factory, synthetic_url):
+def cluster(tmp_path_factory, short_epochs_url):
     c = Cluster(str(tmp_path_factory.mktemp("chaos")))
     with pytest.MonkeyPatch.context() as env:
         for key, value in c.env.items():  # the nodes' environment, as a pod's env carries the store's
@@ -64,7 +65,7 @@ def cluster(tmp_path_factory, synthetic_url):
             s3fs.S3FileSystem.clear_instance_cache()
             fs = fsspec.filesystem("s3")
             fs.mkdir("chaos")
-            fs.put(synthetic_url + "/", "chaos/data/", recursive=True)
+            fs.put(short_epochs_url + "/", "chaos/data/", recursive=True)
             c.start_ray()
             yield c
         finally:
@@ -171,7 +172,7 @@ def test_driver_lost_the_same_command_continues(cluster, tmp_path, chaos_report)
     wait_for(lambda: committed(out), 300, "a first checkpoint")
     first = committed(out)
     fault = time.time()
-    stop_tree(proc.pid)  # the driver dies; Ray ends its workers with it
+    stop_tree(proc.pid, sig=signal.SIGKILL)  # the driver dies at once, no handler runs; Ray ends its workers
     _, progress = rerun(cmd, tmp_path / "again.log")
     summary, ledger = check_finished(out)
     assert summary["resumed_from"] >= first
@@ -227,9 +228,9 @@ def test_object_store_outage_past_the_retry_budget_stops_cleanly_and_a_rerun_res
                                  progress.seconds_after(back), ledger, error=errors[0][:200]))
 
 
-def test_a_failed_checkpoint_write_keeps_the_previous_one(cluster, tmp_path, synthetic_url, chaos_report):
+def test_a_failed_checkpoint_write_keeps_the_previous_one(cluster, tmp_path, short_epochs_url, chaos_report):
     out, log = str(tmp_path / "run"), tmp_path / "driver.log"
-    cmd, proc = start(cluster, out, log, "--set", "train.max_failures=0", data=synthetic_url)
+    cmd, proc = start(cluster, out, log, "--set", "train.max_failures=0", data=short_epochs_url)
     wait_for(lambda: committed(out), 300, "a first checkpoint")
     first = committed(out)
     # the target fills up: from now on no file the workers write may pass 1 MB (a checkpoint is ~8 MB)
@@ -240,7 +241,7 @@ def test_a_failed_checkpoint_write_keeps_the_previous_one(cluster, tmp_path, syn
     assert code == 1 and len(errors) == 1, text[-3000:]
     assert f"{out}/checkpoints/step-" in errors[0], errors[0]
     assert committed(out) == first
-    e = run_cli("eval", "--checkpoint", out, "--data", synthetic_url)  # the previous checkpoint loads
+    e = run_cli("eval", "--checkpoint", out, "--data", short_epochs_url)  # the previous checkpoint loads
     assert e.returncode == 0, e.stderr[-2000:]
     fixed = time.time()
     _, progress = rerun(cmd, tmp_path / "again.log")

@@ -64,14 +64,34 @@ def test_mask_generation_recovers_the_unlabeled_one_hot(mode):
     assert (pseudo[~visible] == 255).all()
 
 
+class _GivenLogits(torch.nn.Module):
+    """A "model" that answers every input with the logits it was given."""
+
+    def __init__(self, logits):
+        super().__init__()
+        self.logits = logits
+
+    def forward(self, x):
+        return self.logits
+
+
 def test_losses_ignore_255():
-    logits = torch.randn(2, 4, 8, 8)
-    target = torch.randint(0, 4, (2, 8, 8))
+    """The project's losses on a mask whose left half is 255: the supervised loss equals the loss on the
+    right half alone, and nothing in the left half (however wrong) moves it; the mixed view's soft loss
+    weights those pixels by zero; their one-hot is zero."""
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(2, 4, 8, 8, generator=g)
+    target = torch.randint(0, 4, (2, 8, 8), generator=g)
     marked = target.clone()
-    marked[:, :4] = 255
-    expected = F.cross_entropy(logits[:, :, 4:], target[:, 4:])
-    assert torch.allclose(F.cross_entropy(logits, marked, ignore_index=255), expected)
-    assert guidedmix.onehot(marked, 4)[:, :, :4].abs().sum() == 0
+    marked[:, :, :4] = 255
+    right_half = guidedmix.supervised_loss(_GivenLogits(logits[..., 4:]), None, target[..., 4:]).loss
+    assert torch.allclose(guidedmix.supervised_loss(_GivenLogits(logits), None, marked).loss, right_half)
+    wild = logits.clone()
+    wild[..., :4] = 100 * torch.randn(2, 4, 8, 4, generator=g)
+    assert torch.allclose(guidedmix.supervised_loss(_GivenLogits(wild), None, marked).loss, right_half)
+    weight = (marked != 255).float()
+    assert torch.allclose(guidedmix.soft_cross_entropy(wild, guidedmix.onehot(marked, 4), weight), right_half)
+    assert guidedmix.onehot(marked, 4)[..., :4].abs().sum() == 0
 
 
 def test_mitrans_keeps_shapes_gets_gradients_and_is_unused_at_inference():

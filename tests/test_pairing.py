@@ -9,9 +9,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import REPO, fault_figures, ledger_report, run_cli, stop_tree, train_cmd, wait_for
+from conftest import REPO, check_ledgers, fault_figures, run_cli, stop_tree, train_cmd, wait_for
 from trainer import pairing
-from trainer.config import Config
+from trainer.config import Config, PairingConfig
+from trainer.metrics import Metrics
 
 
 def batch(n, width=16, size=8, seed=0):
@@ -23,7 +24,7 @@ def batch(n, width=16, size=8, seed=0):
 
 
 def test_matches_are_the_brute_force_argmax_over_the_whole_bank_from_every_worker():
-    bank = pairing.PairingBank(capacity=64)
+    bank = pairing.PairingBank(PairingConfig(bank_size=64, similarity="most"))
     pushed = []
     for step in range(4):
         for rank in range(2):  # two workers push in turn
@@ -42,7 +43,7 @@ def test_matches_are_the_brute_force_argmax_over_the_whole_bank_from_every_worke
 
 
 def test_the_ring_keeps_the_most_recent_samples():
-    bank = pairing.PairingBank(capacity=10)
+    bank = pairing.PairingBank(PairingConfig(bank_size=10, similarity="most"))
     for step in range(5):
         bank.push(*batch(4, seed=step), rank=0, step=step)
     assert bank.size == 10
@@ -50,7 +51,7 @@ def test_the_ring_keeps_the_most_recent_samples():
 
 
 def test_bad_input_to_the_bank_is_a_clear_error():
-    bank = pairing.PairingBank(capacity=8)
+    bank = pairing.PairingBank(PairingConfig(bank_size=8, similarity="most"))
     assert bank.query(batch(2)[0], step=0) is None  # empty bank: defined, the worker pairs in-batch
     bank.push(*batch(4), rank=0, step=0)
     emb, images, masks = batch(4, width=32)
@@ -65,7 +66,7 @@ def test_bad_input_to_the_bank_is_a_clear_error():
     with pytest.raises(ValueError, match="NaN"):
         bank.query(np.full((1, 16), np.nan, np.float32), 1)
     with pytest.raises(ValueError, match="bank_size"):
-        pairing.PairingBank(capacity=0)
+        pairing.PairingBank(PairingConfig(bank_size=0, similarity="most"))
 
 
 def test_bank_size_zero_in_the_config_is_refused_with_one_line(tmp_path):
@@ -83,7 +84,7 @@ def test_images_survive_the_uint8_round_trip():
 
 def test_outside_ray_the_bank_lives_in_the_process():
     cfg = Config().guidedmix.pairing.model_copy(update={"mode": "service", "bank_size": 32})
-    client = pairing.PairingClient(cfg, "runs/x", rank=0)
+    client = pairing.PairingClient(cfg, "runs/x", rank=0, in_ray=False, metrics=Metrics())
     assert client.query(torch.randn(2, 16), 0, "cpu", torch.float32) is None and client.fallbacks == 1
     emb, _, _ = batch(4)
     client.push(torch.from_numpy(emb), torch.randn(4, 3, 8, 8), torch.randint(0, 7, (4, 8, 8)), step=0)
@@ -135,6 +136,32 @@ def _finish(proc, out, tmp_path, steps):
 
 
 @pytest.mark.slow
+def test_pushes_never_queue_up_behind_a_busy_service(ray_client, tmp_path):
+    """At most MAX_PENDING_PUSHES pushes are in flight to a service that is busy; the rest are dropped at once
+    and counted, and training code never waits for a push."""
+    ray = ray_client
+    cfg = Config().guidedmix.pairing
+    out = str(tmp_path / "run")
+    actor = pairing.start_service(cfg, out)
+    try:
+        emb, images, masks = batch(4)
+        client = pairing.PairingClient(cfg, out, rank=0, in_ray=True, metrics=Metrics())
+        ray.get(actor.inject_delay.remote(3.0))
+        busy = actor.query.remote(emb, 0)  # the actor answers one call at a time: it is busy for 3 s
+        started = time.monotonic()
+        x = pairing.from_uint8(images, "cpu", torch.float32)
+        for step in range(10):
+            client.push(torch.from_numpy(emb), x, torch.from_numpy(masks).long(), step)
+        assert time.monotonic() - started < 1.0
+        assert len(client.pending) == pairing.MAX_PENDING_PUSHES
+        assert client.dropped_pushes == 10 - pairing.MAX_PENDING_PUSHES
+        ray.get([busy, *client.pending], timeout=30)
+        assert ray.get(actor.stats.remote())["pushes"] == pairing.MAX_PENDING_PUSHES
+    finally:
+        ray.kill(actor)
+
+
+@pytest.mark.slow
 @pytest.mark.chaos
 def test_killed_service_comes_back_and_training_goes_on(ray_head, ray_client, synthetic_url, tmp_path, chaos_report):
     ray = ray_client
@@ -160,7 +187,7 @@ def test_killed_service_comes_back_and_training_goes_on(ray_head, ray_client, sy
     recovery = time.monotonic() - killed
     summary = _finish(proc, out, tmp_path, 300)
     assert summary["pairing"]["answered"] > 0
-    chaos_report(**fault_figures("pairing service killed", summary, 300, round(recovery, 1), ledger_report(out, 2),
+    chaos_report(**fault_figures("pairing service killed", summary, 300, round(recovery, 1), check_ledgers(out, 2),
                                  fallbacks=summary["pairing"]["fallbacks"]))
 
 

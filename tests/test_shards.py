@@ -12,9 +12,13 @@ import torch
 from PIL import Image
 
 from conftest import run_cli
-from shards import BadInput, ShardStream, StreamSpec, build, sources
+from shards import build, sources
+from shards.errors import BadInput, StorageFailure
 from shards.manifest import read_manifest, summary, verify
-from shards.stream import plan_epoch
+from shards.stream import ShardStream, StreamSpec, plan_epoch
+from trainer.config import DataConfig
+
+RETRIES = DataConfig().retries
 
 
 def _image(path, rng, size=(24, 32)):
@@ -54,7 +58,7 @@ def write_voc(root, rng, n_train=10, n_val=4, n_aug=6):
 
 
 def stream_all(url, split, **kw):
-    spec = StreamSpec(url, split, kw.pop("batch_size", 4), **kw)
+    spec = StreamSpec(url=url, split=split, batch_size=kw.pop("batch_size", 4), retries=RETRIES, **kw)
     stream = ShardStream(spec)
     if split == "val":
         return list(stream)
@@ -192,11 +196,11 @@ def test_s3_build_inspect_verify_and_stream(s3, tmp_path):
     assert [b["keys"] for b in remote] == [b["keys"] for b in here]
     assert all(np.array_equal(a["mask"], b["mask"]) for a, b in zip(remote, here))
     # builds are byte-reproducible: the same data gives the same checksums wherever it is written
-    assert local["splits"]["val"]["shards"][0]["sha256"] == read_manifest("s3://test/ds")["splits"]["val"]["shards"][0]["sha256"]
+    assert local["splits"]["val"]["shards"][0]["sha256"] == read_manifest("s3://test/ds", None, RETRIES)["splits"]["val"]["shards"][0]["sha256"]
     # a tampered shard fails verification
     fs = fsspec.filesystem("s3")
     fs.pipe_file("test/ds/val-000000.tar", b"garbage")
-    assert any("sha256" in p for p in verify("s3://test/ds", read_manifest("s3://test/ds")))
+    assert any("sha256" in p for p in verify("s3://test/ds", read_manifest("s3://test/ds", None, RETRIES), None, 1))
 
 
 @pytest.mark.parametrize("world,workers,shards_sizes", [(3, 2, [5, 7, 3, 9, 4, 6, 8]), (2, 2, [20]), (4, 1, [3, 3, 2, 9, 1])])
@@ -226,20 +230,20 @@ def test_uneven_shards_equal_batch_counts_on_every_rank(synthetic_url):
     counts = []
     keys = []
     for rank in range(3):
-        stream = ShardStream(StreamSpec(synthetic_url, "unlabeled", 8, rank=rank, world_size=3, loader_workers=2))
+        stream = ShardStream(StreamSpec(url=synthetic_url, split="unlabeled", batch_size=8, retries=RETRIES, rank=rank, world_size=3, loader_workers=2))
         batches = [next(stream) for _ in range(stream.batches_per_epoch())]
         counts.append(len(batches))
         keys.append({k for b in batches for k in b["keys"]})
         assert all(b["epoch"] == 0 for b in batches)
     assert len(set(counts)) == 1 and counts[0] > 0
     assert not (keys[0] & keys[1]) and not (keys[1] & keys[2]) and not (keys[0] & keys[2])
-    val = [sum(len(b["keys"]) for b in ShardStream(StreamSpec(synthetic_url, "val", 8, rank=r, world_size=3)))
+    val = [sum(len(b["keys"]) for b in ShardStream(StreamSpec(url=synthetic_url, split="val", batch_size=8, retries=RETRIES, rank=r, world_size=3)))
            for r in range(3)]
     assert sum(val) == 64  # every val sample exactly once across ranks
 
 
 def test_resume_repeats_and_skips_nothing_with_loader_workers(synthetic_url):
-    spec = StreamSpec(synthetic_url, "unlabeled", 4, seed=3, loader_workers=2)
+    spec = StreamSpec(url=synthetic_url, split="unlabeled", batch_size=4, retries=RETRIES, seed=3, loader_workers=2)
     full = ShardStream(spec)
     per_epoch = full.batches_per_epoch()
     total = 2 * per_epoch  # loader workers end epoch 0 at different times; by then all have
@@ -278,7 +282,7 @@ def test_corrupt_sample_and_truncated_shard_are_skipped_and_counted(tmp_path, ca
             tar.addfile(m, io.BytesIO(data))
     raw = open(f"{url}/{shard_b}", "rb").read()
     open(f"{url}/{shard_b}", "wb").write(raw[: len(raw) // 2 + 100])
-    stream = ShardStream(StreamSpec(url, "labeled", 2, loader_workers=0))
+    stream = ShardStream(StreamSpec(url=url, split="labeled", batch_size=2, retries=RETRIES, loader_workers=0))
     batches = [next(stream) for _ in range(6)]
     assert stream.skipped >= 2
     assert all(len(b["keys"]) == 2 for b in batches)
@@ -323,4 +327,71 @@ def test_bad_input_is_one_line_exit_2(tmp_path, case):
 
 def test_pipe_urls_need_opt_in(synthetic_url):
     with pytest.raises(BadInput, match="allow_pipe"):
-        ShardStream(StreamSpec("pipe:cat " + synthetic_url, "val", 2))
+        ShardStream(StreamSpec(url="pipe:cat " + synthetic_url, split="val", batch_size=2, retries=RETRIES))
+
+
+def test_each_storage_operation_has_its_own_retry_budget(monkeypatch):
+    """`data.retries` bounds one read or write, not a run: an operation after an outage (or after a restart,
+    which reads everything again) starts with the whole budget; one that fails past it is a StorageFailure
+    naming the URL."""
+    from shards import storage
+
+    monkeypatch.setattr(storage.time, "sleep", lambda seconds: None)
+    failures = {"left": 0}
+
+    def flaky():
+        if failures["left"]:
+            failures["left"] -= 1
+            raise ConnectionError("refused")
+        return b"ok"
+
+    for _ in range(2):  # each call rides out `retries` failures
+        failures["left"] = 3
+        assert storage.with_retries(flaky, "s3://b/x", retries=3) == b"ok"
+    failures["left"] = 4
+    with pytest.raises(StorageFailure, match=r"s3://b/x: .*gave up after 3 retries"):
+        storage.with_retries(flaky, "s3://b/x", retries=3)
+
+
+def test_read_ahead_fetches_the_next_shard_while_one_is_decoded_and_holds_at_most_depth_more():
+    import threading
+
+    from shards.stream import read_ahead
+
+    started = {name: threading.Event() for name in "abcd"}
+    unconsumed = []  # fetched, not yet handed over: bounded by the depth
+
+    def fetch(name):
+        started[name].set()
+        unconsumed.append(name)
+        return name.encode()
+
+    held = []
+    for name, data in read_ahead("abcd", fetch, depth=1):
+        assert data == name.encode()
+        unconsumed.remove(name)
+        if name != "d":  # while this one is "decoded", the next one is already being read
+            following = "abcd"["abcd".index(name) + 1]
+            assert started[following].wait(5), f"{following} was not read ahead"
+        held.append(len(unconsumed))
+    assert max(held) <= 1
+    assert [n for n, _ in read_ahead("abc", fetch, depth=0)] == list("abc")
+
+
+def test_each_shard_is_hashed_once_per_worker_and_run(synthetic_url, monkeypatch):
+    """Epochs after the first trust what the first verified: no shard is hashed twice."""
+    from shards import stream as stream_module
+
+    hashed = Counter()
+    real = stream_module.hashlib.sha256
+
+    def counting(data):
+        hashed[len(data)] += 1
+        return real(data)
+
+    monkeypatch.setattr(stream_module.hashlib, "sha256", counting)
+    s = ShardStream(StreamSpec(url=synthetic_url, split="labeled", batch_size=4, retries=RETRIES, loader_workers=0))
+    shards_in_split = len(s.infos)
+    for _ in range(3 * s.batches_per_epoch()):  # three epochs
+        next(s)
+    assert sum(hashed.values()) == shards_in_split

@@ -1,7 +1,8 @@
 """Checkpoints under OUT/checkpoints on any fsspec URL, one store for Ray workers and single processes.
 
 A checkpoint is a folder `step-NNNNNNNN/` holding the engine's files (DeepSpeed's, or a plain torch
-file) and one `rank-R.json` per rank (its data-stream positions and sample ledger). Every rank uploads
+file), the run's config and classes (`config.json`, secrets dropped) and one `rank-R.json` per rank (its
+data-stream positions and sample ledger). `load_trained` reads one back as a model for eval and predict. Every rank uploads
 its files, all ranks meet at a barrier, then rank 0 writes `latest` (naming the folder): the commit.
 A failed or interrupted write (storage down past the retry budget, a full or read-only target, a killed
 worker) leaves `latest` on the previous, complete checkpoint, and raises CheckpointError naming the URL.
@@ -16,26 +17,25 @@ import tempfile
 import time
 from typing import Callable, Optional
 
-import torch.distributed as dist
-
-from shards.errors import StorageFailure
+from shards.errors import BadInput, StorageFailure
 from shards.storage import describe_error, filesystem, join, with_retries
+
+from .collectives import barrier
+from .config import Config
+from .engine import load_model_weights
+from .model import build_model
 
 log = logging.getLogger("guidedmix.checkpoint")
 LATEST = "latest"
+RUN_CONFIG = "config.json"
 
 
 class CheckpointError(StorageFailure):
     """A checkpoint could not be written or read; the message names the URL."""
 
 
-def _barrier():
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
-
-
 class CheckpointStore:
-    def __init__(self, out: str, storage_options: Optional[dict] = None, keep: int = 2, retries: int = 5):
+    def __init__(self, out: str, storage_options: Optional[dict], retries: int, keep: int = 2):
         self.root = join(out, "checkpoints")
         self.fs, self.path = filesystem(self.root, storage_options)
         self.keep, self.retries = keep, retries
@@ -73,11 +73,11 @@ class CheckpointStore:
             self._upload(local, name)
         finally:
             remove_local(local)
-        _barrier()
+        barrier()
         if rank == 0:
             self._retry(lambda: self.fs.pipe_file(join(self.path, LATEST), name.encode()), self.root)
             self._prune(name)
-        _barrier()
+        barrier()
         log.info("checkpoint %s committed in %.1fs", name, time.monotonic() - started)
 
     def _upload(self, local_dir: str, name: str) -> None:
@@ -138,3 +138,34 @@ def read_rank_state(local_dir: str, rank: int) -> dict:
 
 def remove_local(path: str) -> None:
     shutil.rmtree(path, ignore_errors=True)
+
+
+def write_run_config(local_dir: str, cfg: Config, classes: list[str]) -> None:
+    """What a checkpoint needs to be loaded on its own: the config without secrets, and the class names."""
+    with open(os.path.join(local_dir, RUN_CONFIG), "w") as f:
+        json.dump({"config": cfg.public_dict(drop_secrets=True), "classes": classes}, f)
+
+
+def load_trained(url: str, storage_options: Optional[dict], retries: int):
+    """(config, classes, model in eval mode) from a run folder (its latest checkpoint) or one of its
+    checkpoints, written by either engine."""
+    url = url.rstrip("/")
+    run, _, name = url.rpartition("/checkpoints/")
+    if not run:
+        run, name = url, None
+    store = CheckpointStore(run, storage_options, retries)
+    name = name or store.latest()
+    if not name:
+        raise BadInput(f"{url}: no committed checkpoint")
+    local = store.download(name)
+    try:
+        if not os.path.exists(os.path.join(local, RUN_CONFIG)):
+            raise BadInput(f"{url}: not a guidedmix checkpoint (no {RUN_CONFIG})")
+        with open(os.path.join(local, RUN_CONFIG)) as f:
+            saved = json.load(f)
+        cfg, classes = Config.model_validate(saved["config"]), saved["classes"]
+        model = build_model(cfg.model, len(classes), cfg.guidedmix.mitrans.reduction)
+        model.load_state_dict(load_model_weights(local))
+    finally:
+        remove_local(local)
+    return cfg, classes, model.eval()

@@ -1,6 +1,7 @@
 """One typed config for a run, loaded from YAML and overridden by `--set dotted.key=value`.
 
-Passed down whole (torchtitan-style); every option of ALGORITHM.md is a field here with its default.
+Passed down whole (torchtitan-style); every option of the method (docs/method.md) is a field here with its
+default.
 Unknown keys, wrong types and impossible values are `BadInput` naming the dotted key.
 """
 from __future__ import annotations
@@ -35,6 +36,8 @@ class DataConfig(_Strict):
     shuffle_buffer: int = Field(256, ge=1)
     allow_pipe: bool = False  # `pipe:` URLs run shell commands: only on explicit opt-in
     retries: int = Field(5, ge=0)
+    # shards each loader worker fetches while it decodes the current one (memory: readahead + 1 shards)
+    readahead: int = Field(1, ge=0)
 
     @model_validator(mode="after")
     def _scale_order(self):
@@ -62,8 +65,8 @@ class PairingConfig(_Strict):
     # in_batch: each unlabeled image pairs within its worker's labeled batch; service: with the best match
     # in the pairing service's bank of recent labeled samples from all workers (trainer/pairing.py)
     mode: Literal["in_batch", "service"] = "in_batch"
-    # which labeled partner: the paper's most similar, or random (measured best on the synthetic set:
-    # docs/results.md), or least similar (ablation: does similarity matter?)
+    # which labeled partner: the paper's most similar, or random (the measured best: docs/results-partners.md),
+    # or least similar (ablation: does similarity matter?)
     similarity: Literal["most", "random", "least"] = "random"
     topk: int = Field(1, ge=1)
     temperature: float = Field(0.1, gt=0)
@@ -74,7 +77,7 @@ class PairingConfig(_Strict):
 
 class GuidedMixConfig(_Strict):
     # The defaults are the variant that beats supervised-only in docs/results.md; each line says what the
-    # paper (ALGORITHM.md) does instead, reachable with bench/ssl_ablation.py's PAPER overrides.
+    # paper does instead (docs/method.md), reachable with bench/ssl_ablation.py's PAPER overrides.
     lam_max: float = Field(0.5, gt=0, lt=1)
     # paste a box of the labeled reference (CutMix-style: its mask is known there, so decoupling is exact)
     # or the paper's global interpolation `interp`
@@ -84,7 +87,7 @@ class GuidedMixConfig(_Strict):
     ema_decay: float = Field(0.99, ge=0, lt=1)
     tau: float = Field(0.8, ge=0, le=1)  # confidence threshold of pseudo masks; the paper has none (0)
     # besides pixels above tau, teach each predicted class's most confident share (class-balanced; 0: off,
-    # as the paper); tau alone teaches ~91% background where the truth has ~72% (docs/results-class-balanced.md)
+    # as the paper): tau alone teaches mostly background (docs/results-class-balanced.md)
     class_keep: float = Field(0.5, ge=0, le=1)
     unsup_weight: float = Field(1.0, ge=0)
     warmup_steps: int = Field(0, ge=0)
@@ -152,15 +155,16 @@ class Config(_Strict):
         return hashlib.sha256(text.encode()).hexdigest()[:12]
 
     def public_dict(self, drop_secrets: bool = False) -> dict:
-        """The resolved config without secrets (storage keys), fit for summary.json and logs: masked as
-        `***`, or dropped where the config must stay loadable (a checkpoint's; credentials then come from
-        the environment or `--set` of whoever loads it)."""
+        """The resolved config without secrets, fit for summary.json and logs: every secret-looking key of
+        `storage_options`, at any depth, masked as `***`, or dropped where the config must stay loadable (a
+        checkpoint's, and what Ray Train carries: credentials then come from the environment)."""
         data = self.model_dump()
-        data["data"]["storage_options"] = {
-            k: ("***" if _is_secret(k) else v) for k, v in data["data"]["storage_options"].items()
-            if not (drop_secrets and _is_secret(k))
-        }
+        data["data"]["storage_options"] = _without_secrets(data["data"]["storage_options"], drop_secrets)
         return data
+
+    def secret_keys(self) -> list[str]:
+        """Dotted names of the credentials this config holds (in `data.storage_options`, at any depth)."""
+        return _secret_paths(self.data.storage_options, "data.storage_options")
 
     @model_validator(mode="after")
     def _compatible(self):
@@ -169,9 +173,35 @@ class Config(_Strict):
         return self
 
 
-def _is_secret(key: str) -> bool:
-    key = key.lower()
-    return any(word in key for word in ("secret", "token", "password", "key"))
+# Key names that carry credentials in fsspec's filesystems: s3fs (key, secret, token, client_kwargs'
+# aws_secret_access_key, aws_session_token), gcsfs (token), adlfs (account_key, sas_token, client_secret,
+# connection_string), http (auth, headers' Authorization).
+_SECRET_WORDS = ("secret", "token", "password", "passwd", "key", "credential", "auth", "connection_string")
+MASK = "***"
+
+
+def is_secret(key) -> bool:
+    key = str(key).lower()
+    return any(word in key for word in _SECRET_WORDS)
+
+
+def _without_secrets(value, drop: bool):
+    if isinstance(value, dict):
+        return {k: (MASK if is_secret(k) else _without_secrets(v, drop)) for k, v in value.items()
+                if not (drop and is_secret(k))}
+    if isinstance(value, (list, tuple)):
+        return [_without_secrets(v, drop) for v in value]
+    return value
+
+
+def _secret_paths(value, prefix: str) -> list[str]:
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, (list, tuple)) else ()
+    return [p for k, v in items for p in ([f"{prefix}.{k}"] if is_secret(k) else _secret_paths(v, f"{prefix}.{k}"))]
+
+
+# Where credentials go instead of a command line or the config that Ray carries.
+CREDENTIALS_HELP = ("give credentials through the environment (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY), a "
+                    "credentials file (AWS_SHARED_CREDENTIALS_FILE) or, under KubeRay, a Secret")
 
 
 def _first_error(err: ValidationError) -> str:
@@ -211,6 +241,10 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
         key, sep, value = item.partition("=")
         if not sep or not key.strip():
             raise BadInput(f"--set {item!r}: expected dotted.key=value")
+        if any(is_secret(part) for part in key.split(".")):
+            # never echo the value: it is the secret
+            raise BadInput(f"--set {key.strip()}: a command line is visible to every user of the machine and "
+                           f"to Ray's dashboard; {CREDENTIALS_HELP}")
         node = raw
         parts = key.strip().split(".")
         for part in parts[:-1]:

@@ -1,10 +1,17 @@
 """The optimisation engine behind the loop: DeepSpeed (ZeRO 0-3, bf16 on GPU) or plain PyTorch for one
-process. Both take the same SGD/AdamW with poly decay and expose the same small interface."""
+process. Both take the same SGD/AdamW with poly decay and expose the same small interface, and this module
+alone knows their checkpoint files: `save`/`load` resume training, `load_model_weights` reads the model's
+weights back for eval and predict."""
 from __future__ import annotations
 
+import glob
 import os
 
 import torch
+
+from shards.errors import BadInput
+
+PLAIN_FILE = "plain.pt"
 
 
 def build_optimizer(model, cfg_optim):
@@ -18,6 +25,12 @@ def build_optimizer(model, cfg_optim):
 
 def poly_schedule(optimizer, total_steps: int, power: float):
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: max(0.0, 1 - s / total_steps) ** power)
+
+
+def build_engine(model, cfg, device, bf16: bool):
+    if cfg.train.engine == "deepspeed":
+        return DeepSpeedEngine(model, cfg, device, bf16)
+    return PlainEngine(model, cfg, device)
 
 
 class PlainEngine:
@@ -39,10 +52,10 @@ class PlainEngine:
     def save(self, local_dir: str, client_state: dict) -> None:
         torch.save({"model": self.module.state_dict(), "optimizer": self.optimizer.state_dict(),
                     "scheduler": self.scheduler.state_dict(), "client": client_state},
-                   os.path.join(local_dir, "plain.pt"))
+                   os.path.join(local_dir, PLAIN_FILE))
 
     def load(self, local_dir: str) -> dict:
-        state = torch.load(os.path.join(local_dir, "plain.pt"), weights_only=False)
+        state = torch.load(os.path.join(local_dir, PLAIN_FILE), weights_only=False)
         self.module.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
@@ -53,7 +66,7 @@ class DeepSpeedEngine:
     TAG = "engine"
 
     def __init__(self, model, cfg, device, bf16: bool):
-        import deepspeed
+        import deepspeed  # 4 s to import; plain runs (studies, benches, eval) never need it
 
         optimizer = build_optimizer(model, cfg.optim)
         ds_config = {
@@ -83,3 +96,19 @@ class DeepSpeedEngine:
     def load(self, local_dir: str) -> dict:
         _, client_state = self.engine.load_checkpoint(local_dir, tag=self.TAG)
         return client_state or {}
+
+
+def load_model_weights(local_dir: str) -> dict:
+    """The model's fp32 state dict from a checkpoint folder either engine wrote (DeepSpeed ZeRO 0-3 or plain)."""
+    plain = os.path.join(local_dir, PLAIN_FILE)
+    if os.path.exists(plain):
+        return torch.load(plain, map_location="cpu", weights_only=False)["model"]
+    states = sorted(glob.glob(os.path.join(local_dir, DeepSpeedEngine.TAG, "*model_states.pt")))
+    if any("zero_pp_rank" in s for s in states):  # ZeRO-3: parameters live in the partitions
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint  # see __init__
+
+        return get_fp32_state_dict_from_zero_checkpoint(local_dir, tag=DeepSpeedEngine.TAG)
+    if not states:
+        raise BadInput(f"{local_dir}: checkpoint holds no model weights")
+    state = torch.load(states[0], map_location="cpu", weights_only=False)["module"]
+    return {k: v.float() for k, v in state.items()}

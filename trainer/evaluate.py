@@ -75,15 +75,18 @@ class PseudoMaskScore:
         self.pixels, self.claimed, self.confusion, self.truth = 0, 0, None, None
 
     def add(self, pseudo: torch.Tensor, truth: torch.Tensor | None = None) -> None:
+        """Counts stay on the pseudo masks' device; counting by scatter rather than boolean indexing or
+        bincount (both need the host to learn a size), so a step waits for no device-to-host copy."""
+        c = self.num_classes
         labeled = pseudo != IGNORE
         self.pixels += pseudo.numel()
-        self.claimed = self.claimed + torch.bincount(pseudo[labeled], minlength=self.num_classes)
+        self.claimed = self.claimed + _count(torch.where(labeled, pseudo, c), c)
         if truth is not None:
             truth = truth.to(pseudo.device)
-            self.truth = (0 if self.truth is None else self.truth) + torch.bincount(
-                truth[truth != IGNORE], minlength=self.num_classes)
-            self.confusion = (0 if self.confusion is None else self.confusion) + confusion_matrix(
-                pseudo[labeled], truth[labeled], self.num_classes)
+            known = truth != IGNORE
+            self.truth = (0 if self.truth is None else self.truth) + _count(torch.where(known, truth, c), c)
+            pairs = torch.where(labeled & known, truth * c + pseudo, c * c)
+            self.confusion = (0 if self.confusion is None else self.confusion) + _count(pairs, c * c).view(c, c)
 
     def summary(self) -> dict:
         if not self.pixels:
@@ -98,3 +101,9 @@ class PseudoMaskScore:
             truth = self.truth.double()
             out["true_class_freq"] = [round(v, 4) for v in (truth / truth.sum().clamp(min=1)).tolist()]
         return out
+
+
+def _count(index: torch.Tensor, n: int) -> torch.Tensor:
+    """Occurrences of 0..n-1 in `index` (values equal to n are left out)."""
+    counts = torch.zeros(n + 1, dtype=torch.long, device=index.device)
+    return counts.scatter_add_(0, index.flatten().long(), torch.ones_like(index.flatten(), dtype=torch.long))[:n]

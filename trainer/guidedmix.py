@@ -1,4 +1,4 @@
-"""GuidedMix-Net's objective (Tu et al., AAAI 2022), step by step as in ALGORITHM.md. Pure PyTorch.
+"""GuidedMix-Net's objective (Tu et al., AAAI 2022), step by step as docs/method.md tells it. Pure PyTorch.
 
 1. pairing: each unlabeled image gets the most similar labeled reference (cosine of pooled embeddings)
    in the labeled batch, or from outside: `find_references` (the pairing service's bank) answers;
@@ -18,11 +18,14 @@ from __future__ import annotations
 import math
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Callable, Optional
+from typing import TYPE_CHECKING, Callable, Optional
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+if TYPE_CHECKING:  # the typed config section, for readers and type checkers only: no pydantic at run time here
+    from .config import GuidedMixConfig
 
 IGNORE = 255
 
@@ -35,7 +38,9 @@ ReferenceFinder = Callable[[torch.Tensor], Optional[tuple[torch.Tensor, torch.Te
 @dataclass
 class StepOutput:
     loss: torch.Tensor
-    parts: dict = field(default_factory=dict)  # floats for logging: sup, unsup, mix, weight, ...
+    # for logging: sup, unsup, mix, taught, lam as detached tensors (read on the host only at a log step,
+    # so a step costs no device-to-host sync), weight as a float
+    parts: dict = field(default_factory=dict)
     pairing: Optional[torch.Tensor] = None  # index into the labeled batch (None: references from outside)
     pseudo: Optional[torch.Tensor] = None  # what the unlabeled batch is taught per pixel (255 = nothing)
     labeled_embeddings: Optional[torch.Tensor] = None  # what the pairing service's bank stores
@@ -186,11 +191,11 @@ def soft_cross_entropy(logits: torch.Tensor, target: torch.Tensor, weight: torch
 def supervised_loss(model, x_l, y_l) -> StepOutput:
     """`method: supervised`: L_sup alone on the labeled stream, the baseline."""
     loss = F.cross_entropy(model(x_l), y_l, ignore_index=IGNORE)
-    return StepOutput(loss, {"sup": loss.item()})
+    return StepOutput(loss, {"sup": loss.detach()})
 
 
-def guidedmix_loss(model, x_l: torch.Tensor, y_l: torch.Tensor, x_u: torch.Tensor, step: int, cfg,
-                   num_classes: int, teacher=None, find_references: Optional[ReferenceFinder] = None,
+def guidedmix_loss(model, x_l: torch.Tensor, y_l: torch.Tensor, x_u: torch.Tensor, step: int,
+                   cfg: "GuidedMixConfig", num_classes: int, teacher=None, find_references: Optional[ReferenceFinder] = None,
                    generator: Optional[torch.Generator] = None) -> StepOutput:
     """One GuidedMix step's loss. `cfg` is the config's `guidedmix` section; `teacher` an EMA copy of the
     model (or None: the model teaches itself); `find_references` pairs from outside (else in-batch)."""
@@ -263,8 +268,8 @@ def guidedmix_loss(model, x_l: torch.Tensor, y_l: torch.Tensor, x_u: torch.Tenso
         taught = torch.where(trusted_u & (lam.squeeze(1) < 1), hard_u, IGNORE)
     loss_mix = soft_cross_entropy(logits_m, target_m, weight_m) if cfg.mix_loss else logits_m.sum() * 0.0
     loss = loss_sup + w * (loss_unsup + loss_mix)
-    parts = {"sup": loss_sup.item(), "unsup": loss_unsup.item(), "mix": loss_mix.item(), "weight": w,
-             "taught": (taught != IGNORE).float().mean().item(), "lam": lam.mean().item()}
+    parts = {"sup": loss_sup.detach(), "unsup": loss_unsup.detach(), "mix": loss_mix.detach(), "weight": w,
+             "taught": (taught != IGNORE).float().mean(), "lam": lam.mean()}
     return StepOutput(loss, parts, index, taught, embeddings[:b_l])
 
 

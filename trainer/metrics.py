@@ -8,9 +8,15 @@ below wherever the code ran. Outside Ray a `prometheus_client` endpoint serves t
 """
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
+from wsgiref.simple_server import WSGIRequestHandler, make_server
 
-from shards import BadInput
+import prometheus_client
+from prometheus_client.exposition import ThreadingWSGIServer
+from ray.util import metrics as ray_metrics
+
+from shards.errors import BadInput
 
 PREFIX = "guidedmix_"
 STEP_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
@@ -54,6 +60,12 @@ SPECS = {
 }
 
 
+def family_name(name: str) -> str:
+    """The metric family's exported name: counters are declared with `_total`, which both Ray and
+    prometheus_client append themselves."""
+    return PREFIX + (name[:-len("_total")] if SPECS[name].kind == "counter" else name)
+
+
 class Metrics:
     """Record by name: `metrics.inc("samples_total", 8, split="labeled")`. Default labels (rank) are
     added to every metric that declares them."""
@@ -62,8 +74,6 @@ class Metrics:
         self.backend, self.defaults, self._instruments = backend, default_labels, {}
         self.registry = None
         if backend == "prometheus":
-            import prometheus_client
-
             self.registry = prometheus_client.CollectorRegistry()  # this run's, not the process-global one
             self.server = _serve_metrics_only(self.registry, port, host)
         elif backend not in ("ray", "none"):
@@ -77,18 +87,14 @@ class Metrics:
 
     @staticmethod
     def _make_ray(name, spec):
-        from ray.util import metrics
-
-        # Ray's counters append `_total` themselves
-        full = PREFIX + (name[:-len("_total")] if spec.kind == "counter" else name)
+        full = family_name(name)
         if spec.kind == "histogram":
-            return metrics.Histogram(full, spec.help, boundaries=list(spec.buckets), tag_keys=spec.labels)
-        return (metrics.Counter if spec.kind == "counter" else metrics.Gauge)(full, spec.help, tag_keys=spec.labels)
+            return ray_metrics.Histogram(full, spec.help, boundaries=list(spec.buckets), tag_keys=spec.labels)
+        kind = ray_metrics.Counter if spec.kind == "counter" else ray_metrics.Gauge
+        return kind(full, spec.help, tag_keys=spec.labels)
 
     def _make_prometheus(self, name, spec):
-        import prometheus_client as pc
-
-        full = PREFIX + (name[:-len("_total")] if spec.kind == "counter" else name)
+        pc, full = prometheus_client, family_name(name)
         if spec.kind == "histogram":
             return pc.Histogram(full, spec.help, spec.labels, registry=self.registry, buckets=spec.buckets)
         kind = pc.Counter if spec.kind == "counter" else pc.Gauge
@@ -125,13 +131,7 @@ class Metrics:
 def _serve_metrics_only(registry, port: int, host: str):
     """GET /metrics in Prometheus' text format; every other path and method is a 404 (prometheus_client's
     own server answers any path)."""
-    import threading
-    from wsgiref.simple_server import WSGIRequestHandler, make_server
-
-    from prometheus_client import make_wsgi_app
-    from prometheus_client.exposition import ThreadingWSGIServer
-
-    metrics_app = make_wsgi_app(registry)
+    metrics_app = prometheus_client.make_wsgi_app(registry)
 
     def app(environ, start_response):
         if environ["PATH_INFO"] == "/metrics" and environ["REQUEST_METHOD"] in ("GET", "HEAD"):
@@ -148,11 +148,9 @@ def _serve_metrics_only(registry, port: int, host: str):
     return server
 
 
-def for_this_process(port: int = 0, host: str = "127.0.0.1", **default_labels) -> Metrics:
+def for_this_process(in_ray: bool, port: int = 0, host: str = "127.0.0.1", **default_labels) -> Metrics:
     """Ray's metrics inside a Ray worker or actor; else an endpoint on `port` (0: no metrics)."""
-    import ray
-
-    if ray.is_initialized():
+    if in_ray:
         return Metrics("ray", **default_labels)
     if not port:
         return Metrics("none", **default_labels)

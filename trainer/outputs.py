@@ -4,9 +4,13 @@ from __future__ import annotations
 import io
 import json
 
+import matplotlib
 import numpy as np
 import torch
 from PIL import Image
+
+matplotlib.use("Agg")  # files only, no display; before pyplot is imported
+import matplotlib.pyplot as plt  # noqa: E402
 
 from shards.augment import MEAN, STD
 from shards.storage import filesystem, join
@@ -56,11 +60,6 @@ def write_json(url: str, data: dict, storage_options: dict | None = None) -> Non
 
 
 def curves_png(history: list[dict]) -> bytes:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
     steps = [h["step"] for h in history if "sup" in h]
     for part in ("sup", "unsup", "mix"):

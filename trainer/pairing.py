@@ -18,12 +18,14 @@ from collections import deque
 from typing import Optional
 
 import numpy as np
+import ray
 import torch
 
 from shards.augment import MEAN, STD
 
+from .config import PairingConfig
 from .guidedmix import pair
-from .metrics import Metrics, for_this_process
+from .metrics import Metrics
 
 log = logging.getLogger("guidedmix.pairing")
 
@@ -41,11 +43,10 @@ class PairingBank:
     """A bounded ring of the most recent labeled samples: L2-normalised embeddings (float32), images
     (uint8, 3 x H x W), masks (uint8, H x W), with the rank and step that pushed each."""
 
-    def __init__(self, capacity: int, similarity: str = "most", topk: int = 1, temperature: float = 0.1,
-                 seed: int = 0):
-        if capacity < 1:
-            raise ValueError(f"guidedmix.pairing.bank_size: must be at least 1, got {capacity}")
-        self.capacity, self.similarity, self.topk, self.temperature = capacity, similarity, topk, temperature
+    def __init__(self, cfg: PairingConfig, seed: int = 0):
+        self.capacity, self.similarity, self.topk, self.temperature = (cfg.bank_size, cfg.similarity, cfg.topk,
+                                                                       cfg.temperature)
+        capacity = self.capacity
         self.generator = torch.Generator().manual_seed(seed)
         self.size = self.next = 0
         self.embeddings = self.images = self.masks = None  # allocated by the first push
@@ -101,10 +102,9 @@ class PairingBank:
 class PairingService:
     """The bank behind a Ray actor (or in-process): counts what it serves, for metrics and tests."""
 
-    def __init__(self, pairing_cfg: dict, seed: int = 0, metrics: Optional[Metrics] = None):
-        self.bank = PairingBank(pairing_cfg["bank_size"], pairing_cfg["similarity"], pairing_cfg["topk"],
-                                pairing_cfg["temperature"], seed)
-        self.metrics = metrics or for_this_process()  # in-process: the worker's; an actor: Ray's
+    def __init__(self, cfg: PairingConfig, metrics: Metrics, seed: int = 0):
+        self.bank = PairingBank(cfg, seed)
+        self.metrics = metrics  # in-process: the worker's; the actor: Ray's
         self.delay_s = 0.0
         self.pushes = self.queries = 0
         self.latencies = deque(maxlen=1000)
@@ -143,12 +143,10 @@ class PairingService:
 
 def start_service(pairing_cfg, out: str, seed: int = 0):
     """Create the run's service actor (or find the one a previous driver of the same run left)."""
-    import ray
-
     actor = ray.remote(PairingService).options(
         name=service_name(out), namespace=NAMESPACE, get_if_exists=True, num_cpus=0,
         max_restarts=pairing_cfg.max_restarts, lifetime=None,
-    ).remote(pairing_cfg.model_dump(), seed)
+    ).remote(pairing_cfg, Metrics("ray"), seed)
     ray.get(actor.ready.remote(), timeout=120)
     return actor
 
@@ -169,24 +167,18 @@ def from_uint8(images: np.ndarray, device, dtype) -> torch.Tensor:
 class PairingClient:
     """A worker's side: pushes its labeled batches, asks for references under a deadline, falls back."""
 
-    def __init__(self, pairing_cfg, out: str, rank: int, seed: int = 0, metrics: Optional[Metrics] = None):
-        self.cfg, self.rank, self.name = pairing_cfg, rank, service_name(out)
-        self.metrics = metrics or Metrics()
-        self.local = None
+    def __init__(self, cfg: PairingConfig, out: str, rank: int, in_ray: bool, metrics: Metrics, seed: int = 0):
+        self.cfg, self.rank, self.name, self.metrics = cfg, rank, service_name(out), metrics
+        # outside Ray the bank lives in this process
+        self.local = None if in_ray else PairingService(cfg, metrics, seed)
         self.actor = None
         self.pending: list = []
         self.queries = self.answered = self.fallbacks = self.dropped_pushes = 0
         self._next_lookup = 0.0
-        import ray
-
-        if not ray.is_initialized():
-            self.local = PairingService(pairing_cfg.model_dump(), seed, self.metrics)
 
     def _handle(self):
         """The actor's handle, looked up by name (at most once a second while it cannot be found)."""
         if self.actor is None and time.monotonic() >= self._next_lookup:
-            import ray
-
             try:
                 self.actor = ray.get_actor(self.name, namespace=NAMESPACE)
             except ValueError:
@@ -200,8 +192,6 @@ class PairingClient:
         if self.local is not None:
             self.local.push(*batch)
             return
-        import ray
-
         if self.pending:
             _, self.pending = ray.wait(self.pending, num_returns=len(self.pending), timeout=0)
         actor = self._handle()
@@ -231,8 +221,6 @@ class PairingClient:
     def _ask(self, embeddings: np.ndarray, step: int):
         if self.local is not None:
             return self.local.query(embeddings, step)
-        import ray
-
         actor = self._handle()
         if actor is None:
             return None
