@@ -20,15 +20,16 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CACHE = os.path.join(ROOT, "data", "run-cache")
 
 
-def synthetic_shards(labeled: str = "1/16", train_images: int = 1200, val_images: int = 240, size: int = 64,
-                     seed: int = 0) -> str:
-    """Build (once) and return the URL of a synthetic shard set under data/, the unlabeled masks withheld
-    (runs score their pseudo masks against them)."""
-    name = f"synthetic-{labeled.replace('/', '_')}-{train_images}-{size}-s{seed}-withheld"
+def study_shards(source: str = "synthetic", labeled: str = "1/16", train_images: int = 1200, val_images: int = 240,
+                 size: int = 64, seed: int = 0) -> str:
+    """Build (once) and return the URL of a generated study set under data/ (`synthetic`, `textures`,
+    `textures-hard`), the unlabeled masks withheld (runs score their pseudo masks against them)."""
+    name = f"{source}-{labeled.replace('/', '_')}-{train_images}-{size}-s{seed}-withheld"
     url = os.path.join(ROOT, "data", name)
     if not os.path.exists(os.path.join(url, "manifest.json")):
-        source = sources.synthetic_source(train_images, val_images, size, seed)
-        build.build(source, url, build.parse_labeled(labeled), seed=seed, progress=False, withhold_masks=True)
+        data = sources.open_source(source, None, synthetic_train=train_images, synthetic_val=val_images,
+                                   synthetic_size=size, seed=seed)
+        build.build(data, url, build.parse_labeled(labeled), seed=seed, progress=False, withhold_masks=True)
     return url
 
 

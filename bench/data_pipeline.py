@@ -3,7 +3,8 @@ workers, decode and augmentation, from
 
 - `per_file_s3`: the usual per-file loader (a torch Dataset reading each image and mask object through fsspec,
   as UniMatch- and mmseg-style loaders read a bucket) from S3 at a distance;
-- `shards_s3`: WebDataset shards from the same S3 at the same distance (each loader worker reads ahead);
+- `shards_s3`: WebDataset shards from the same S3 at the same distance (each loader worker reads ahead
+  `data.readahead` shards; `shards_s3_no_readahead`: the same without);
 - `shards_local`: the shards on local disk;
 - `ceiling`: the shards already in memory (`memory://`, inherited by the forked loader workers): the same
   tar parsing, decode, augmentation and collation with no I/O at all, the limit of this CPU.
@@ -30,6 +31,7 @@ import zlib
 
 import fsspec
 import numpy as np
+import psutil
 import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
@@ -82,7 +84,11 @@ def rate(batches, count: int, batch_size: int) -> float:
     t0 = time.perf_counter()
     for _ in range(count):
         next(it)
-    return count * batch_size / (time.perf_counter() - t0)
+    seconds = time.perf_counter() - t0
+    del it  # its loader workers stop here, before the next loader forks
+    if isinstance(batches, ShardStream):
+        batches.close()
+    return count * batch_size / seconds
 
 
 def free_port() -> int:
@@ -138,20 +144,36 @@ def main():
 
         s3fs.S3FileSystem.clear_instance_cache()
 
-        def shard_stream(url):
+        def shard_stream(url, readahead=DataConfig().readahead):
             return ShardStream(StreamSpec(url=url, split="labeled", batch_size=args.batch,
-                                          retries=DataConfig().retries, readahead=DataConfig().readahead,
+                                          retries=DataConfig().retries, readahead=readahead,
                                           loader_workers=args.workers, crop_size=args.crop))
 
+        stores = [psutil.Process(server.pid) for server in servers]
+
+        def store_cpu_seconds() -> float:
+            return sum(t.user + t.system for t in (p.cpu_times() for p in stores))
+
+        def measured(name, batches, count):
+            """Samples/s, and the CPU seconds the S3 server and its front spent meanwhile: on loopback they
+            share this machine's cores with the loaders, which a real object store does not."""
+            before = store_cpu_seconds()
+            samples_per_s = rate(batches, count, args.batch)
+            store_cpu[name] = round(store_cpu_seconds() - before, 1)
+            return samples_per_s
+
+        store_cpu: dict = {}
         names = sorted(n[:-4] for n in os.listdir(f"{tmp}/folder/train/images"))
         per_file = DataLoader(PerFileDataset("s3://bench/folder", names, args.crop), batch_size=args.batch,
                               shuffle=True, num_workers=args.workers, drop_last=True)
         result = {
             "ceiling": rate(shard_stream("memory://bench/shards"), args.batches, args.batch),
             "shards_local": rate(shard_stream(f"{tmp}/shards"), args.batches, args.batch),
-            "shards_s3": rate(shard_stream("s3://bench/shards"), args.batches, args.batch),
+            "shards_s3": measured("shards_s3", shard_stream("s3://bench/shards"), args.batches),
+            "shards_s3_no_readahead": measured("shards_s3_no_readahead",
+                                               shard_stream("s3://bench/shards", readahead=0), args.batches),
             # the per-file loader pays the distance per object: a quarter of the batches measure it well
-            "per_file_s3": rate(per_file, max(args.batches // 4, 5), args.batch),
+            "per_file_s3": measured("per_file_s3", per_file, max(args.batches // 4, 5)),
         }
     finally:
         for server in servers:
@@ -163,8 +185,9 @@ def main():
         "samples_per_s_per_loader_worker": {k: round(v / max(args.workers, 1), 1) for k, v in result.items()},
         "ratios": {"shards_vs_per_file_s3": round(result["shards_s3"] / result["per_file_s3"], 2),
                    "s3_vs_local_shards": round(result["shards_s3"] / result["shards_local"], 2),
+                   "s3_vs_local_shards_no_readahead": round(result["shards_s3_no_readahead"] / result["shards_local"], 2),
                    "pipeline_vs_ceiling": round(result["shards_local"] / result["ceiling"], 2)},
-        "images": args.images, "size": args.size, "crop": args.crop, "loader_workers": args.workers,
+        "store_cpu_seconds": store_cpu, "images": args.images, "size": args.size, "crop": args.crop, "loader_workers": args.workers,
         "readahead_shards": DataConfig().readahead, "threads": torch.get_num_threads()}))
 
 

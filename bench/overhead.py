@@ -15,7 +15,7 @@ import sys
 import tempfile
 
 sys.path.insert(0, __file__.rsplit("/bench/", 1)[0])
-from bench.common import ROOT, steady_rate, synthetic_shards, train_once  # noqa: E402
+from bench.common import ROOT, steady_rate, study_shards, train_once  # noqa: E402
 
 
 def main():
@@ -23,7 +23,7 @@ def main():
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--method", default="guidedmix")
     args = parser.parse_args()
-    url = synthetic_shards("1/16")
+    url = study_shards("synthetic", "1/16")
     common = [f"data.url={url}", f"train.steps={args.steps}", f"train.method={args.method}", "train.log_every=20",
               f"train.eval_every={args.steps}", f"train.ckpt_every={args.steps}", "eval.max_batches=1"]
     images = 16 if args.method == "guidedmix" else 8

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, __file__.rsplit("/bench/", 1)[0])
-from bench.common import steady_rate, synthetic_shards, train_once  # noqa: E402
+from bench.common import steady_rate, study_shards, train_once  # noqa: E402
 from trainer import guidedmix, pairing  # noqa: E402
 from trainer.config import PairingConfig  # noqa: E402
 
@@ -73,7 +73,7 @@ def in_batch_latency(queries: int) -> dict:
 def step_seconds(steps: int, mode: str) -> tuple[float, dict]:
     """Steady-state seconds per step of a single-process run; with `service`, the run's loop finds a
     service actor by name, as a Ray Train worker does."""
-    url = synthetic_shards("1/16")
+    url = study_shards("synthetic", "1/16")
     out = tempfile.mkdtemp(prefix="gm-bench-pairing-")
     service = pairing.start_service(PairingConfig(mode="service"), out) if mode == "service" else None
     summary = train_once([f"data.url={url}", f"train.steps={steps}", "train.log_every=20",

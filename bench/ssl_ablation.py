@@ -17,7 +17,7 @@ import statistics
 import sys
 
 sys.path.insert(0, __file__.rsplit("/bench/", 1)[0])
-from bench.common import ROOT, run_many, synthetic_shards  # noqa: E402
+from bench.common import ROOT, run_many, study_shards  # noqa: E402
 
 # the paper as written (docs/method.md; the schema's defaults are the measured best instead): tau 0 and no class-balanced
 # floor, self teacher, both losses, global interpolation, soft target, one BN pass, no strong augmentation, the
@@ -35,6 +35,8 @@ BEST = [*PAPER, "guidedmix.unsup_loss=false", "guidedmix.tau=0.95", "guidedmix.m
 VARIANTS = {
     "supervised": ["train.method=supervised"],
     "default": ["train.method=guidedmix"],  # = BEST + ramp-up 300 + random pairs + tau 0.8 + class_keep 0.5
+    # the unguided baseline: unlabeled images teach their own CutMix-ed strong views (trainer/unimatch.py)
+    "unimatch": ["train.method=unimatch"],
     # does the partner matter? the default recipe with the least similar labeled image in the batch, and
     # with partners from the pairing service's bank of the 1,024 latest labeled samples (random, most similar)
     "default-least-similar": ["train.method=guidedmix", "guidedmix.pairing.similarity=least"],
@@ -97,7 +99,7 @@ def main():
                         help="an override for every run, e.g. optim.lr=0.001")
     args = parser.parse_args()
     names = ["supervised"] + [n for n in VARIANTS if n != "supervised" and (not args.only or n in args.only)]
-    url = synthetic_shards(args.labeled)
+    url = study_shards("synthetic", args.labeled)
     base = [f"data.url={url}", f"train.steps={args.steps}", f"train.eval_every={args.steps}",
             f"train.ckpt_every={args.steps}", *args.overrides]
     plan = [(name, seed) for name in names for seed in args.seeds]

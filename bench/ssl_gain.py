@@ -14,11 +14,11 @@ import statistics
 import sys
 
 sys.path.insert(0, __file__.rsplit("/bench/", 1)[0])
-from bench.common import run_many, synthetic_shards  # noqa: E402
+from bench.common import run_many, study_shards  # noqa: E402
 
 
 def compare(labeled: str, steps: int, seeds: list[int], overrides: list[str], parallel: int = 2) -> dict:
-    url = synthetic_shards(labeled)
+    url = study_shards("synthetic", labeled)
     base = [f"data.url={url}", f"train.steps={steps}", f"train.eval_every={steps}", f"train.ckpt_every={steps}"]
     plan = [(seed, method) for seed in seeds for method in ("supervised", "guidedmix")]
     runs = [[*base, f"train.seed={seed}", f"train.method={method}", *(overrides if method == "guidedmix" else [])]

@@ -51,7 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
     shards = sub.add_parser("shards", help="build and inspect WebDataset shard sets")
     shards_sub = shards.add_subparsers(dest="shards_command", required=True, parser_class=_Parser)
     b = shards_sub.add_parser("build", help="dataset layout -> labeled/unlabeled/val shards + manifest")
-    b.add_argument("--source", required=True, choices=["voc", "cityscapes", "context", "folder", "synthetic"])
+    b.add_argument("--source", required=True,
+                   choices=["voc", "cityscapes", "context", "folder", "synthetic", "textures", "textures-hard"])
     b.add_argument("--root", help="dataset root (not for synthetic)")
     b.add_argument("--out", required=True, help="output URL: path, file://, s3://...")
     b.add_argument("--labeled", required=True, help="labeled images: a count (1464) or fraction (1/16)")
@@ -59,9 +60,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--seed", type=int, default=0)
     b.add_argument("--samples-per-shard", type=int, default=256)
     b.add_argument("--overwrite", action="store_true", help="replace a shard set already at --out")
-    b.add_argument("--train-images", type=int, default=1200, help="synthetic: train images")
-    b.add_argument("--val-images", type=int, default=240, help="synthetic: val images")
-    b.add_argument("--image-size", type=int, default=64, help="synthetic: image side in pixels")
+    b.add_argument("--train-images", type=int, default=1200, help="synthetic, textures: train images")
+    b.add_argument("--val-images", type=int, default=240, help="synthetic, textures: val images")
+    b.add_argument("--image-size", type=int, default=64, help="synthetic, textures: image side in pixels")
     b.add_argument("--withhold-masks", action="store_true",
                    help="studies: keep unlabeled images' true masks (withheld.png), never trained on, to score "
                         "pseudo masks against")

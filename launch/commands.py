@@ -136,7 +136,7 @@ def add_commands(sub):
     t.add_argument("--out", help="run folder URL: checkpoints, summary.json, pictures (overrides out)")
     t.add_argument("--workers", type=int, help="training workers (overrides train.workers)")
     t.add_argument("--steps", type=int, help="training steps (overrides train.steps)")
-    t.add_argument("--method", choices=["guidedmix", "supervised"], help="overrides train.method")
+    t.add_argument("--method", choices=["guidedmix", "unimatch", "supervised"], help="overrides train.method")
     t.add_argument("--address", help="Ray cluster address (else RAY_ADDRESS, else a local Ray)")
     t.add_argument("--no-ray", action="store_true",
                    help="train in this process without Ray or DeepSpeed (one worker; for debugging)")

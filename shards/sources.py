@@ -13,7 +13,7 @@ from typing import Callable, Optional
 import numpy as np
 from PIL import Image
 
-from . import synthetic
+from . import synthetic, textures
 from .errors import BadInput
 
 IGNORE = 255
@@ -199,22 +199,36 @@ def _encode_png(array: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def synthetic_source(train: int, val: int, size: int, seed: int) -> Source:
+def _generated(name: str, classes: list[str], make, train: int, val: int, seed: int) -> Source:
+    """A source drawn by `make(rng)` -> (image, mask): deterministic per (seed, split, index), so an image and
+    its mask agree when loaded apart."""
     def item(split: str, index: int) -> Item:
-        def sample():  # deterministic per (seed, split, index), so image and mask agree when loaded apart
-            rng = np.random.default_rng([seed, 0 if split == "train" else 1, index])
-            return synthetic.make_sample(size, rng)
+        def sample():
+            return make(np.random.default_rng([seed, 0 if split == "train" else 1, index]))
 
         return Item(f"{split}{index:06d}", lambda: (_encode_png(sample()[0]), "png"), lambda: sample()[1])
 
-    return Source("synthetic", list(synthetic.CLASSES), [item("train", i) for i in range(train)],
-                  [item("val", i) for i in range(val)], [])
+    return Source(name, classes, [item("train", i) for i in range(train)], [item("val", i) for i in range(val)], [])
+
+
+def synthetic_source(train: int, val: int, size: int, seed: int) -> Source:
+    return _generated("synthetic", list(synthetic.CLASSES), lambda rng: synthetic.make_sample(size, rng),
+                      train, val, seed)
+
+
+def texture_source(preset: str, train: int, val: int, size: int, seed: int) -> Source:
+    """Real pixels: scikit-image's textures and photographs cut into shapes (shards/textures.py)."""
+    chosen = textures.PRESETS[preset]
+    return _generated(preset, textures.classes(chosen), lambda rng: textures.make_sample(chosen, size, rng),
+                      train, val, seed)
 
 
 def open_source(name: str, root: Optional[str], *, synthetic_train: int = 1200, synthetic_val: int = 240,
                 synthetic_size: int = 64, seed: int = 0) -> Source:
     if name == "synthetic":
         return synthetic_source(synthetic_train, synthetic_val, synthetic_size, seed)
+    if name in textures.PRESETS:
+        return texture_source(name, synthetic_train, synthetic_val, synthetic_size, seed)
     if not root:
         raise BadInput(f"--root is required for source {name}")
     if not os.path.isdir(root):

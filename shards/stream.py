@@ -365,6 +365,11 @@ class ShardStream:
         return iter(DataLoader(dataset, batch_size=None, num_workers=self.spec.loader_workers,
                                persistent_workers=False, prefetch_factor=2 if self.spec.loader_workers else None))
 
+    def close(self) -> None:
+        """Stop the loader workers now (else they stop when the stream is collected); iterating again starts
+        them anew at the saved positions."""
+        self._iter = None
+
     def __iter__(self):
         return self
 

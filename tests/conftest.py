@@ -118,18 +118,27 @@ class TcpFront(LocalServer):
     """bench/tcp_proxy.py on a fixed loopback port in front of a server: `stop()` is an outage of that
     server as its clients see it (connections refused), `start()` the same endpoint back with its data."""
 
-    def __init__(self, target_port: int, log_path: str):
+    def __init__(self, target_port: int, log_path: str, latency_ms: float = 0.0, bandwidth_mbps: float = 0.0):
         super().__init__(free_port(), log_path)
-        self.target_port = target_port
+        self.target_port, self.latency_ms, self.bandwidth_mbps = target_port, latency_ms, bandwidth_mbps
 
     def command(self):
-        return [sys.executable, os.path.join(REPO, "bench", "tcp_proxy.py"), str(self.port), str(self.target_port)]
+        return [sys.executable, os.path.join(REPO, "bench", "tcp_proxy.py"), str(self.port), str(self.target_port),
+                "--latency-ms", str(self.latency_ms), "--bandwidth-mbps", str(self.bandwidth_mbps)]
 
 
 # A multi-node cluster on one machine lives on 127.0.0.2: still loopback, but not an address Ray rewrites to
 # the machine's interface address once multi-node clusters are enabled (which `ray start` needs to join).
 CLUSTER_IP = "127.0.0.2"
 CLUSTER_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "1", "GLOO_SOCKET_IFNAME": "lo"}
+
+
+def agent_ports() -> list[str]:
+    """Free ports for a node's dashboard agent and runtime-env agent: with Ray's fixed defaults, a second node
+    on this machine (another test's head, a joining node) cannot start its agent, and its head then refuses
+    job submissions ("No available agent")."""
+    return ["--dashboard-agent-listen-port", str(free_port()), "--dashboard-agent-grpc-port", str(free_port()),
+            "--runtime-env-agent-port", str(free_port())]
 
 
 class RayHead:
@@ -141,7 +150,8 @@ class RayHead:
             [os.path.join(VENV_BIN, "ray"), "start", "--head", "--block", "--node-ip-address", ip,
              "--port", str(self.port), "--num-cpus", str(num_cpus), "--num-gpus", "0", "--include-dashboard", "true",
              "--dashboard-host", "127.0.0.1", "--dashboard-port", str(self.dashboard_port),
-             "--metrics-export-port", str(self.metrics_port), "--temp-dir", self.temp_dir, "--disable-usage-stats"],
+             "--metrics-export-port", str(self.metrics_port), "--temp-dir", self.temp_dir, "--disable-usage-stats",
+             *agent_ports()],
             # metrics reach the node's endpoint within a second or two instead of ten
             env={**os.environ, "RAY_metrics_report_interval_ms": "1000", **(env or {})},
             stdout=open(os.path.join(tmp, "ray-head.log"), "ab"), stderr=subprocess.STDOUT)
@@ -180,7 +190,7 @@ class RayNode:
             [os.path.join(VENV_BIN, "ray"), "start", "--address", head.address, "--block", "--node-ip-address",
              CLUSTER_IP, "--num-cpus", str(num_cpus), "--num-gpus", "0",
              "--metrics-export-port", str(self.metrics_port),
-             "--disable-usage-stats"],
+             "--disable-usage-stats", *agent_ports()],
             env={**os.environ, "RAY_metrics_report_interval_ms": "1000", **CLUSTER_ENV},
             stdout=open(os.path.join(tmp, "ray-node.log"), "ab"), stderr=subprocess.STDOUT)
 

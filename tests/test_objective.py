@@ -308,3 +308,31 @@ def test_class_balanced_floor_teaches_each_classes_most_confident_share():
     assert balanced.tolist() == [[True] * 6 + [False] * 3]
     assert guidedmix.confident_pixels(confidence, label, 1.0, 0.25, valid).tolist() == \
         [[True, False, False, False, True, False, False, False, False]]  # ceil(0.25 * 4) = 1 per class
+
+
+def test_unimatch_teaches_only_confident_pixels_and_learns():
+    """`method: unimatch`: at tau 1 nothing is confident enough, so the unlabeled losses are zero and the
+    step is the supervised one; at tau 0 every pixel of x_u is taught, and a few steps lower the loss."""
+    from trainer import unimatch
+
+    torch.manual_seed(0)
+    model = small_model()
+    x_l, x_u = torch.randn(4, 3, 32, 32), torch.randn(4, 3, 32, 32)
+    y_l = torch.randint(0, 5, (4, 32, 32))
+    cfg = Config()
+    strict = cfg.unimatch.model_copy(update={"tau": 1.0})
+    out = unimatch.unimatch_loss(model, x_l, y_l, x_u, 10_000, strict, cfg.guidedmix)
+    assert float(out.parts["unsup"]) == 0 and float(out.parts["fp"]) == 0 and (out.pseudo == 255).all()
+    assert out.loss.item() == pytest.approx(float(out.parts["sup"]), rel=1e-6)
+    everything = cfg.unimatch.model_copy(update={"tau": 0.0})
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    losses = []
+    for step in range(8):
+        out = unimatch.unimatch_loss(model, x_l, y_l, x_u, 10_000, everything, cfg.guidedmix,
+                                     torch.Generator().manual_seed(step))
+        assert (out.pseudo != 255).all() and float(out.parts["unsup"]) > 0 and float(out.parts["fp"]) > 0
+        optimizer.zero_grad()
+        out.loss.backward()
+        optimizer.step()
+        losses.append(out.loss.item())
+    assert losses[-1] < losses[0]

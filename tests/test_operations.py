@@ -288,6 +288,9 @@ def test_rendered_overlay_validates_and_its_entrypoint_parses(overlay, rayjob_va
     slots = worker_group["replicas"] * max(gpus[0], 1)
     assert cfg.train.workers == slots, "--workers must match the worker group"
     assert cfg.data.url.startswith("s3://") and cfg.out.startswith("s3://")
+    if overlay != "cpu-demo":  # the README's sizing (What a GPU node needs): a core per loader worker, two more
+        cpu = int(worker_group["template"]["spec"]["containers"][0]["resources"]["requests"]["cpu"])
+        assert cpu >= 2 * cfg.data.loader_workers + 2, (overlay, cpu, cfg.data.loader_workers)
 
 
 def test_dockerfile_runs_as_non_root_and_installs_what_the_manifests_name():

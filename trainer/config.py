@@ -103,6 +103,15 @@ class GuidedMixConfig(_Strict):
     pairing: PairingConfig = Field(default_factory=PairingConfig)
 
 
+class UniMatchConfig(_Strict):
+    """`train.method: unimatch` (trainer/unimatch.py): unlabeled images teach their own strongly perturbed,
+    CutMix-ed views; the unsupervised weight ramps up as GuidedMix's does (`guidedmix.rampup_steps`, ...)."""
+
+    tau: float = Field(0.95, ge=0, le=1)  # UniMatch's fixed confidence threshold
+    cutmix_max: float = Field(0.5, gt=0, lt=1)  # the pasted box covers a U(0, cutmix_max) share of the image
+    feature_dropout: float = Field(0.5, ge=0, lt=1)  # channel dropout of the feature-perturbed view; 0: none
+
+
 class OptimConfig(_Strict):
     name: Literal["sgd", "adamw"] = "sgd"
     lr: float = Field(0.01, gt=0)
@@ -121,7 +130,7 @@ class EvalConfig(_Strict):
 
 
 class TrainConfig(_Strict):
-    method: Literal["guidedmix", "supervised"] = "guidedmix"
+    method: Literal["guidedmix", "unimatch", "supervised"] = "guidedmix"
     steps: int = Field(1000, ge=1)
     seed: int = 0
     workers: int = Field(2, ge=1)
@@ -145,6 +154,7 @@ class Config(_Strict):
     data: DataConfig = Field(default_factory=DataConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
     guidedmix: GuidedMixConfig = Field(default_factory=GuidedMixConfig)
+    unimatch: UniMatchConfig = Field(default_factory=UniMatchConfig)
     optim: OptimConfig = Field(default_factory=OptimConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)

@@ -28,6 +28,7 @@ from .engine import build_engine
 from .metrics import for_this_process
 from .model import build_model, load_backbone_weights
 from .pairing import PairingClient
+from .unimatch import unimatch_loss
 
 log = logging.getLogger("guidedmix.train")
 
@@ -121,7 +122,7 @@ class Trainer:
         torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
         self.manifest = read_manifest(cfg.data.url, cfg.data.storage_options, cfg.data.retries)
         self.classes = self.manifest["classes"]
-        self.semi = cfg.train.method == "guidedmix"
+        self.semi = cfg.train.method != "supervised"
         splits = ("labeled", "unlabeled") if self.semi else ("labeled",)
         self.streams = {s: ShardStream(stream_spec(cfg, s, ctx), self.manifest) for s in splits}
 
@@ -133,7 +134,8 @@ class Trainer:
             elif ctx.rank == 0:
                 log.info("model.sync_bn: torch syncs batch norm on GPUs only; CPU workers keep per-worker statistics")
         gm = cfg.guidedmix
-        self.teacher = copy.deepcopy(model).to(ctx.device).eval() if self.semi and gm.teacher == "ema" else None
+        ema = cfg.train.method == "guidedmix" and gm.teacher == "ema"
+        self.teacher = copy.deepcopy(model).to(ctx.device).eval() if ema else None
         bf16 = cfg.train.precision == "bf16" or (cfg.train.precision == "auto" and use_gpu)
         self.engine = build_engine(model, cfg, ctx.device, bf16)
         self.module = self.engine.module
@@ -142,7 +144,7 @@ class Trainer:
                                         cfg.train.metrics_host, rank=ctx.rank)
         self.metrics.set("run_info", 1, run=cfg.out.rstrip("/").rsplit("/", 1)[-1], config_hash=cfg.digest())
         self.pairing = None
-        if self.semi and gm.pairing.mode == "service":
+        if cfg.train.method == "guidedmix" and gm.pairing.mode == "service":
             self.pairing = PairingClient(gm.pairing, cfg.out, ctx.rank, ctx.in_ray, self.metrics, cfg.train.seed)
         self.store = checkpoint.CheckpointStore(cfg.out, cfg.data.storage_options, cfg.data.retries)
 
@@ -190,8 +192,9 @@ class Trainer:
         t_step = time.monotonic()
         x_l = batch_l["image"].to(ctx.device, self.engine.dtype)
         y_l = batch_l["mask"].to(ctx.device)
-        if self.semi:
-            x_u = batch_u["image"].to(ctx.device, self.engine.dtype)
+        method = self.cfg.train.method
+        x_u = batch_u["image"].to(ctx.device, self.engine.dtype) if self.semi else None
+        if method == "guidedmix":
             find = None
             if self.pairing is not None:
                 find = functools.partial(self.pairing.query, step=self.step, device=ctx.device, dtype=self.engine.dtype)
@@ -199,9 +202,12 @@ class Trainer:
                                            self.teacher, find, self.generator)
             if self.pairing is not None:
                 self.pairing.push(out.labeled_embeddings, x_l, y_l, self.step)
-            self.pseudo_score.add(out.pseudo.detach(), batch_u.get("withheld_mask"))
+        elif method == "unimatch":
+            out = unimatch_loss(self.module, x_l, y_l, x_u, self.step, self.cfg.unimatch, gm, self.generator)
         else:
             out = guidedmix.supervised_loss(self.module, x_l, y_l)
+        if out.pseudo is not None:
+            self.pseudo_score.add(out.pseudo.detach(), batch_u.get("withheld_mask"))
         self.engine.step(out.loss)
         if self.teacher is not None:
             guidedmix.ema_update(self.teacher, self.module, gm.ema_decay)

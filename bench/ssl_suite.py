@@ -1,0 +1,92 @@
+"""The study suite: sets x methods x labeled fractions x seeds, every method against supervised-only on the
+same set, fraction and seed. The sets are generated study sets of different regimes (docs/study-sets.md):
+`synthetic` (drawn shapes), `textures` (real pixels: scikit-image's textures and photographs),
+`textures-hard` (a weak teacher: ten grey textures, jittered, small objects). Methods are
+bench/ssl_ablation.py's variants. Runs are cached under data/run-cache/ by code and overrides, so the suite
+grows across sessions without rerunning what is known. Writes a Markdown table (with this command) and prints
+the results as JSON on the last line.
+
+    .venv/bin/python bench/ssl_suite.py [--sets synthetic textures textures-hard] [--labeled 1/16 1/4]
+        [--seeds 0 1 2] [--methods default ...] [--steps 1500] [--table docs/results-suite.md]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import statistics
+import sys
+import time
+
+sys.path.insert(0, __file__.rsplit("/bench/", 1)[0])
+from bench.common import ROOT, run_many, study_shards  # noqa: E402
+from bench.ssl_ablation import VARIANTS  # noqa: E402
+
+SETS = ("synthetic", "textures", "textures-hard")
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sets", nargs="+", default=list(SETS), choices=SETS)
+    parser.add_argument("--labeled", nargs="+", default=["1/16", "1/4"])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--methods", nargs="+", default=["default"], choices=sorted(VARIANTS))
+    parser.add_argument("--steps", type=int, default=1500)
+    parser.add_argument("--parallel", type=int, default=2)
+    parser.add_argument("--table", default=os.path.join(ROOT, "docs", "results-suite.md"))
+    args = parser.parse_args()
+    methods = ["supervised"] + [m for m in args.methods if m != "supervised"]
+    plan = [(s, f, m, seed) for s in args.sets for f in args.labeled for m in methods for seed in args.seeds]
+    runs = []
+    for data_set, fraction, method, seed in plan:
+        url = study_shards(data_set, fraction)
+        runs.append([f"data.url={url}", f"train.steps={args.steps}", f"train.eval_every={args.steps}",
+                     f"train.ckpt_every={args.steps}", f"train.seed={seed}", *VARIANTS[method]])
+    finished, started = [], time.monotonic()
+
+    def progress(i, result):  # one line per run as it ends (cached ones at once), with the time left
+        finished.append(i)
+        elapsed = time.monotonic() - started
+        eta = elapsed / len(finished) * (len(plan) - len(finished))
+        print(f"[{len(finished)}/{len(plan)}] {' '.join(map(str, plan[i]))}: {100 * result['miou']:.2f} "
+              f"({elapsed / 60:.0f} min, ETA {eta / 60:.0f} min)", file=sys.stderr, flush=True)
+
+    results = run_many(runs, args.parallel, progress)
+    miou: dict = {}
+    for key, r in zip(plan, results):
+        miou.setdefault(key[:3], []).append(round(100 * r["miou"], 2))
+    rows = []
+    for data_set in args.sets:
+        for fraction in args.labeled:
+            sup = miou[(data_set, fraction, "supervised")]
+            for method in methods:
+                values = miou[(data_set, fraction, method)]
+                per_seed = [round(v - s, 2) for v, s in zip(values, sup)]
+                rows.append({"set": data_set, "labeled": fraction, "method": method, "miou": values,
+                             "mean": round(statistics.mean(values), 2),
+                             "gain": round(statistics.mean(values) - statistics.mean(sup), 2),
+                             "worst_seed_gain": min(per_seed)})
+    suite = {m: {f: round(statistics.mean(r["gain"] for r in rows if r["method"] == m and r["labeled"] == f), 2)
+                 for f in args.labeled} for m in methods if m != "supervised"}
+    command = shlex.join(["bench/ssl_suite.py", *sys.argv[1:]])
+    lines = ["# The study suite: every method against supervised-only", "",
+             f"Made by `.venv/bin/python {command}`: `configs/cpu-small.yaml`, {args.steps} steps, one process "
+             "per run, the sets of docs/study-sets.md. mIoU in %; gain: the method's mean minus supervised's on the "
+             "same set and fraction; worst seed: the lowest per-seed difference (same seed).", "",
+             "| set | labeled | method | mIoU per seed | mean | gain | worst seed |", "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        gain = "" if r["method"] == "supervised" else f"{r['gain']:+.2f}"
+        worst = "" if r["method"] == "supervised" else f"{r['worst_seed_gain']:+.2f}"
+        lines.append(f"| {r['set']} | {r['labeled']} | {r['method']} | {' / '.join(f'{v:.2f}' for v in r['miou'])} "
+                     f"| {r['mean']:.2f} | {gain} | {worst} |")
+    lines += ["", "Suite mean gain per method and fraction: " + "; ".join(
+        f"{m}: " + ", ".join(f"{f} {g:+.2f}" for f, g in by_fraction.items()) for m, by_fraction in suite.items())]
+    with open(args.table, "w") as f:
+        f.write("\n".join(lines) + "\n")
+    print(json.dumps({"sets": args.sets, "labeled": args.labeled, "seeds": args.seeds, "steps": args.steps,
+                      "rows": rows, "suite_mean_gain": suite}))
+
+
+if __name__ == "__main__":
+    main()
