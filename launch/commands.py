@@ -101,9 +101,10 @@ def _predict(args) -> int:
                                  cfg.eval.stride, cfg.eval.flip)
         pred = probs.argmax(1)[0].numpy().astype(np.uint8)
         stem = os.path.splitext(os.path.basename(path))[0]
-        outputs.write_bytes(join(args.out, f"{stem}.png"), outputs.png_bytes(Image.fromarray(pred)), options)
+        outputs.write_bytes(join(args.out, f"{stem}.png"), outputs.png_bytes(Image.fromarray(pred)), options,
+                            storage.retries)
         outputs.write_bytes(join(args.out, f"{stem}-overlay.png"), outputs.png_bytes(outputs.overlay(image, pred)),
-                            options)
+                            options, storage.retries)
     print(json.dumps({"images": len(paths), "out": args.out}))
     return 0
 

@@ -132,3 +132,28 @@ def test_the_ledger_check_sees_a_lost_and_a_repeated_sample(short_epochs_url, tm
     assert report["unlabeled"]["lost"] == 1 and report["labeled"]["repeated"] == 1
     with pytest.raises(AssertionError):
         check_ledgers(out, 1)
+
+
+def test_results_are_written_through_a_flaky_store(monkeypatch):
+    """summary.json and the other results retry transient storage errors like every other read and write."""
+    from fsspec.implementations.memory import MemoryFileSystem
+
+    from shards import storage
+    from shards.errors import StorageFailure
+    from trainer import outputs
+
+    monkeypatch.setattr(storage.time, "sleep", lambda seconds: None)
+    real, failures = MemoryFileSystem.pipe_file, {"left": 2}
+
+    def flaky(self, path, value, **kwargs):
+        if failures["left"]:
+            failures["left"] -= 1
+            raise ConnectionError("reset by peer")
+        return real(self, path, value, **kwargs)
+
+    monkeypatch.setattr(MemoryFileSystem, "pipe_file", flaky)
+    outputs.write_json("memory://flaky/summary.json", {"steps": 3}, None, retries=2)
+    assert json.loads(MemoryFileSystem().cat_file("/flaky/summary.json")) == {"steps": 3}
+    failures["left"] = 3
+    with pytest.raises(StorageFailure, match="memory://flaky/summary.json"):
+        outputs.write_json("memory://flaky/summary.json", {"steps": 4}, None, retries=2)

@@ -291,7 +291,7 @@ class Trainer:
         skipped = all_reduce(torch.tensor([sum(s.skipped for s in self.streams.values())]))
         if cfg.train.ledger:
             outputs.write_json(f"{cfg.out.rstrip('/')}/ledger/rank-{ctx.rank}.json", self.ledger,
-                               cfg.data.storage_options)
+                               cfg.data.storage_options, cfg.data.retries)
         self.metrics.close()
         if ctx.rank != 0:
             return None
@@ -307,7 +307,7 @@ class Trainer:
         last_log = [h for h in self.history if "pseudo_coverage" in h]
         if last_log:  # rank 0's pseudo masks over the last log interval
             summary["pseudo_masks"] = {k: v for k, v in last_log[-1].items() if "pseudo" in k or k == "true_class_freq"}
-        outputs.write_outputs(cfg.out, summary, self.history, overlays, cfg.data.storage_options)
+        outputs.write_outputs(cfg.out, summary, self.history, overlays, cfg.data.storage_options, cfg.data.retries)
         log.info("done: %d steps, val mIoU %.4f, outputs under %s", self.step, miou, cfg.out)
         return summary
 

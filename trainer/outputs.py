@@ -13,7 +13,7 @@ matplotlib.use("Agg")  # files only, no display; before pyplot is imported
 import matplotlib.pyplot as plt  # noqa: E402
 
 from shards.augment import MEAN, STD
-from shards.storage import filesystem, join
+from shards.storage import filesystem, join, with_retries
 
 _PALETTE = np.array([[0, 0, 0], [230, 25, 75], [60, 180, 75], [255, 225, 25], [0, 130, 200], [245, 130, 48],
                      [145, 30, 180], [70, 240, 240], [240, 50, 230], [210, 245, 60], [250, 190, 212],
@@ -41,12 +41,17 @@ def overlay(image: np.ndarray, pred: np.ndarray, truth: np.ndarray | None = None
     return Image.fromarray(np.concatenate(panels, axis=1))
 
 
-def write_bytes(url: str, data: bytes, storage_options: dict | None = None) -> None:
+def write_bytes(url: str, data: bytes, storage_options: dict | None, retries: int) -> None:
+    """One object written, transient storage errors retried (`data.retries`), as every read and write is."""
     fs, path = filesystem(url, storage_options)
     parent = path.rsplit("/", 1)[0]
-    if parent and parent != path:
-        fs.makedirs(parent, exist_ok=True)
-    fs.pipe_file(path, data)
+
+    def write():
+        if parent and parent != path:
+            fs.makedirs(parent, exist_ok=True)
+        fs.pipe_file(path, data)
+
+    with_retries(write, url, retries)
 
 
 def png_bytes(image: Image.Image) -> bytes:
@@ -55,8 +60,8 @@ def png_bytes(image: Image.Image) -> bytes:
     return buf.getvalue()
 
 
-def write_json(url: str, data: dict, storage_options: dict | None = None) -> None:
-    write_bytes(url, json.dumps(data, indent=1).encode(), storage_options)
+def write_json(url: str, data: dict, storage_options: dict | None, retries: int) -> None:
+    write_bytes(url, json.dumps(data, indent=1).encode(), storage_options, retries)
 
 
 def curves_png(history: list[dict]) -> bytes:
@@ -83,9 +88,9 @@ def curves_png(history: list[dict]) -> bytes:
 
 
 def write_outputs(out: str, summary: dict, history: list[dict], overlays: list[Image.Image],
-                  storage_options: dict | None = None) -> None:
+                  storage_options: dict | None, retries: int) -> None:
     for i, image in enumerate(overlays):
-        write_bytes(join(out, "overlays", f"val-{i}.png"), png_bytes(image), storage_options)
-    write_bytes(join(out, "curves.png"), curves_png(history), storage_options)
-    write_json(join(out, "history.json"), {"history": history}, storage_options)
-    write_json(join(out, "summary.json"), summary, storage_options)  # last: its presence means done
+        write_bytes(join(out, "overlays", f"val-{i}.png"), png_bytes(image), storage_options, retries)
+    write_bytes(join(out, "curves.png"), curves_png(history), storage_options, retries)
+    write_json(join(out, "history.json"), {"history": history}, storage_options, retries)
+    write_json(join(out, "summary.json"), summary, storage_options, retries)  # last: its presence means done
