@@ -154,6 +154,7 @@ class Trainer:
         self.pseudo_score = evaluate.PseudoMaskScore(len(self.classes))  # watches for collapse between log lines
         self.counted_skipped = 0
         self.data_wait = 0.0
+        self.progress = _Progress(cfg.train.steps, 0, self.images_per_step)
 
     def elapsed(self) -> float:
         """Training seconds of this run, earlier attempts included."""
@@ -179,7 +180,7 @@ class Trainer:
             if self.ctx.rank == 0:
                 log.info("resumed from %s at step %d", self.resumed_from, self.step)
         self.counted_skipped = sum(s.skipped for s in self.streams.values())
-        self.progress = _Progress(self.cfg.train.steps, self.step, self.images_per_step)
+        self.progress = _Progress(self.cfg.train.steps, self.step, self.images_per_step)  # rate from here on
         self.module.train()
 
     def train_step(self) -> guidedmix.StepOutput:
