@@ -185,9 +185,11 @@ def main():
         "samples_per_s_per_loader_worker": {k: round(v / max(args.workers, 1), 1) for k, v in result.items()},
         "ratios": {"shards_vs_per_file_s3": round(result["shards_s3"] / result["per_file_s3"], 2),
                    "s3_vs_local_shards": round(result["shards_s3"] / result["shards_local"], 2),
-                   "s3_vs_local_shards_no_readahead": round(result["shards_s3_no_readahead"] / result["shards_local"], 2),
+                   "s3_vs_local_shards_no_readahead": round(result["shards_s3_no_readahead"]
+                                                            / result["shards_local"], 2),
                    "pipeline_vs_ceiling": round(result["shards_local"] / result["ceiling"], 2)},
-        "store_cpu_seconds": store_cpu, "images": args.images, "size": args.size, "crop": args.crop, "loader_workers": args.workers,
+        "store_cpu_seconds": store_cpu, "images": args.images, "size": args.size, "crop": args.crop,
+        "loader_workers": args.workers,
         "readahead_shards": DataConfig().readahead, "threads": torch.get_num_threads()}))
 
 

@@ -19,9 +19,9 @@ import sys
 sys.path.insert(0, __file__.rsplit("/bench/", 1)[0])
 from bench.common import ROOT, run_many, study_shards  # noqa: E402
 
-# the paper as written (docs/method.md; the schema's defaults are the measured best instead): tau 0 and no class-balanced
-# floor, self teacher, both losses, global interpolation, soft target, one BN pass, no strong augmentation, the
-# most similar partner
+# the paper as written (docs/method.md; the schema's defaults are the measured best instead): tau 0 and no
+# class-balanced floor, self teacher, both losses, global interpolation, soft target, one BN pass, no strong
+# augmentation, the most similar partner
 PAPER = ["train.method=guidedmix", "guidedmix.tau=0", "guidedmix.class_keep=0", "guidedmix.teacher=self",
          "guidedmix.unsup_loss=true", "guidedmix.mix=interp", "guidedmix.mix_target=soft", "guidedmix.shared_bn=true",
          "guidedmix.strong_aug=false", "guidedmix.rampup_steps=1000", "guidedmix.pairing.similarity=most"]

@@ -48,7 +48,8 @@ def test_secrets_stay_out_of_the_public_config():
     assert cfg.public_dict(drop_secrets=True)["data"]["storage_options"] == {
         "endpoint_url": "http://127.0.0.1:1", "client_kwargs": {"region_name": "eu-west-1"},
         "config_kwargs": {"s3": [{}]}}
-    assert cfg.secret_keys() == ["data.storage_options.secret", "data.storage_options.client_kwargs.aws_secret_access_key",
+    assert cfg.secret_keys() == ["data.storage_options.secret",
+                                 "data.storage_options.client_kwargs.aws_secret_access_key",
                                  "data.storage_options.config_kwargs.s3.0.sas_token"]
     with pytest.raises(BadInput, match="storage_options.key: a command line") as refused:
         load_config("configs/cpu-small.yaml", ["data.storage_options.key=S4"])

@@ -2,8 +2,8 @@
 
 A checkpoint is a folder `step-NNNNNNNN/` holding the engine's files (DeepSpeed's, or a plain torch
 file), the run's config and classes (`config.json`, secrets dropped) and one `rank-R.json` per rank (its
-data-stream positions and sample ledger). `load_trained` reads one back as a model for eval and predict. Every rank uploads
-its files, all ranks meet at a barrier, then rank 0 writes `latest` (naming the folder): the commit.
+data-stream positions and sample ledger). `load_trained` reads one back as a model for eval and predict.
+Every rank uploads its files, all ranks meet at a barrier, then rank 0 writes `latest` (naming the folder): the commit.
 A failed or interrupted write (storage down past the retry budget, a full or read-only target, a killed
 worker) leaves `latest` on the previous, complete checkpoint, and raises CheckpointError naming the URL.
 """

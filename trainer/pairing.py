@@ -44,9 +44,8 @@ class PairingBank:
     (uint8, 3 x H x W), masks (uint8, H x W), with the rank and step that pushed each."""
 
     def __init__(self, cfg: PairingConfig, seed: int = 0):
-        self.capacity, self.similarity, self.topk, self.temperature = (cfg.bank_size, cfg.similarity, cfg.topk,
-                                                                       cfg.temperature)
-        capacity = self.capacity
+        self.cfg, self.capacity = cfg, cfg.bank_size
+        capacity = cfg.bank_size
         self.generator = torch.Generator().manual_seed(seed)
         self.size = self.next = 0
         self.embeddings = self.images = self.masks = None  # allocated by the first push
@@ -93,7 +92,7 @@ class PairingBank:
         vectors = self._check_embeddings(embeddings)
         if self.size == 0:
             return None
-        index = pair(vectors, self.embeddings[:self.size], self.similarity, self.topk, self.temperature,
+        index = pair(vectors, self.embeddings[:self.size], self.cfg.similarity, self.cfg.topk, self.cfg.temperature,
                      self.generator).numpy()
         return {"images": self.images[index], "masks": self.masks[index], "index": index,
                 "ranks": self.ranks[index], "staleness": np.maximum(step - self.steps[index], 0)}
