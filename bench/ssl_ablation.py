@@ -48,6 +48,9 @@ VARIANTS = {
     "default-class-keep-0": ["train.method=guidedmix", "guidedmix.class_keep=0"],
     "default-class-keep-0.2": ["train.method=guidedmix", "guidedmix.class_keep=0.2"],
     "default-class-keep-0.5": ["train.method=guidedmix", "guidedmix.class_keep=0.5"],
+    # issue #17 at 1/4 labels, where the default loses: a lighter unlabeled term, a mean teacher
+    "default-weight-0.5": ["train.method=guidedmix", "guidedmix.unsup_weight=0.5"],
+    "default-ema": ["train.method=guidedmix", "guidedmix.teacher=ema"],
     "paper": PAPER,
     "authors-code": AUTHORS,
     "ema-tau0.95-region-hard": [*PAPER, "guidedmix.teacher=ema", "guidedmix.tau=0.95", "guidedmix.mix=region",

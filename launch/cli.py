@@ -10,7 +10,7 @@ from shards import build, sources
 from shards.errors import BadInput, StorageFailure
 from shards.manifest import read_manifest, summary, verify
 
-from . import commands
+from . import commands, console
 
 
 class _Parser(argparse.ArgumentParser):
@@ -88,7 +88,7 @@ def one_line(err: BaseException) -> str:
 
 
 def main(argv=None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    logging.basicConfig(level=logging.INFO, format=console.LOG_FORMAT)
     try:
         args = build_parser().parse_args(argv)
         if args.verbose:

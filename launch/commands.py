@@ -21,7 +21,7 @@ from trainer.checkpoint import load_trained
 from trainer.config import Config, apply_overrides, load_config
 from trainer.loop import WorkerContext, evaluate_model, train
 
-from . import driver
+from . import console, driver
 
 log = logging.getLogger("guidedmix")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -58,11 +58,20 @@ def _config(args, extra: list[str] = ()):
     return cfg
 
 
+def _on_ray(cfg: Config, args) -> dict:
+    """driver.run behind the quiet console (launch/console.py)."""
+    def upload(url, data):
+        outputs.write_bytes(url, data, cfg.data.storage_options, cfg.data.retries)
+
+    with console.quiet(cfg.out, args.verbose, upload):
+        return driver.run(cfg, getattr(args, "address", None))
+
+
 def _train(args) -> int:
     if args.no_ray:  # one process, plain PyTorch: debugging and small studies (metrics on train.metrics_port)
         summary = train(_config(args, ["train.engine=plain", "train.workers=1"]), WorkerContext())
     else:
-        summary = driver.run(_config(args), args.address)
+        summary = _on_ray(_config(args), args)
     print(json.dumps({k: summary[k] for k in ("method", "miou", "steps", "samples_seen", "wall_seconds")}))
     return 0
 
@@ -118,12 +127,12 @@ def _demo(args) -> int:
     args.config = args.config or os.path.join(ROOT, "configs", "cpu-small.yaml")
     args.data = data
     cfg = _config(args)
-    summary = driver.run(cfg, None)
+    summary = _on_ray(cfg, args)
     print(f"GuidedMix demo: val mIoU {100 * summary['miou']:.1f} after {summary['steps']} steps on "
           f"{summary['workers']} CPU DeepSpeed workers ({summary['wall_seconds']:.0f}s)")
     pseudo = summary.get("pseudo_masks", {})
     if "pseudo_accuracy" in pseudo:
-        print(f"pseudo masks (last {cfg.train.log_every} steps): {pseudo['pseudo_coverage']:.0%} of unlabeled "
+        print(f"pseudo masks (last {min(cfg.train.log_every, summary['steps'])} steps): {pseudo['pseudo_coverage']:.0%} of unlabeled "
               f"pixels taught, {pseudo['pseudo_accuracy']:.0%} of them right against the withheld masks")
     print(f"summary: {join(cfg.out, 'summary.json')}\npictures: {join(cfg.out, 'overlays')}/, "
           f"{join(cfg.out, 'curves.png')}")

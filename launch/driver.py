@@ -26,6 +26,8 @@ from trainer.config import CREDENTIALS_HELP, Config
 from trainer.loop import WorkerContext, train
 from trainer.pairing import start_service
 
+from .console import LOG_FORMAT
+
 log = logging.getLogger("guidedmix.driver")
 
 
@@ -68,7 +70,8 @@ def expected_failure(err: BaseException):
 
 
 def _worker_entry(config: dict) -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    # our format, in place of Ray's: the driver's console tells our lines from Ray's and DeepSpeed's by it
+    logging.basicConfig(level=logging.INFO, format=LOG_FORMAT, force=True)
     os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
     ctx = ray.train.get_context()
     train(Config.model_validate(config),
@@ -83,7 +86,9 @@ def _connect(address: str | None, workers: int):
     if address:
         ray.init(address=address, logging_level=logging.WARNING)
         return False
-    ray.init(num_cpus=max(workers, os.cpu_count() or 1), include_dashboard=False,
+    # with its dashboard: Ray Train's placement-group cleaner watches the controller through the State API
+    # the dashboard serves, and without it warns every few seconds that the state is unavailable
+    ray.init(num_cpus=max(workers, os.cpu_count() or 1), include_dashboard=True,
              logging_level=logging.WARNING, runtime_env={"env_vars": env} if env else None)
     return True
 

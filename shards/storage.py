@@ -45,6 +45,13 @@ def join(base: str, *names: str) -> str:
     return posixpath.join(base, *names)
 
 
+def local_path(url: str) -> str | None:
+    """The local path of a plain path or file:// URL; None for anything else (an object store, memory://)."""
+    if "://" not in url:
+        return url
+    return url.removeprefix("file://") if url.startswith("file://") else None
+
+
 def filesystem(url: str, storage_options: dict | None = None):
     """(fs, path) for a URL; credentials problems surface on first use, see `describe_error`."""
     check_url(url)

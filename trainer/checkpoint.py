@@ -78,7 +78,8 @@ class CheckpointStore:
             self._retry(lambda: self.fs.pipe_file(join(self.path, LATEST), name.encode()), self.root)
             self._prune(name)
         barrier()
-        log.info("checkpoint %s committed in %.1fs", name, time.monotonic() - started)
+        if rank == 0:
+            log.info("checkpoint %s committed in %.1fs", name, time.monotonic() - started)
 
     def _upload(self, local_dir: str, name: str) -> None:
         target = join(self.path, name)

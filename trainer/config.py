@@ -144,7 +144,8 @@ class TrainConfig(_Strict):
     max_failures: int = Field(3, ge=0)
     engine: Literal["deepspeed", "plain"] = "deepspeed"  # plain: one process, no DeepSpeed (studies, benches)
     ledger: bool = False  # record every consumed sample key, to prove nothing is lost or repeated
-    overlays: int = Field(4, ge=0)
+    overlays: int = Field(4, ge=0)  # val overlays kept at each evaluation (TensorBoard, MLflow, overlays/)
+    tensorboard: bool = True  # event files under <out>/tensorboard/ (trainer/tracking.py)
     # outside Ray only (inside Ray, each node's metrics agent serves them): a Prometheus endpoint, 0 = none
     metrics_port: int = Field(0, ge=0, le=65535)
     metrics_host: str = "127.0.0.1"

@@ -28,6 +28,7 @@ from .engine import build_engine
 from .metrics import for_this_process
 from .model import build_model, load_backbone_weights
 from .pairing import PairingClient
+from .tracking import Tracker
 from .unimatch import unimatch_loss
 
 log = logging.getLogger("guidedmix.train")
@@ -102,7 +103,7 @@ class _Progress:
         elapsed = time.monotonic() - self.t0
         rate = done * self.images / max(elapsed, 1e-9)
         eta = (self.total - step) * elapsed / max(done, 1)
-        losses = " ".join(f"{k} {record[k]:.3f}" for k in ("sup", "unsup", "mix") if k in record)
+        losses = " ".join(f"{k} {record[k] + 0.0:.3f}" for k in ("sup", "unsup", "mix") if k in record)  # no -0.000
         pseudo = f"pseudo {record['pseudo_coverage']:.0%} px" if "pseudo_coverage" in record else ""
         if "pseudo_accuracy" in record:
             pseudo += f", {record['pseudo_accuracy']:.0%} right"
@@ -132,7 +133,7 @@ class Trainer:
             if use_gpu:
                 model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
             elif ctx.rank == 0:
-                log.info("model.sync_bn: torch syncs batch norm on GPUs only; CPU workers keep per-worker statistics")
+                log.debug("model.sync_bn: torch syncs batch norm on GPUs only; CPU workers keep per-worker statistics")
         gm = cfg.guidedmix
         ema = cfg.train.method == "guidedmix" and gm.teacher == "ema"
         self.teacher = copy.deepcopy(model).to(ctx.device).eval() if ema else None
@@ -149,6 +150,7 @@ class Trainer:
         self.store = checkpoint.CheckpointStore(cfg.out, cfg.data.storage_options, cfg.data.retries)
 
         self.step, self.history, self.elapsed_before, self.resumed_from = 0, [], 0.0, None
+        self.tracker: Optional[Tracker] = None  # rank 0's, from resume() on
         self.ledger = {s: [] for s in self.streams}
         self.images_per_step = ctx.world_size * sum(getattr(cfg.data, f"{s}_batch_size") for s in self.streams)
         self.pseudo_score = evaluate.PseudoMaskScore(len(self.classes))  # watches for collapse between log lines
@@ -181,6 +183,7 @@ class Trainer:
                 log.info("resumed from %s at step %d", self.resumed_from, self.step)
         self.counted_skipped = sum(s.skipped for s in self.streams.values())
         self.progress = _Progress(self.cfg.train.steps, self.step, self.images_per_step)  # rate from here on
+        self.tracker = Tracker(self.cfg, self.classes, self.step) if self.ctx.rank == 0 else None
         self.module.train()
 
     def train_step(self) -> guidedmix.StepOutput:
@@ -250,18 +253,22 @@ class Trainer:
                 m.set(f"pseudo_mask_{name}", record[f"pseudo_{name}"])
         self.history.append(record)
         self.ctx.report({k: v for k, v in record.items() if isinstance(v, (int, float))})
-        if self.ctx.rank == 0:
+        if self.tracker:
+            self.tracker.scalars(self.step, record)
             log.info(self.progress.line(self.step, record))
 
-    def evaluate(self, keep: int = 0) -> tuple[float, list[float], list]:
-        """Val mIoU with every rank's batch-norm statistics averaged first (the model a checkpoint holds)."""
+    def evaluate(self) -> tuple[float, list[float], list]:
+        """Val mIoU with every rank's batch-norm statistics averaged first (the model a checkpoint holds);
+        rank 0 also keeps a few overlays."""
         average_buffers(self.module)
+        keep = self.cfg.train.overlays if self.tracker else 0
         miou, per_class, overlays = evaluate_model(self.module, self.cfg, self.ctx, self.manifest,
                                                    self.engine.dtype, keep)
         self.metrics.set("eval_miou", miou)
         if not self.history or self.history[-1].get("step") != self.step or "miou" not in self.history[-1]:
             self.history.append({"step": self.step, "miou": miou})
-        if self.ctx.rank == 0:
+        if self.tracker:
+            self.tracker.evaluation(self.step, miou, per_class, overlays)
             log.info("step %d | val mIoU %.4f", self.step, miou)
         return miou, per_class, overlays
 
@@ -282,20 +289,23 @@ class Trainer:
                     torch.save(self.teacher.state_dict(), f"{local}/teacher.pt")
 
         self.store.save(checkpoint.step_name(self.step), self.ctx.rank, write_files)
+        if self.tracker:
+            self.tracker.sync()
         self.metrics.observe("checkpoint_duration_seconds", time.monotonic() - t0)
         self.metrics.set("checkpoint_last_step", self.step)
 
     def finish(self) -> Optional[dict]:
         """The final evaluation and, on rank 0, the run's outputs; returns the summary there."""
         cfg, ctx = self.cfg, self.ctx
-        miou, per_class, overlays = self.evaluate(keep=cfg.train.overlays if ctx.rank == 0 else 0)
+        miou, per_class, overlays = self.evaluate()
         skipped = all_reduce(torch.tensor([sum(s.skipped for s in self.streams.values())]))
         if cfg.train.ledger:
             outputs.write_json(f"{cfg.out.rstrip('/')}/ledger/rank-{ctx.rank}.json", self.ledger,
                                cfg.data.storage_options, cfg.data.retries)
         self.metrics.close()
-        if ctx.rank != 0:
+        if not self.tracker:
             return None
+        self.tracker.close()
         summary = {
             "method": cfg.train.method, "miou": miou, "per_class_iou": dict(zip(self.classes, per_class)),
             "steps": self.step, "samples_seen": self.step * self.images_per_step,
