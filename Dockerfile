@@ -29,7 +29,7 @@ COPY shards shards
 COPY trainer trainer
 COPY launch launch
 COPY configs configs
-RUN pip install -c constraints.txt . \
+RUN pip install -c constraints.txt ".[mlflow]" \
  && mkdir -p "$TORCH_EXTENSIONS_DIR" && chown guidedmix:guidedmix "$TORCH_EXTENSIONS_DIR"
 
 USER 1000:1000

@@ -1,23 +1,22 @@
-"""Helpers the benchmarks share: a cached synthetic shard set and cached single-process training runs."""
+"""Helpers the benchmarks share: generated study sets, single-process training runs, and grids of them run as
+`guidedmix sweep` trials."""
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import io
-import json
 import logging
 import os
 import tempfile
-from concurrent.futures import ProcessPoolExecutor
 
 import torch
 
+from launch import sweep
 from shards import build, sources
 from trainer.config import load_config
 from trainer.loop import WorkerContext, train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CACHE = os.path.join(ROOT, "data", "run-cache")
+SWEEPS = os.path.join(ROOT, "data", "sweeps")
 
 
 def study_shards(source: str = "synthetic", labeled: str = "1/16", train_images: int = 1200, val_images: int = 240,
@@ -52,43 +51,10 @@ def steady_rate(history: list[dict], per_step: float = 1.0) -> float:
     return (last["step"] - first["step"]) * per_step / (last["seconds"] - first["seconds"])
 
 
-def code_digest() -> str:
-    """A hash of everything a training result depends on besides the overrides: the code and config."""
-    digest = hashlib.sha256()
-    for package in ("shards", "trainer"):
-        for name in sorted(os.listdir(os.path.join(ROOT, package))):
-            if name.endswith(".py"):
-                with open(os.path.join(ROOT, package, name), "rb") as f:
-                    digest.update(f.read())
-    with open(os.path.join(ROOT, "configs", "cpu-small.yaml"), "rb") as f:
-        digest.update(f.read())
-    return digest.hexdigest()
-
-
-def _cached(overrides: tuple[str, ...]) -> dict:
-    key = hashlib.sha256(json.dumps([code_digest(), sorted(overrides)]).encode()).hexdigest()[:16]
-    path = os.path.join(CACHE, key + ".json")
-    if os.path.exists(path):
-        with open(path) as f:
-            return json.load(f)
-    summary = train_once(list(overrides))
-    result = {"overrides": list(overrides), "miou": summary["miou"], "wall_seconds": summary["wall_seconds"],
-              "per_class_iou": summary["per_class_iou"], "pseudo_masks": summary.get("pseudo_masks")}
-    os.makedirs(CACHE, exist_ok=True)
-    with open(path + ".tmp", "w") as f:
-        json.dump(result, f)
-    os.replace(path + ".tmp", path)
-    return result
-
-
-def run_many(runs: list[list[str]], parallel: int = 2, on_done=None) -> list[dict]:
-    """Run (or fetch from the cache) each override list; `parallel` processes of one thread each."""
-    results: list = [None] * len(runs)
-    with ProcessPoolExecutor(parallel) as pool:
-        futures = {pool.submit(_cached, tuple(r)): i for i, r in enumerate(runs)}
-        for future in futures:
-            i = futures[future]
-            results[i] = future.result()
-            if on_done:
-                on_done(i, results[i])
-    return results
+def run_many(runs: list[tuple[str, int, list[str]]], parallel: int = 2) -> list[dict]:
+    """Each (label, seed, overrides) as a `guidedmix sweep` trial (launch/sweep.py: Ray Tune, one thread per
+    trial, `parallel` at a time), or its finished summary from data/sweeps/ while code and config are
+    unchanged; the summaries in order."""
+    config = os.path.join(ROOT, "configs", "cpu-small.yaml")
+    trials = [t for label, seed, overrides in runs for t in sweep.plan(config, overrides, {label: []}, [seed], SWEEPS)]
+    return sweep.run_trials(trials, parallel)

@@ -4,7 +4,7 @@ mean gain.
 
     .venv/bin/python bench/ssl_gain.py [--seeds 0 1 2] [--steps 1500] [--labeled 1/16] [--set key=value ...]
 
-Runs two trainings at a time (one thread each) and caches finished runs under data/run-cache/.
+Runs two trainings at a time (one thread each) as `guidedmix sweep` trials kept under data/sweeps/.
 """
 from __future__ import annotations
 
@@ -21,11 +21,9 @@ def compare(labeled: str, steps: int, seeds: list[int], overrides: list[str], pa
     url = study_shards("synthetic", labeled)
     base = [f"data.url={url}", f"train.steps={steps}", f"train.eval_every={steps}", f"train.ckpt_every={steps}"]
     plan = [(seed, method) for seed in seeds for method in ("supervised", "guidedmix")]
-    runs = [[*base, f"train.seed={seed}", f"train.method={method}", *(overrides if method == "guidedmix" else [])]
+    runs = [(method, seed, [*base, f"train.method={method}", *(overrides if method == "guidedmix" else [])])
             for seed, method in plan]
-    results = run_many(runs, parallel, lambda i, r: print(
-        f"seed {plan[i][0]} {plan[i][1]}: mIoU {100 * r['miou']:.2f} ({r['wall_seconds']:.0f}s)",
-        file=sys.stderr, flush=True))
+    results = run_many(runs, parallel)
     rows = []
     for k, seed in enumerate(seeds):
         sup, gm = 100 * results[2 * k]["miou"], 100 * results[2 * k + 1]["miou"]

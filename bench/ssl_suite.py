@@ -2,7 +2,7 @@
 same set, fraction and seed. The sets are generated study sets of different regimes (docs/study-sets.md):
 `synthetic` (drawn shapes), `textures` (real pixels: scikit-image's textures and photographs),
 `textures-hard` (a weak teacher: ten grey textures, jittered, small objects). Methods are
-bench/ssl_ablation.py's variants. Runs are cached under data/run-cache/ by code and overrides, so the suite
+bench/ssl_ablation.py's variants. Runs are `guidedmix sweep` trials kept under data/sweeps/ by code and config, so the suite
 grows across sessions without rerunning what is known. Writes a Markdown table (with this command) and prints
 the results as JSON on the last line.
 
@@ -17,7 +17,6 @@ import os
 import shlex
 import statistics
 import sys
-import time
 
 sys.path.insert(0, __file__.rsplit("/bench/", 1)[0])
 from bench.common import ROOT, run_many, study_shards  # noqa: E402
@@ -41,18 +40,10 @@ def main():
     runs = []
     for data_set, fraction, method, seed in plan:
         url = study_shards(data_set, fraction)
-        runs.append([f"data.url={url}", f"train.steps={args.steps}", f"train.eval_every={args.steps}",
-                     f"train.ckpt_every={args.steps}", f"train.seed={seed}", *VARIANTS[method]])
-    finished, started = [], time.monotonic()
-
-    def progress(i, result):  # one line per run as it ends (cached ones at once), with the time left
-        finished.append(i)
-        elapsed = time.monotonic() - started
-        eta = elapsed / len(finished) * (len(plan) - len(finished))
-        print(f"[{len(finished)}/{len(plan)}] {' '.join(map(str, plan[i]))}: {100 * result['miou']:.2f} "
-              f"({elapsed / 60:.0f} min, ETA {eta / 60:.0f} min)", file=sys.stderr, flush=True)
-
-    results = run_many(runs, args.parallel, progress)
+        runs.append((f"{data_set} {fraction} {method}", seed,
+                     [f"data.url={url}", f"train.steps={args.steps}", f"train.eval_every={args.steps}",
+                      f"train.ckpt_every={args.steps}", *VARIANTS[method]]))
+    results = run_many(runs, args.parallel)
     miou: dict = {}
     for key, r in zip(plan, results):
         miou.setdefault(key[:3], []).append(round(100 * r["miou"], 2))

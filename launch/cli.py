@@ -10,7 +10,7 @@ from shards import build, sources
 from shards.errors import BadInput, StorageFailure
 from shards.manifest import read_manifest, summary, verify
 
-from . import commands, console
+from . import commands, console, sweep
 
 
 class _Parser(argparse.ArgumentParser):
@@ -75,6 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
     i.set_defaults(func=_shards_inspect)
 
     commands.add_commands(sub)
+    sweep.add_command(sub, commands.add_config_args)
     return parser
 
 

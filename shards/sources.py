@@ -170,7 +170,8 @@ _IMAGE_EXTS = (".png", ".jpg", ".jpeg")
 
 
 def folder(root: str) -> Source:
-    """ROOT/classes.txt, ROOT/{train,val}/{images,masks}, optional ROOT/unlabeled (see ARCHITECTURE.md)."""
+    """ROOT/classes.txt, ROOT/{train,val}/{images,masks}, optional ROOT/unlabeled (the README's "Train on your
+    own data")."""
     with open(_need(os.path.join(root, "classes.txt"), "class list")) as f:
         classes = [line.strip() for line in f if line.strip()]
     if not classes:

@@ -257,6 +257,7 @@ def test_rendered_overlay_validates_and_its_entrypoint_parses(overlay, rayjob_va
     job = next(d for d in docs if d["kind"] == "RayJob")
     spec = job["spec"]
     assert spec["shutdownAfterJobFinishes"] is True and spec["ttlSecondsAfterFinished"] > 0
+    assert spec["rayClusterSpec"]["authOptions"] == {"mode": "token"}  # Ray's secure default stays on
     assert spec["activeDeadlineSeconds"] > 0 and spec["backoffLimit"] >= 1
     pods = [spec["rayClusterSpec"]["headGroupSpec"]["template"]] + \
         [g["template"] for g in spec["rayClusterSpec"]["workerGroupSpecs"]]
@@ -409,3 +410,39 @@ def test_credentials_never_travel_through_ray_or_a_command_line(synthetic_url, t
     r = run_cli(*args, timeout=120)
     assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr[-2000:]
     assert key in r.stderr and "AWS_SECRET_ACCESS_KEY" in r.stderr and value not in r.stderr
+
+
+@pytest.mark.slow
+def test_the_readme_cluster_route_with_token_authentication(synthetic_url, tmp_path):
+    """Ray's token authentication on, as the README's cluster route sets it up (the other tests' heads run
+    without it: they are loopback-only and start many clusters). The head's and the client's homes are
+    apart, so the client holds the token only through the variables the README names."""
+    head_home, client_home = tmp_path / "head-home", tmp_path / "client-home"
+    client_home.mkdir()
+    ray = os.path.join(VENV_BIN, "ray")
+    subprocess.run([ray, "get-auth-token", "--generate"], env={**os.environ, "HOME": str(head_home)}, check=True,
+                   capture_output=True, timeout=60)
+    token = (head_home / ".ray" / "auth_token").read_text().strip()
+    # the head's `python` has the dependencies, as a cluster image's does
+    head = RayHead(str(tmp_path), env={"RAY_AUTH_MODE": "token", "HOME": str(head_home),
+                                       "PATH": f"{VENV_BIN}:{os.environ['PATH']}"})
+    try:
+        def client(*args, **env):
+            base = {k: v for k, v in os.environ.items() if k != "RAY_AUTH_MODE"}
+            return subprocess.run([ray, "job", *args], cwd=REPO, capture_output=True, text=True, timeout=600,
+                                  env={**base, "HOME": str(client_home), **env})
+
+        submit = ["submit", "--address", head.dashboard, "--submission-id", "gm-auth", "--working-dir", ".", "--",
+                  "python", "-m", "launch", "train", *SMALL, "--data", synthetic_url, "--out", str(tmp_path / "run"),
+                  "--workers", "2", "--steps", "4"]
+        refused = client(*submit)
+        assert refused.returncode != 0 and "Authentication required" in refused.stdout + refused.stderr
+        with_token = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token}
+        r = client(*submit, **with_token)
+        assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+        assert "step 4/4" in r.stdout and "full log" in r.stdout  # the driver's quiet console, through Ray's job log
+        status = client("status", "--address", head.dashboard, "gm-auth", **with_token)
+        assert status.returncode == 0 and "Job 'gm-auth' succeeded" in status.stdout
+        assert json.load(open(tmp_path / "run" / "summary.json"))["steps"] == 4
+    finally:
+        head.stop()

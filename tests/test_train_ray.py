@@ -1,6 +1,8 @@
 """Distributed training for real: a local Ray head started here, DeepSpeed CPU workers, S3 on loopback."""
+import glob
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -111,3 +113,34 @@ def test_a_local_run_has_a_quiet_console_and_v_brings_the_chatter_back(synthetic
     assert "Failed to query Ray Train Controller" not in full and "step 8/8 | loss" in full
     loud = train(str(tmp_path / "loud"), "-v")
     assert "TrainingReport" in loud and len(loud.splitlines()) > len(lines) + 5
+
+
+def test_a_sweep_runs_its_grid_on_ray_tune_and_reruns_nothing_finished(synthetic_url, tmp_path):
+    grid = tmp_path / "grid.yaml"
+    grid.write_text("supervised: [train.method=supervised]\nlighter: [guidedmix.unsup_weight=0.5]\n")
+    out = tmp_path / "sweep"
+    args = ["sweep", *SMALL, "--data", synthetic_url, "--grid", str(grid), "--seeds", "0", "1", "--steps", "4",
+            "--out", str(out)]
+    r = run_cli(*args)
+    assert r.returncode == 0, r.stderr[-3000:]
+    result = json.loads(r.stdout)
+    assert [row["variant"] for row in result["rows"]] == ["supervised", "lighter"]
+    trials = sorted(glob.glob(f"{out}/trials/*/summary.json"))
+    assert len(trials) == 4 and len(re.findall(r"\[\d/4\] \w+ seed \d: mIoU", r.stderr)) == 4
+    summaries = [json.load(open(t)) for t in trials]
+    assert sorted((s["method"], s["config"]["train"]["seed"], s["config"]["guidedmix"]["unsup_weight"])
+                  for s in summaries) == [("guidedmix", 0, 0.5), ("guidedmix", 1, 0.5),
+                                          ("supervised", 0, 1.0), ("supervised", 1, 1.0)]
+    by_variant = {row["variant"]: row for row in result["rows"]}
+    sup = {s["config"]["train"]["seed"]: 100 * s["miou"] for s in summaries if s["method"] == "supervised"}
+    assert by_variant["supervised"]["miou"] == {str(k): round(v, 2) for k, v in sup.items()}
+    assert "| lighter |" in (out / "sweep.md").read_text()
+    # the same sweep again: every trial is found finished, nothing trains
+    stamps = [os.path.getmtime(t) for t in trials]
+    again = run_cli(*args, timeout=120)
+    assert again.returncode == 0 and json.loads(again.stdout) == result
+    assert [os.path.getmtime(t) for t in trials] == stamps and "mIoU" not in again.stderr
+    # a changed override is a new trial; a grid that is not one is one line, exit 2
+    grid.write_text("broken: train.method=supervised\n")
+    bad = run_cli(*args, timeout=120)
+    assert bad.returncode == 2 and bad.stderr.strip().count("\n") == 0 and "--grid" in bad.stderr
