@@ -310,6 +310,36 @@ def test_class_balanced_floor_teaches_each_classes_most_confident_share():
         [[True, False, False, False, True, False, False, False, False]]  # ceil(0.25 * 4) = 1 per class
 
 
+def test_the_prior_cap_teaches_no_class_beyond_its_labeled_share():
+    # the teacher is confident on 6 background pixels and 2 of class 1; the labeled pixels are half and half
+    confidence = torch.tensor([[0.99, 0.98, 0.97, 0.96, 0.95, 0.94, 0.93, 0.92, 0.5]])
+    label = torch.tensor([[0, 0, 0, 0, 0, 0, 1, 1, 1]])
+    prior = guidedmix.class_shares(torch.tensor([[0, 0, 1, 1, 255]]), 2)
+    assert prior.tolist() == [0.5, 0.5]
+    capped = guidedmix.confident_pixels(confidence, label, 0.9, 0.0, prior=prior)
+    # background keeps its 2 most confident pixels (0.5 / 0.5 x the 2 of class 1); the cap adds nothing
+    assert capped.tolist() == [[True, True, False, False, False, False, True, True, False]]
+    # a prior that the taught pixels already respect changes nothing; a class the labeled batch lacks goes
+    assert guidedmix.confident_pixels(confidence, label, 0.9, 0.0, prior=torch.tensor([0.75, 0.25])).sum() == 8
+    assert guidedmix.confident_pixels(confidence, label, 0.9, 0.0, prior=torch.tensor([1.0, 0.0])).tolist() == \
+        [[True] * 6 + [False] * 3]
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_the_prior_cap_only_removes_pixels_and_holds_every_class_to_its_share(seed):
+    g = torch.Generator().manual_seed(seed)
+    confidence, label = torch.rand(2, 16, 16, generator=g), torch.randint(0, 4, (2, 16, 16), generator=g)
+    prior = torch.rand(4, generator=g)
+    prior /= prior.sum()
+    plain = guidedmix.confident_pixels(confidence, label, 0.3, 0.0)
+    capped = guidedmix.confident_pixels(confidence, label, 0.3, 0.0, prior=prior)
+    assert not (capped & ~plain).any()
+    counts = torch.bincount(label[capped], minlength=4).float()
+    # each class at most prior/(1-prior) x the others' count before capping, so at most its share of those
+    before = torch.bincount(label[plain], minlength=4).float()
+    assert (counts <= prior / (1 - prior) * (before.sum() - before) + 1e-6).all()
+
+
 def test_unimatch_teaches_only_confident_pixels_and_learns():
     """`method: unimatch`: at tau 1 nothing is confident enough, so the unlabeled losses are zero and the
     step is the supervised one; at tau 0 every pixel of x_u is taught, and a few steps lower the loss."""

@@ -90,6 +90,9 @@ class GuidedMixConfig(_Strict):
     # default, as the paper: it helped on the synthetic set it was tuned on and lowered the gain on every
     # other set measured (docs/results-suite.md, docs/results-class-balanced.md)
     class_keep: float = Field(0.0, ge=0, le=1)
+    # no class taught beyond its share of the labeled pixels (the labeled batch's): a confident teacher
+    # otherwise teaches the unlabeled pixels mostly background (89-99% where the truth has 73-80%)
+    class_cap: bool = False
     unsup_weight: float = Field(1.0, ge=0)
     warmup_steps: int = Field(0, ge=0)
     rampup_steps: int = Field(300, ge=0)

@@ -140,20 +140,42 @@ def generate_mask(p_m: torch.Tensor, ref: torch.Tensor, lam: torch.Tensor, eps: 
     return pseudo, confidence * visible.squeeze(1)
 
 
+def most_confident(mask: torch.Tensor, confidence: torch.Tensor, count: int) -> torch.Tensor:
+    """The `count` most confident pixels of `mask` (ties kept)."""
+    values = confidence[mask]
+    if count <= 0:
+        return torch.zeros_like(mask)
+    return mask & (confidence >= values.kthvalue(max(values.numel() - count + 1, 1)).values)
+
+
+def class_shares(y: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """Each class's share of the labeled pixels of `y` (ignored pixels left out)."""
+    counts = torch.bincount(y[y != IGNORE], minlength=num_classes).float()
+    return counts / counts.sum().clamp(min=1)
+
+
 def confident_pixels(confidence: torch.Tensor, label: torch.Tensor, tau: float, class_keep: float,
-                     valid: Optional[torch.Tensor] = None) -> torch.Tensor:
+                     valid: Optional[torch.Tensor] = None, prior: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Pixels whose pseudo label is taught: confidence >= tau, and with `class_keep` > 0 also the most
     confident share `class_keep` of the pixels predicted as each class in the batch. A fixed tau teaches
     mostly the easy majority (background); the per-class floor keeps the rarer, less confident classes
-    taught (class-balanced self-training, Zou et al. 2018)."""
+    taught (class-balanced self-training, Zou et al. 2018), at the cost of wrong labels where the teacher
+    is weak. With `prior` (class shares of the labeled pixels) no class is taught beyond its share: of the
+    taught pixels, class c keeps at most prior_c / (1 - prior_c) times the other classes' count, its most
+    confident ones. The cap only removes pixels, so a weak teacher is taught less, never more wrongly."""
     valid = torch.ones_like(label, dtype=torch.bool) if valid is None else valid
     keep = (confidence >= tau) & valid
     if class_keep > 0:
         for c in label[valid].unique():
             in_class = valid & (label == c)
-            values = confidence[in_class]
-            taught = math.ceil(class_keep * values.numel())  # the class's most confident `taught` pixels
-            keep |= in_class & (confidence >= values.kthvalue(values.numel() - taught + 1).values)
+            keep |= most_confident(in_class, confidence, math.ceil(class_keep * int(in_class.sum())))
+    if prior is not None:
+        counts = torch.bincount(label[keep], minlength=prior.numel())
+        share = prior.clamp(max=0.99)
+        allowed = (share / (1 - share) * (counts.sum() - counts)).floor().long()
+        for c in (counts > allowed).nonzero().flatten().tolist():
+            in_class = keep & (label == c)
+            keep = (keep & ~in_class) | most_confident(in_class, confidence, int(allowed[c]))
     return keep
 
 
@@ -247,7 +269,8 @@ def guidedmix_loss(model, x_l: torch.Tensor, y_l: torch.Tensor, x_u: torch.Tenso
         pseudo, confidence = generate_mask(p_m, ref, lam)
         # the mixed view's target: the reference's share plus the clean view's prediction of x_u
         conf_u, hard_u = p_u.max(1)
-        trusted_u = confident_pixels(conf_u, hard_u, cfg.tau, cfg.class_keep)
+        prior = class_shares(y_l, num_classes) if cfg.class_cap else None
+        trusted_u = confident_pixels(conf_u, hard_u, cfg.tau, cfg.class_keep, lam.squeeze(1) < 1, prior)
         target_u = p_u if cfg.mix_target == "soft" else onehot(hard_u, num_classes)
         target_m = lam * ref + (1 - lam) * target_u
         # pixels whose x_u share is trusted (or absent), and whose reference share is known
@@ -261,7 +284,7 @@ def guidedmix_loss(model, x_l: torch.Tensor, y_l: torch.Tensor, x_u: torch.Tenso
     # confident argmax that the mixed view learns where x_u shows through
     loss_unsup = logits_u.sum() * 0.0
     if cfg.unsup_loss:
-        confident = confident_pixels(confidence, pseudo, cfg.tau, cfg.class_keep, pseudo != IGNORE)
+        confident = confident_pixels(confidence, pseudo, cfg.tau, cfg.class_keep, pseudo != IGNORE, prior)
         taught = torch.where(confident, pseudo, IGNORE)
         loss_unsup = torch.nan_to_num(F.cross_entropy(logits_u, taught, ignore_index=IGNORE))  # none: 0
     else:
