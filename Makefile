@@ -23,7 +23,8 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PY) -m pip install -q -c constraints.txt -e ".[test]"
 	# build DeepSpeed's CPU communication op once, here: workers that compile it together at run time
 	# wait on a lock file, and one killed mid-build leaves a lock that blocks every later run
-	$(PY) -c "from deepspeed.comm.torch import build_shm_op; build_shm_op()"
+	# with the venv's ninja first on PATH, as the workers have it (trainer/engine.py)
+	PATH="$(abspath $(VENV))/bin:$$PATH" $(PY) -c "from deepspeed.comm.torch import build_shm_op; build_shm_op()"
 	touch $@
 
 test: venv

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import glob
 import os
+import sys
 
 import torch
 
@@ -66,6 +67,12 @@ class DeepSpeedEngine:
     TAG = "engine"
 
     def __init__(self, model, cfg, device, bf16: bool):
+        # DeepSpeed JIT-builds its CPU ops with the first `ninja` on PATH, and ninja versions hash build
+        # commands differently, so two of them rebuild each other's output every run: this environment's own
+        # (a dependency of deepspeed) first, as `make venv` builds them
+        bin_dir = os.path.dirname(sys.executable)
+        if os.environ.get("PATH", "").split(os.pathsep)[0] != bin_dir:
+            os.environ["PATH"] = os.pathsep.join([bin_dir, os.environ.get("PATH", "")])
         import deepspeed  # 4 s to import; plain runs (studies, benches, eval) never need it
 
         optimizer = build_optimizer(model, cfg.optim)
