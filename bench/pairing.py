@@ -1,9 +1,11 @@
 """What the pairing service costs: query latency and throughput through Ray (this process asks a service
-actor in another process, on loopback) at three bank sizes, against in-batch pairing; and the training
-step time with the service against in-batch pairing (same model, data and steps, one process training
-with the service as a Ray actor beside it). Prints one JSON object as the last line.
+actor in another process, on loopback) at three bank sizes, against in-batch pairing; the same with 8, 32
+and 64 simulated workers stepping at once (a query under the deadline and a push per step each: latency,
+queries/s, fallback rate); and the training step time with the service against in-batch pairing (same
+model, data and steps, one process training with the service as a Ray actor beside it). Prints one JSON
+object as the last line; each entry of `results` carries `clients` (1: one client asking back to back).
 
-    .venv/bin/python bench/pairing.py [--queries 400] [--steps 200]
+    .venv/bin/python bench/pairing.py [--queries 400] [--steps 200] [--step-rate 2] [--seconds 20]
 """
 from __future__ import annotations
 
@@ -54,7 +56,56 @@ def service_latency(ray, bank: int, queries: int) -> dict:
             times.append(time.perf_counter() - t0)
     assert answer["images"].shape == (BATCH, 3, SIZE, SIZE)
     ray.kill(actor)
-    return {"bank": bank, "batch": BATCH, **percentiles(times), "qps": round(len(times) / sum(times), 1)}
+    return {"clients": 1, "bank": bank, "batch": BATCH, **percentiles(times), "qps": round(len(times) / sum(times), 1)}
+
+
+def concurrent_clients(ray, clients: int, bank: int, similarity: str, steps_per_s: float, seconds: float,
+                       deadline_s: float) -> dict:
+    """`clients` simulated workers, each a coroutine of this process stepping at `steps_per_s`: a query
+    (waited on up to the deadline, as PairingClient does; a late one is a fallback) and a push of its
+    labeled batch per step, against one service whose bank is full."""
+    import asyncio
+
+    cfg = PairingConfig(mode="service", bank_size=bank, similarity=similarity)
+    actor = pairing.start_service(cfg, f"bench-clients-{clients}-{bank}-{similarity}")
+    g = torch.Generator().manual_seed(0)
+    for start in range(0, bank, 256):
+        ray.get(actor.push.remote(*random_batch(256, g), 0, 0))
+    batches = [random_batch(BATCH, g) for _ in range(16)]  # what the clients send, drawn up front
+
+    async def client(i: int, start: float, end: float) -> tuple[list[float], int]:
+        loop = asyncio.get_running_loop()
+        times, late, step = [], 0, 0
+        await asyncio.sleep((i / clients) / steps_per_s)  # workers do not step in lockstep
+        while loop.time() < end:
+            emb, images, masks = batches[(i + step) % len(batches)]
+            t0 = time.perf_counter()
+            ref = actor.query.remote(emb, step)
+            try:
+                await asyncio.wait_for(asyncio.wrap_future(ref.future()), deadline_s)
+                times.append(time.perf_counter() - t0)
+            except asyncio.TimeoutError:
+                ray.cancel(ref)
+                late += 1
+            actor.push.remote(emb, images, masks, i, step)  # not waited on, as a worker's push
+            step += 1
+            await asyncio.sleep(max(0.0, start + (i / clients + step) / steps_per_s - loop.time()))
+        return times, late
+
+    async def run():
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        return await asyncio.gather(*(client(i, start, start + seconds) for i in range(clients)))
+
+    t0 = time.perf_counter()
+    results = asyncio.run(run())
+    elapsed = time.perf_counter() - t0
+    ray.kill(actor)
+    times = [t for r in results for t in r[0]]
+    late = sum(r[1] for r in results)
+    return {"clients": clients, "bank": bank, "batch": BATCH, "similarity": similarity,
+            "steps_per_s_per_client": steps_per_s, **percentiles(times),
+            "qps": round((len(times) + late) / elapsed, 1), "fallback_rate": round(late / max(len(times) + late, 1), 4)}
 
 
 def in_batch_latency(queries: int) -> dict:
@@ -88,12 +139,18 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--queries", type=int, default=400)
     parser.add_argument("--steps", type=int, default=200)
+    parser.add_argument("--step-rate", type=float, default=2.0,
+                        help="steps per second of each simulated worker (a GPU worker's GuidedMix step: ~0.5 s)")
+    parser.add_argument("--seconds", type=float, default=20.0, help="length of each concurrent-clients run")
     args = parser.parse_args()
     import ray
 
     ray.init(num_cpus=2, include_dashboard=False, namespace=pairing.NAMESPACE, logging_level=logging.WARNING)
     try:
         results = [service_latency(ray, bank, args.queries) for bank in (1024, 8192, 32768)]
+        deadline = PairingConfig().deadline_s
+        results += [concurrent_clients(ray, clients, bank, similarity, args.step_rate, args.seconds, deadline)
+                    for similarity in ("random", "most") for clients in (8, 32, 64) for bank in (1024, 32768)]
         # two runs of each, alternating, so that drift in the machine's speed hits both alike; the faster kept
         times, service_stats = {"service": [], "in_batch": []}, {}
         for _ in range(2):

@@ -144,3 +144,21 @@ def test_a_sweep_runs_its_grid_on_ray_tune_and_reruns_nothing_finished(synthetic
     grid.write_text("broken: train.method=supervised\n")
     bad = run_cli(*args, timeout=120)
     assert bad.returncode == 2 and bad.stderr.strip().count("\n") == 0 and "--grid" in bad.stderr
+
+
+def test_bf16_on_cpu_workers_through_a_checkpoint_and_a_resume(synthetic_url, tmp_path):
+    """The bf16 path a GPU run takes (DeepSpeed's bf16 engine), on CPU workers: dtype faults in mask
+    generation, losses, metrics and the pairing service's float32 bank show here first."""
+    out = str(tmp_path / "run")
+    bf16 = ["--set", "train.precision=bf16", "--set", "train.ckpt_every=3", "--set", "guidedmix.pairing.mode=service",
+            "--set", "guidedmix.rampup_steps=0", "--set", "guidedmix.tau=0"]  # every unlabeled pixel taught
+    first = run_cli("train", *SMALL, "--data", synthetic_url, "--out", out, "--workers", "2", "--steps", "3", *bf16)
+    assert first.returncode == 0, first.stderr[-3000:]
+    again = run_cli("train", *SMALL, "--data", synthetic_url, "--out", out, "--workers", "2", "--steps", "6", *bf16)
+    assert again.returncode == 0, again.stderr[-3000:]
+    summary = json.load(open(f"{out}/summary.json"))
+    assert summary["steps"] == 6 and summary["resumed_from"] == "step-00000003"
+    assert 0 < summary["miou"] <= 1 and summary["config"]["train"]["precision"] == "bf16"
+    history = json.load(open(f"{out}/history.json"))["history"]
+    logged = [h for h in history if "loss" in h]
+    assert logged and all(0 < h["loss"] < 100 for h in logged) and logged[-1]["mix"] > 0

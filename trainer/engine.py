@@ -84,8 +84,11 @@ class DeepSpeedEngine:
             "bf16": {"enabled": bf16},
             "steps_per_print": 10**9,
         }
+        # DeepSpeed's bf16 casts parameters only: batch norm's running statistics stay float32, and CPU batch
+        # norm refuses the mix; the whole model in bf16 (the statistics are averages: bf16 holds them)
+        model = model.to(device, torch.bfloat16 if bf16 else torch.float32)
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
-            model=model.to(device), optimizer=optimizer, config=ds_config,
+            model=model, optimizer=optimizer, config=ds_config,
             lr_scheduler=poly_schedule(optimizer, cfg.train.steps, cfg.optim.poly_power))
         self.module = self.engine.module
         self.dtype = torch.bfloat16 if bf16 else torch.float32

@@ -108,6 +108,7 @@ def strong_augment(x: torch.Tensor, generator: Optional[torch.Generator] = None)
 
 
 def mix(x_u: torch.Tensor, x_r: torch.Tensor, lam: torch.Tensor) -> torch.Tensor:
+    lam = lam.to(x_u.dtype)  # a float32 lam would lift bf16 images to float32
     return lam * x_r + (1 - lam) * x_u
 
 

@@ -140,6 +140,8 @@ class Trainer:
         bf16 = cfg.train.precision == "bf16" or (cfg.train.precision == "auto" and use_gpu)
         self.engine = build_engine(model, cfg, ctx.device, bf16)
         self.module = self.engine.module
+        if self.teacher is not None:
+            self.teacher.to(self.engine.dtype)  # teaches from the student's views, in the student's precision
         self.generator = torch.Generator(device=ctx.device).manual_seed(cfg.train.seed * 1000 + ctx.rank)
         self.metrics = for_this_process(ctx.in_ray, cfg.train.metrics_port if ctx.rank == 0 else 0,
                                         cfg.train.metrics_host, rank=ctx.rank)
