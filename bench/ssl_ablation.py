@@ -51,6 +51,7 @@ VARIANTS = {
     # issue #17 at 1/4 labels, where the default loses: no class taught beyond its labeled share; a lighter
     # unlabeled term; a mean teacher
     "default-class-cap": ["train.method=guidedmix", "guidedmix.class_cap=true"],
+    "default-class-cap-over-all": ["train.method=guidedmix", "guidedmix.class_cap=true", "guidedmix.loss_over=all"],
     "default-weight-0.5": ["train.method=guidedmix", "guidedmix.unsup_weight=0.5"],
     "default-ema": ["train.method=guidedmix", "guidedmix.teacher=ema"],
     "paper": PAPER,

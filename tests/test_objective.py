@@ -340,6 +340,16 @@ def test_the_prior_cap_only_removes_pixels_and_holds_every_class_to_its_share(se
     assert (counts <= prior / (1 - prior) * (before.sum() - before) + 1e-6).all()
 
 
+def test_the_mixed_loss_over_all_pixels_shrinks_with_what_is_taught():
+    logits, target = torch.randn(2, 3, 4, 4), torch.softmax(torch.randn(2, 3, 4, 4), 1)
+    weight = torch.zeros(2, 4, 4)
+    weight[:, :2] = 1  # half the pixels taught
+    taught = guidedmix.soft_cross_entropy(logits, target, weight, "taught")
+    assert guidedmix.soft_cross_entropy(logits, target, weight, "all") == pytest.approx(taught.item() / 2)
+    assert guidedmix.soft_cross_entropy(logits, target, torch.ones(2, 4, 4), "all") == \
+        pytest.approx(guidedmix.soft_cross_entropy(logits, target, torch.ones(2, 4, 4), "taught").item())
+
+
 def test_unimatch_teaches_only_confident_pixels_and_learns():
     """`method: unimatch`: at tau 1 nothing is confident enough, so the unlabeled losses are zero and the
     step is the supervised one; at tau 0 every pixel of x_u is taught, and a few steps lower the loss."""

@@ -93,6 +93,9 @@ class GuidedMixConfig(_Strict):
     # no class taught beyond its share of the labeled pixels (the labeled batch's): a confident teacher
     # otherwise teaches the unlabeled pixels mostly background (89-99% where the truth has 73-80%)
     class_cap: bool = False
+    # the mixed view's loss averaged over its taught pixels, or over all pixels (FixMatch, UniMatch): then it
+    # shrinks with what the teacher is sure of instead of weighing a few taught pixels as much as many
+    loss_over: Literal["taught", "all"] = "taught"
     unsup_weight: float = Field(1.0, ge=0)
     warmup_steps: int = Field(0, ge=0)
     rampup_steps: int = Field(300, ge=0)

@@ -205,10 +205,13 @@ def rampup(step: int, warmup_steps: int, rampup_steps: int, weight: float) -> fl
     return weight * math.exp(-5.0 * (1.0 - t / rampup_steps) ** 2)
 
 
-def soft_cross_entropy(logits: torch.Tensor, target: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """Mean over weighted pixels of -sum_c target_c log softmax(logits)_c."""
+def soft_cross_entropy(logits: torch.Tensor, target: torch.Tensor, weight: torch.Tensor,
+                       over: str = "taught") -> torch.Tensor:
+    """-sum_c target_c log softmax(logits)_c, averaged over the weighted pixels (`taught`), or over all pixels
+    (`all`, as FixMatch and UniMatch do): then a teacher confident on few pixels teaches little."""
     per_pixel = -(target * F.log_softmax(logits, dim=1)).sum(dim=1)
-    return (per_pixel * weight).sum() / weight.sum().clamp_min(1.0)
+    count = weight.sum().clamp_min(1.0) if over == "taught" else weight.numel()
+    return (per_pixel * weight).sum() / count
 
 
 def supervised_loss(model, x_l, y_l) -> StepOutput:
@@ -290,7 +293,9 @@ def guidedmix_loss(model, x_l: torch.Tensor, y_l: torch.Tensor, x_u: torch.Tenso
         loss_unsup = torch.nan_to_num(F.cross_entropy(logits_u, taught, ignore_index=IGNORE))  # none: 0
     else:
         taught = torch.where(trusted_u & (lam.squeeze(1) < 1), hard_u, IGNORE)
-    loss_mix = soft_cross_entropy(logits_m, target_m, weight_m) if cfg.mix_loss else logits_m.sum() * 0.0
+    loss_mix = logits_m.sum() * 0.0
+    if cfg.mix_loss:
+        loss_mix = soft_cross_entropy(logits_m, target_m, weight_m, cfg.loss_over)
     loss = loss_sup + w * (loss_unsup + loss_mix)
     parts = {"sup": loss_sup.detach(), "unsup": loss_unsup.detach(), "mix": loss_mix.detach(), "weight": w,
              "taught": (taught != IGNORE).float().mean(), "lam": lam.mean()}
