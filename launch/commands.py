@@ -144,7 +144,7 @@ def add_commands(sub):
     add_config_args(t)
     t.add_argument("--data", help="shard set URL (overrides data.url)")
     t.add_argument("--out", help="run folder URL: checkpoints, summary.json, pictures (overrides out)")
-    t.add_argument("--workers", type=int, help="training workers (overrides train.workers)")
+    t.add_argument("--workers", help="training workers, N or MIN:MAX (elastic; overrides train.workers)")
     t.add_argument("--steps", type=int, help="training steps (overrides train.steps)")
     t.add_argument("--method", choices=["guidedmix", "unimatch", "supervised"], help="overrides train.method")
     t.add_argument("--address", help="Ray cluster address (else RAY_ADDRESS, else a local Ray)")

@@ -120,21 +120,25 @@ def run(cfg: Config, address: str | None = None) -> dict:
         os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
         os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
 
-    started_local = _connect(address, cfg.train.workers)
+    low, high = cfg.train.worker_range
+    started_local = _connect(address, high)
     try:
         use_gpu = cfg.train.use_gpu
         if use_gpu is None:
-            use_gpu = ray.cluster_resources().get("GPU", 0) >= cfg.train.workers
-        _check_capacity(cfg.train.workers, use_gpu)
-        log.info("training %s: %d %s workers, %d steps, outputs under %s", cfg.train.method,
-                 cfg.train.workers, "GPU" if use_gpu else "CPU", cfg.train.steps, cfg.out)
+            use_gpu = ray.cluster_resources().get("GPU", 0) >= low
+        _check_capacity(low, use_gpu)
+        count = f"{low} to {high}" if cfg.train.elastic else f"{low}"
+        log.info("training %s: %s %s workers, %d steps, outputs under %s", cfg.train.method, count,
+                 "GPU" if use_gpu else "CPU", cfg.train.steps, cfg.out)
         service = None  # held until training ends: an actor nobody holds a handle to is removed
         if cfg.train.method == "guidedmix" and cfg.guidedmix.pairing.mode == "service":
             service = start_service(cfg.guidedmix.pairing, cfg.out, cfg.train.seed)
         trainer = TorchTrainer(
             _worker_entry,
             train_loop_config=cfg.public_dict(drop_secrets=True),
-            scaling_config=ScalingConfig(num_workers=cfg.train.workers, use_gpu=use_gpu,
+            # elastic (MIN, MAX): Ray Train asks for MAX, starts with what it has and restarts the group at a
+            # new size from the latest checkpoint when a node goes or comes (the global batch stays)
+            scaling_config=ScalingConfig(num_workers=(low, high) if cfg.train.elastic else low, use_gpu=use_gpu,
                                          resources_per_worker={"GPU" if use_gpu else "CPU": 1}),
             run_config=RunConfig(name=f"guidedmix-{cfg.digest()}-{int(time.time())}",
                                  failure_config=FailureConfig(max_failures=cfg.train.max_failures)),

@@ -1,10 +1,12 @@
-"""manifest -> shard list -> split by rank and loader worker -> deterministic shuffle -> decode ->
-augment -> batches, with equal batch counts on every rank and an exact resume.
+"""manifest -> the epoch's order (shards/order.py) -> this rank's micro-batches of each global batch ->
+fetch (ahead) -> verify once -> decode -> augment -> collate, with equal batches on every rank and an exact
+resume at any world size.
 
-The plan of an epoch is a pure function of the manifest's shard sizes and (seed, epoch, world, workers):
-every rank computes the same plan, so each knows how many batches every other rank will yield without
-talking to it. Each loader worker tags its batches with (worker, epoch, index); the consumer keeps the
-last tag per worker as the stream's state, and a restored stream restarts every worker right after it.
+The order is a pure function of the manifest's shard sizes and (seed, epoch, shuffle block), not of the
+ranks or loader workers that read it: global step g takes the next global batch of it, each rank its share,
+in micro-batches. Loader workers take a rank's micro-batches in turn. The stream's state is the next global
+step, the same number on every rank, so a checkpoint written by 4 ranks with 2 loader workers each resumes on
+1 rank with none, or on 3, at the exact next sample.
 """
 from __future__ import annotations
 
@@ -13,10 +15,9 @@ import io
 import logging
 import tarfile
 import zlib
-from collections import deque
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field, replace
-from itertools import islice
+from collections import OrderedDict
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
 from typing import Callable, Iterable, Iterator, Optional
 
 import numpy as np
@@ -24,7 +25,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from . import augment
+from . import augment, order
 from .errors import BadInput, StorageFailure
 from .manifest import WITHHELD, ShardInfo, read_manifest, shard_infos
 from .storage import check_url, describe_error, filesystem, join, with_retries
@@ -41,8 +42,10 @@ class StreamSpec:
 
     url: str
     split: str  # labeled | unlabeled | val
-    batch_size: int
+    batch_size: int  # train: the most one micro-batch holds; val: a batch
     retries: int  # of every shard read (the config's data.retries: one default, there)
+    # train: samples per optimiser step over all ranks (None: batch_size x world_size); fixed across resizes
+    global_batch: Optional[int] = None
     seed: int = 0
     rank: int = 0
     world_size: int = 1
@@ -52,117 +55,56 @@ class StreamSpec:
     scale_max: float = 2.0
     flip: bool = True
     photometric: bool = True
-    shuffle_buffer: int = 256
+    shuffle_block: int = 4  # shards whose samples are shuffled together (memory: about twice that a worker)
     storage_options: dict = field(default_factory=dict)
     allow_pipe: bool = False
-    readahead: int = 1  # shards each loader worker fetches ahead of the one it decodes
+    readahead: int = 1  # shards each loader worker fetches ahead of the ones it decodes
 
     @property
     def train(self) -> bool:
         return self.split != "val"
 
 
-@dataclass(frozen=True)
-class SlotPlan:
-    """What one loader worker of one rank reads in one epoch."""
+class _ShardCache:
+    """Shards fetched in a background thread ahead of their use, held until released: the read-ahead of a
+    loader worker (fetches run while it decodes)."""
 
-    shards: tuple[str, ...]
-    stride: int  # keep every stride-th sample of the concatenated shards ...
-    offset: int  # ... starting at this one (stride 1: whole shards)
-    samples: int
-    batches: int
+    def __init__(self, fetch: Callable[[str], object], threads: int):
+        self.fetch = fetch
+        self.pool = ThreadPoolExecutor(max(1, min(threads, 4)), thread_name_prefix="shard-read-ahead")
+        self.held: OrderedDict[str, Future] = OrderedDict()
 
+    def want(self, names: Iterable[str]) -> None:
+        for name in names:
+            if name not in self.held:
+                self.held[name] = self.pool.submit(self.fetch, name)
 
-def plan_epoch(infos: list[ShardInfo], seed: int, epoch: int, world: int, workers: int, batch: int,
-               train: bool) -> list[list[SlotPlan]]:
-    """[rank][worker] plans. Train: every rank gets the same number of full batches (the smallest rank's
-    count; the rest of that epoch's samples are dropped, a different few each epoch). Val: every sample
-    exactly once, ranks padded to the same batch count with empty batches."""
-    slots = world * max(workers, 1)
-    order = list(range(len(infos)))
-    if train:
-        order = list(np.random.default_rng([seed, epoch]).permutation(len(infos)))
-    names = tuple(infos[i].name for i in order)
-    sizes = [infos[i].samples for i in order]
-    strided = _strided(names, sizes, slots)
-    plans = strided
-    if len(infos) >= slots:
-        whole = _whole_shards(names, sizes, slots)
-        # whole shards read each byte once; take them unless they would waste a quarter of the batches
-        if not train or _train_batches(whole, world, batch) >= 0.75 * _train_batches(strided, world, batch):
-            plans = whole
-    per_rank = [plans[r * max(workers, 1):(r + 1) * max(workers, 1)] for r in range(world)]
-    if train:
-        caps = [[p.samples // batch for p in rank] for rank in per_rank]
-        target = min(sum(c) for c in caps)
-        counts = [_trim(c, target) for c in caps]
-    else:
-        counts = [[-(-p.samples // batch) for p in rank] for rank in per_rank]
-        target = max(sum(c) for c in counts)
-        for c in counts:
-            c[0] += target - sum(c)  # padding batches go to worker 0
-    return [[replace(p, batches=n) for p, n in zip(rank, c)] for rank, c in zip(per_rank, counts)]
+    def get(self, name: str):
+        self.want([name])
+        return self.held[name].result()
 
+    def retain(self, names: Iterable[str]) -> None:
+        keep = set(names)
+        for name in [n for n in self.held if n not in keep]:
+            self.held.pop(name).cancel()
 
-def _whole_shards(names, sizes, slots) -> list[SlotPlan]:
-    """Whole shards, each to the slot with the fewest samples so far (deterministic)."""
-    owned: list[list[int]] = [[] for _ in range(slots)]
-    load = [0] * slots
-    for i in range(len(names)):
-        slot = load.index(min(load))
-        owned[slot].append(i)
-        load[slot] += sizes[i]
-    return [SlotPlan(tuple(names[i] for i in idx), 1, 0, load[s], 0) for s, idx in enumerate(owned)]
-
-
-def _strided(names, sizes, slots) -> list[SlotPlan]:
-    """Every slot reads all shards and keeps every slots-th sample: balanced to one sample."""
-    total = sum(sizes)
-    return [SlotPlan(names, slots, s, len(range(s, total, slots)), 0) for s in range(slots)]
-
-
-def _train_batches(plans: list[SlotPlan], world: int, batch: int) -> int:
-    per = len(plans) // world
-    return min(sum(p.samples // batch for p in plans[r * per:(r + 1) * per]) for r in range(world))
-
-
-def _trim(caps: list[int], target: int) -> list[int]:
-    caps = list(caps)
-    while sum(caps) > target:
-        caps[caps.index(max(caps))] -= 1
-    return caps
-
-
-def read_ahead(names: Iterable[str], fetch: Callable[[str], bytes], depth: int) -> Iterator[tuple[str, bytes]]:
-    """(name, fetch(name)) in order, with up to `depth` fetches running ahead in a thread while the consumer
-    decodes: a remote store's latency is paid while the CPU works. At most depth + 1 shards are held."""
-    if depth <= 0:
-        yield from ((name, fetch(name)) for name in names)
-        return
-    names = iter(names)
-    pool = ThreadPoolExecutor(1, thread_name_prefix="shard-read-ahead")
-    try:
-        pending = deque((name, pool.submit(fetch, name)) for name in islice(names, depth))
-        while pending:
-            name, future = pending.popleft()
-            following = next(names, None)
-            if following is not None:
-                pending.append((following, pool.submit(fetch, following)))
-            yield name, future.result()
-    finally:  # also when the consumer stops early: fetches not started are dropped
-        pool.shutdown(wait=False, cancel_futures=True)
+    def close(self) -> None:
+        self.pool.shutdown(wait=False, cancel_futures=True)
+        self.held.clear()
 
 
 class _Worker:
-    """One loader worker's view: reads its slot's shards and yields tagged batches."""
+    """One loader worker of one rank: the micro-batches (train) or batches (val) that are its turn, read from
+    the shards they need, fetched ahead."""
 
-    def __init__(self, spec: StreamSpec, infos: list[ShardInfo], num_classes: int, worker: int,
-                 start: tuple[int, int]):
-        self.spec, self.infos, self.num_classes, self.worker = spec, infos, num_classes, worker
-        self.start_epoch, self.start_index = start
-        self.by_name = {info.name: info for info in infos}
+    def __init__(self, plan: "_Plan", worker: int, workers: int, start_step: int):
+        self.spec, self.infos, self.num_classes = plan.spec, plan.infos, plan.num_classes
+        self.plan, self.worker, self.workers, self.start_step = plan, worker, workers, start_step
+        self.by_name = {info.name: info for info in self.infos}
         self.skipped = 0
         self.verified: set[str] = set()
+        self.cache = _ShardCache(self._samples_of, self.spec.readahead + 1)
+        self._blocks: tuple = (None, None)  # (epoch, its _Blocks)
 
     def _shard_bytes(self, name: str) -> bytes:
         url = join(self.spec.url, name)
@@ -183,38 +125,22 @@ class _Worker:
         if hashlib.sha256(data).hexdigest() != self.by_name[name].sha256:
             log.warning("shard %s: checksum differs from the manifest; reading what is readable", name)
 
-    def _raw(self, plan: SlotPlan) -> Iterator[tuple[str, dict]]:
-        position = 0
-        for name, data in read_ahead(plan.shards, self._shard_bytes, self.spec.readahead):
-            self._verify_once(name, data)
-            expected = self.by_name[name]
-            read, last_key = 0, None
-            try:
-                for sample in tar_samples(data, name):
-                    read, last_key = read + 1, sample.get("__key__")
-                    if position % plan.stride == plan.offset:
-                        yield name, sample
-                    position += 1
-            except (tarfile.TarError, ValueError, EOFError) as e:
-                log.warning("shard %s: unreadable after key %s (%s)", name, last_key, e)
-            if read < expected.samples:  # a truncated tar ends early without an error
-                self.skipped += expected.samples - read
-                log.warning("shard %s: unreadable past sample %d of %d (last good key %s), %d skipped",
-                            name, read, expected.samples, last_key, expected.samples - read)
-                position += expected.samples - read  # keep later shards' strided positions as planned
-
-    def _shuffled(self, plan: SlotPlan, epoch: int) -> Iterator[tuple[str, dict]]:
-        if not self.spec.train:
-            yield from self._raw(plan)
-            return
-        rng = np.random.default_rng([self.spec.seed, epoch, self.spec.rank, self.worker, 1])
-        buffer: list = []
-        for item in self._raw(plan):
-            buffer.append(item)
-            if len(buffer) >= self.spec.shuffle_buffer:
-                yield buffer.pop(rng.integers(len(buffer)))
-        rng.shuffle(buffer)
-        yield from buffer
+    def _samples_of(self, name: str) -> list[dict]:
+        """A shard's samples in order; a truncated or unreadable tail is missing (its positions are skipped)."""
+        data = self._shard_bytes(name)
+        self._verify_once(name, data)
+        samples: list[dict] = []
+        try:
+            samples.extend(tar_samples(data, name))
+        except (tarfile.TarError, ValueError, EOFError) as e:
+            log.warning("shard %s: unreadable after key %s (%s)", name,
+                        samples[-1].get("__key__") if samples else None, e)
+        expected = self.by_name[name].samples
+        if len(samples) < expected:
+            log.warning("shard %s: unreadable past sample %d of %d (last good key %s), %d skipped", name,
+                        len(samples), expected, samples[-1].get("__key__") if samples else None,
+                        expected - len(samples))
+        return samples
 
     def _decode(self, shard: str, sample: dict):
         key = sample.get("__key__", "?")
@@ -237,17 +163,39 @@ class _Worker:
             log.warning("shard %s key %s: corrupt sample skipped (%s)", shard, key, str(e)[:120])
             return None
 
-    def _samples(self, plan: SlotPlan, epoch: int) -> Iterator[tuple]:
-        """Decoded samples of the slot; passes again over the slot if corrupt ones left it short."""
-        while True:
-            produced = 0
-            for shard, sample in self._shuffled(plan, epoch):
-                decoded = self._decode(shard, sample)
-                if decoded is not None:
-                    produced += 1
-                    yield decoded
-            if produced == 0 or not self.spec.train:
-                return
+    def _read(self, epoch: int, positions: range) -> list[tuple]:
+        """Decoded samples at these positions of the epoch's order; unreadable ones left out and counted.
+        The shards of the blocks they fall in are fetched, and the next ones ahead."""
+        pairs = self.plan.order(epoch)[positions.start:positions.stop]
+        if self._blocks[0] != epoch:
+            self._blocks = (epoch, self.plan.blocks(epoch))
+        blocks = self._blocks[1]
+        first, last = blocks.of(positions.start), blocks.of(positions.stop - 1)
+        needed = [name for b in range(first, last + 1) for name in blocks.shards[b]]
+        ahead = blocks.ahead(last, self.spec.readahead)
+        self.cache.want(needed + ahead)
+        self.cache.retain(needed + ahead)
+        items = []
+        for shard, index in pairs:
+            name = self.infos[shard].name
+            samples = self.cache.get(name)
+            decoded = self._decode(name, samples[index]) if index < len(samples) else None
+            if index >= len(samples):
+                self.skipped += 1
+            if decoded is not None:
+                items.append(decoded)
+        return items
+
+    def _stand_in(self, epoch: int, after: int) -> list[tuple]:
+        """A micro-batch of only unreadable samples takes the next readable one of the epoch's order (not
+        counted as consumed: its own place in the order stays), so every rank still steps."""
+        total = len(self.plan.order(epoch))
+        for offset in range(total):
+            position = (after + offset) % total
+            found = self._read(epoch, range(position, position + 1))
+            if found:
+                return found
+        raise BadInput(f"{self.spec.url}: split {self.spec.split} has no readable samples")
 
     def _prepare(self, epoch: int, key: str, image, mask):
         spec = self.spec
@@ -257,69 +205,132 @@ class _Worker:
                                                 spec.scale_max, spec.flip, spec.photometric)
         return augment.to_tensor(image), None if mask is None else augment.mask_tensor(mask)
 
-    def _collate(self, items: list, epoch: int, index: int) -> dict:
-        size = self.spec.batch_size
-        if items:
-            height = max(t.shape[1] for _, t, _ in items)
-            width = max(t.shape[2] for _, t, _ in items)
+    def _collate(self, items: list, size: int, epoch: int, tags: dict) -> dict:
+        """`tags` may name the batch's consumed keys (train: stand-ins are not); else the items' keys."""
+        tags = {"keys": [k for k, _, _ in items], **tags}
+        if self.spec.train and items:  # corrupt samples' places: the batch's readable ones again (equal sizes)
+            items = [items[i % len(items)] for i in range(size)]
+        prepared = [(k, *self._prepare(epoch, k, im, m)) for k, im, m in items]
+        if prepared:
+            height = max(t.shape[1] for _, t, _ in prepared)
+            width = max(t.shape[2] for _, t, _ in prepared)
         else:
             height = width = self.spec.crop_size
         images = torch.zeros(size, 3, height, width)
         masks = torch.full((size, height, width), augment.IGNORE, dtype=torch.long)
-        for i, (_, image, mask) in enumerate(items):  # val: pad to the batch's largest image, ignored
+        for i, (_, image, mask) in enumerate(prepared):  # val: pad to the batch's largest image, ignored
             images[i, :, :image.shape[1], :image.shape[2]] = image
             if mask is not None:
                 masks[i, :mask.shape[0], :mask.shape[1]] = mask
-        batch = {"image": images, "keys": [k for k, _, _ in items], "worker": self.worker,
-                 "epoch": epoch, "index": index, "skipped": self.skipped}
+        batch = {"image": images, "worker": self.worker, "epoch": epoch, "skipped": self.skipped, **tags}
         if self.spec.split != "unlabeled":
             batch["mask"] = masks
-        elif any(mask is not None for _, _, mask in items):
+        elif any(mask is not None for _, _, mask in prepared):
             batch["withheld_mask"] = masks  # never a training target: scores pseudo masks
         self.skipped = 0
         return batch
 
-    def epochs(self, plans_of_epoch) -> Iterator[dict]:
-        epoch = self.start_epoch
+    def train_batches(self) -> Iterator[dict]:
+        """Endless: micro-batch j of global step g, for the turns of this worker (the m-th micro-batch from
+        the start goes to worker m % workers, the order the DataLoader collects them in)."""
+        s, lay = self.spec, self.plan.layout
+        per_epoch = self.plan.steps_per_epoch
+        g = self.start_step
+        turn = 0
         while True:
-            plan = plans_of_epoch(epoch)[self.spec.rank][self.worker]
-            skip = self.start_index if epoch == self.start_epoch else 0
-            samples = self._samples(plan, epoch)
-            for index in range(plan.batches):
-                items = []
-                for _ in range(self.spec.batch_size):
-                    item = next(samples, None)
-                    if item is None:
-                        break
-                    items.append(item)
-                if self.spec.train and len(items) < self.spec.batch_size:
-                    raise BadInput(f"{self.spec.url}: split {self.spec.split} has no readable samples "
-                                   f"for rank {self.spec.rank} worker {self.worker}")
-                if index < skip:
-                    continue  # resuming: these batches were consumed before the stop
-                yield self._collate([(k, *self._prepare(epoch, k, im, m)) for k, im, m in items], epoch, index)
-            if not self.spec.train:
-                return
-            epoch += 1
+            epoch, k = divmod(g, per_epoch)
+            for j in range(lay.micro_steps):
+                if turn % self.workers == self.worker:
+                    positions = lay.positions(k, s.rank, j)
+                    items = self._read(epoch, positions)
+                    keys = [key for key, _, _ in items]
+                    yield self._collate(items or self._stand_in(epoch, positions.stop), lay.micro, epoch,
+                                        {"step": g, "micro": j, "keys": keys})
+                turn += 1
+            g += 1
+
+    def val_batches(self) -> Iterator[dict]:
+        """One pass: this rank's contiguous share in batches, padded to every rank's count with empty ones."""
+        s = self.spec
+        mine = order.val_positions(self.plan.total, s.world_size, s.rank)
+        for b in range(self.plan.val_batches):
+            if b % self.workers == self.worker:
+                part = mine[b * s.batch_size:(b + 1) * s.batch_size]
+                items = self._read(0, part) if len(part) else []
+                yield self._collate(items, s.batch_size, 0, {"step": 0, "micro": b})
+
+    def close(self) -> None:
+        self.cache.close()
+
+
+@dataclass(frozen=True)
+class _Blocks:
+    """An epoch's blocks: the shards of each and the first position of each in the epoch's order."""
+
+    shards: list[list[str]]
+    starts: np.ndarray
+
+    def of(self, position: int) -> int:
+        return int(np.searchsorted(self.starts, position, side="right")) - 1
+
+    def ahead(self, block: int, count: int) -> list[str]:
+        following = [name for b in range(block + 1, len(self.shards)) for name in self.shards[b]]
+        return following[:count]
 
 
 class _Dataset(IterableDataset):
-    def __init__(self, stream: "ShardStream", starts: list[tuple[int, int]]):
-        self.stream, self.starts = stream, starts
+    def __init__(self, plan: "_Plan", start_step: int):
+        self.plan, self.start_step = plan, start_step
 
     def __iter__(self):
         info = get_worker_info()
-        worker = info.id if info else 0
-        w = _Worker(self.stream.spec, self.stream.infos, self.stream.num_classes, worker, self.starts[worker])
-        yield from w.epochs(self.stream.plan)
+        worker = _Worker(self.plan, info.id if info else 0, info.num_workers if info else 1, self.start_step)
+        try:
+            yield from (worker.train_batches() if self.plan.spec.train else worker.val_batches())
+        finally:
+            worker.close()
+
+
+class _Plan:
+    """What every loader worker of a stream knows: the split's shards and how its epochs and steps are cut.
+    Holds no iteration state (forked loader workers take a copy: nothing here points back to the stream)."""
+
+    def __init__(self, spec: StreamSpec, manifest: dict):
+        self.spec = spec
+        self.infos: list[ShardInfo] = shard_infos(manifest, spec.split)
+        self.num_classes = len(manifest["classes"])
+        self.sizes = tuple(info.samples for info in self.infos)
+        self.total = sum(self.sizes)
+        if not self.total:
+            raise BadInput(f"{spec.url}: split {spec.split} has no samples")
+        if spec.train:
+            global_batch = spec.global_batch or spec.batch_size * spec.world_size
+            self.layout = order.layout(global_batch, spec.world_size, spec.batch_size, f"split {spec.split}")
+            self.steps_per_epoch = order.steps_per_epoch(self.total, global_batch)
+            if not self.steps_per_epoch:
+                raise BadInput(f"{spec.url}: split {spec.split} has {self.total} samples, fewer than the global "
+                               f"batch of {global_batch}")
+        else:
+            self.val_batches = -(-len(order.val_positions(self.total, spec.world_size, 0)) // spec.batch_size)
+
+    def order(self, epoch: int) -> np.ndarray:
+        s = self.spec
+        return order.epoch_order(self.sizes, s.seed, epoch if s.train else 0, s.shuffle_block, s.train)
+
+    def blocks(self, epoch: int) -> _Blocks:
+        s = self.spec
+        members = order.shard_blocks(len(self.infos), s.seed, epoch if s.train else 0, s.shuffle_block, s.train)
+        starts = np.cumsum([0] + [sum(self.sizes[i] for i in m) for m in members[:-1]])
+        return _Blocks([[self.infos[i].name for i in m] for m in members], starts)
 
 
 class ShardStream:
     """An endless (train) or one-pass (val) iterator of batches with `state_dict()`/`load_state_dict()`.
 
-    Batches: {"image": Bx3xHxW float, "mask": BxHxW long (not for unlabeled), "keys", "epoch", ...};
-    unlabeled batches of a shard set built with withheld masks also carry them as "withheld_mask".
-    `skipped` accumulates the corrupt samples and shards skipped so far.
+    Train batches are micro-batches: `layout.micro_steps` of them make this rank's share of one global step.
+    Batches: {"image": Bx3xHxW float, "mask": BxHxW long (not for unlabeled), "keys", "epoch", "step",
+    "micro", ...}; unlabeled batches of a shard set built with withheld masks also carry them as
+    "withheld_mask". `skipped` accumulates the corrupt samples and shards skipped so far.
     """
 
     def __init__(self, spec: StreamSpec, manifest: Optional[dict] = None):
@@ -328,46 +339,35 @@ class ShardStream:
             raise BadInput(f"split {spec.split!r}: expected labeled, unlabeled or val")
         self.spec = spec
         self.manifest = manifest or read_manifest(spec.url, spec.storage_options, spec.retries)
-        self.infos = shard_infos(self.manifest, spec.split)
-        self.num_classes = len(self.manifest["classes"])
-        if not self.infos:
-            raise BadInput(f"{spec.url}: split {spec.split} has no samples")
-        self.workers = max(spec.loader_workers, 1)
-        first = self.plan(0)
-        if spec.train and sum(p.batches for p in first[spec.rank]) == 0:
-            raise BadInput(f"{spec.url}: split {spec.split} has {self.manifest['splits'][spec.split]['samples']} "
-                           f"samples, too few for {spec.world_size} ranks x {self.workers} loader workers "
-                           f"x batch {spec.batch_size}")
-        self.positions = [(0, -1)] * self.workers  # last (epoch, index) consumed from each worker
+        self.plan = _Plan(spec, self.manifest)
+        self.infos = self.plan.infos
+        self.layout = self.plan.layout if spec.train else None
+        self.next_step = 0  # train: the first global step not yet wholly consumed
         self.skipped = 0
         self._iter: Optional[Iterator] = None
 
-    def plan(self, epoch: int) -> list[list[SlotPlan]]:
-        s = self.spec
-        return plan_epoch(self.infos, s.seed, epoch, s.world_size, s.loader_workers, s.batch_size, s.train)
-
     def batches_per_epoch(self) -> int:
-        return sum(p.batches for p in self.plan(0)[self.spec.rank])
+        """Train: this rank's micro-batches in an epoch; val: its batches."""
+        if self.spec.train:
+            return self.plan.steps_per_epoch * self.layout.micro_steps
+        return self.plan.val_batches
 
     def state_dict(self) -> dict:
-        return {"positions": [list(p) for p in self.positions], "skipped": self.skipped}
+        return {"step": self.next_step, "skipped": self.skipped}
 
     def load_state_dict(self, state: dict) -> None:
-        positions = [tuple(p) for p in state["positions"]]
-        if len(positions) != self.workers:
-            raise BadInput(f"stream state has {len(positions)} loader workers, the config {self.workers}")
-        self.positions, self.skipped, self._iter = positions, state.get("skipped", 0), None
+        if "step" not in state:
+            raise BadInput("stream state: written by an older version of this program (no global step)")
+        self.next_step, self.skipped, self._iter = int(state["step"]), state.get("skipped", 0), None
 
     def _loader(self) -> Iterator[dict]:
-        # Each worker restarts at the batch after its last consumed one (index -1: the epoch's first).
-        starts = [(e, i + 1) for e, i in self.positions]
-        dataset = _Dataset(self, starts)
-        return iter(DataLoader(dataset, batch_size=None, num_workers=self.spec.loader_workers,
-                               persistent_workers=False, prefetch_factor=2 if self.spec.loader_workers else None))
+        workers = self.spec.loader_workers
+        return iter(DataLoader(_Dataset(self.plan, self.next_step), batch_size=None, num_workers=workers,
+                               persistent_workers=False, prefetch_factor=2 if workers else None))
 
     def close(self) -> None:
         """Stop the loader workers now (else they stop when the stream is collected); iterating again starts
-        them anew at the saved positions."""
+        them anew at the saved position."""
         self._iter = None
 
     def __iter__(self):
@@ -377,6 +377,7 @@ class ShardStream:
         if self._iter is None:
             self._iter = self._loader()
         batch = next(self._iter)
-        self.positions[batch["worker"]] = (batch["epoch"], batch["index"])
+        if self.spec.train and batch["micro"] == self.layout.micro_steps - 1:
+            self.next_step = batch["step"] + 1
         self.skipped += batch["skipped"]
         return batch

@@ -244,41 +244,39 @@ def read_json(url: str):
         return json.load(f)
 
 
-def ledger_report(out: str, world: int) -> dict:
-    """Per split, from every rank's ledger of a finished run: samples consumed, samples consumed twice in
-    one epoch (`repeated`), samples the epoch's plan gave a rank that it never consumed although it went on
-    to the next epoch (`lost`), and how many such complete epochs were checked (`epochs_checked`, over the
-    ranks: a run that never finished an epoch of a split could not show a loss there)."""
-    from shards.manifest import read_manifest, shard_infos
-    from shards.stream import plan_epoch
+def ledger_report(out: str) -> dict:
+    """Per split, from every rank's ledger of a finished run (ranks come and go in an elastic run; each
+    sample is in one of them): samples consumed, samples consumed twice in one epoch (`repeated`), samples
+    of an epoch the run went past that no rank consumed (`lost`: the epoch's full global batches less the
+    distinct samples seen in it), and how many such complete epochs were checked (`epochs_checked`: a run
+    that never finished an epoch of a split could not show a loss there)."""
+    import fsspec
 
-    cfg = read_json(f"{out}/summary.json")["config"]
-    data, seed = cfg["data"], cfg["train"]["seed"]
-    manifest = read_manifest(data["url"], data["storage_options"], data["retries"])
-    ledgers = [read_json(f"{out}/ledger/rank-{r}.json") for r in range(world)]
+    from shards.manifest import read_manifest
+    from trainer.config import Config
+
+    cfg = Config.model_validate(read_json(f"{out}/summary.json")["config"])
+    manifest = read_manifest(cfg.data.url, cfg.data.storage_options, cfg.data.retries)
+    fs, path = fsspec.core.url_to_fs(f"{out}/ledger")
+    ledgers = [read_json(f"{out}/ledger/{name.rsplit('/', 1)[-1]}") for name in sorted(fs.ls(path, detail=False))]
     report = {}
     for split in ledgers[0]:
-        batch = data[f"{split}_batch_size"]
         consumed = [(epoch, key) for ledger in ledgers for epoch, key in ledger[split]]
-        lost = checked = 0
-        for rank, ledger in enumerate(ledgers):
-            per_epoch = Counter(epoch for epoch, _ in ledger[split])
-            for epoch in sorted(per_epoch)[:-1]:  # the last epoch is the one the run stopped in
-                plan = plan_epoch(shard_infos(manifest, split), seed, epoch, world, data["loader_workers"], batch, True)
-                lost += sum(p.batches for p in plan[rank]) * batch - len({k for e, k in ledger[split] if e == epoch})
-                checked += 1
+        per_epoch = cfg.global_batch(split) * (manifest["splits"][split]["samples"] // cfg.global_batch(split))
+        epochs = sorted({epoch for epoch, _ in consumed})
+        lost = sum(per_epoch - len({k for e, k in consumed if e == epoch}) for epoch in epochs[:-1])
         report[split] = {"samples": len(consumed), "repeated": len(consumed) - len(set(consumed)), "lost": lost,
-                         "epochs_checked": checked}
+                         "epochs_checked": len(epochs) - 1}
     return report
 
 
-def check_ledgers(out: str, world: int, crossed_epochs: bool = True) -> dict:
+def check_ledgers(out: str, crossed_epochs: bool = True) -> dict:
     """Nothing repeated or lost across all ranks' ledgers; with `crossed_epochs`, every split finished at least
-    one epoch on every rank, so that a lost sample would have shown. Returns the report."""
-    report = ledger_report(out, world)
+    one epoch, so that a lost sample would have shown. Returns the report."""
+    report = ledger_report(out)
     assert all(r["repeated"] == 0 and r["lost"] == 0 for r in report.values()), report
     if crossed_epochs:
-        assert all(r["epochs_checked"] >= world for r in report.values()), f"no complete epoch to check: {report}"
+        assert all(r["epochs_checked"] >= 1 for r in report.values()), f"no complete epoch to check: {report}"
     return report
 
 

@@ -133,7 +133,7 @@ class Progress:
 def check_finished(out, steps=STEPS):
     summary = read_json(f"{out}/summary.json")
     assert summary["steps"] == steps and summary["workers"] == 2
-    ledger = check_ledgers(out, 2)
+    ledger = check_ledgers(out)
     assert ledger["labeled"]["samples"] == 2 * steps * 8  # one labeled batch per rank per step
     return summary, ledger
 

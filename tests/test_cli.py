@@ -120,7 +120,7 @@ def test_the_ledger_check_sees_a_lost_and_a_repeated_sample(short_epochs_url, tm
                                                  "train.steps=20", "train.ckpt_every=1000", "data.crop_size=32",
                                                  "train.ledger=true", "train.overlays=0"])
     train(cfg, WorkerContext())
-    clean = check_ledgers(out, 1)  # 20 steps of 8 + 8: past 6 labeled and 18 unlabeled steps per epoch
+    clean = check_ledgers(out)  # 20 steps of 8 + 8: past 6 labeled and 18 unlabeled steps per epoch
     assert clean["unlabeled"]["epochs_checked"] == 1 and clean["labeled"]["epochs_checked"] == 3
     path = f"{out}/ledger/rank-0.json"
     ledger = json.load(open(path))
@@ -129,10 +129,10 @@ def test_the_ledger_check_sees_a_lost_and_a_repeated_sample(short_epochs_url, tm
     ledger["unlabeled"].pop(dropped)
     ledger["labeled"].append(ledger["labeled"][0])
     json.dump(ledger, open(path, "w"))
-    report = ledger_report(out, 1)
+    report = ledger_report(out)
     assert report["unlabeled"]["lost"] == 1 and report["labeled"]["repeated"] == 1
     with pytest.raises(AssertionError):
-        check_ledgers(out, 1)
+        check_ledgers(out)
 
 
 def test_results_are_written_through_a_flaky_store(monkeypatch):

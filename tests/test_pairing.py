@@ -187,7 +187,7 @@ def test_killed_service_comes_back_and_training_goes_on(ray_head, ray_client, sy
     recovery = time.monotonic() - killed
     summary = _finish(proc, out, tmp_path, 300)
     assert summary["pairing"]["answered"] > 0
-    chaos_report(**fault_figures("pairing service killed", summary, 300, round(recovery, 1), check_ledgers(out, 2),
+    chaos_report(**fault_figures("pairing service killed", summary, 300, round(recovery, 1), check_ledgers(out),
                                  fallbacks=summary["pairing"]["fallbacks"]))
 
 

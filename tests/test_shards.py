@@ -16,7 +16,8 @@ from conftest import run_cli
 from shards import build, sources
 from shards.errors import BadInput, StorageFailure
 from shards.manifest import read_manifest, summary, verify
-from shards.stream import ShardStream, StreamSpec, plan_epoch
+from shards import order
+from shards.stream import ShardStream, StreamSpec
 from trainer.config import DataConfig
 
 RETRIES = DataConfig().retries
@@ -205,65 +206,92 @@ def test_s3_build_inspect_verify_and_stream(s3, tmp_path):
     assert any("sha256" in p for p in verify("s3://test/ds", remote_manifest, None, RETRIES))
 
 
-@pytest.mark.parametrize("world,workers,shards_sizes", [(3, 2, [5, 7, 3, 9, 4, 6, 8]), (2, 2, [20]), (4, 1, [3, 3, 2, 9, 1])])
-def test_plan_gives_equal_batches_disjoint_and_covering(world, workers, shards_sizes):
-    from shards.manifest import ShardInfo
-
-    infos = [ShardInfo(f"s{i}", n, "") for i, n in enumerate(shards_sizes)]
-    for epoch in range(3):
-        train = plan_epoch(infos, 0, epoch, world, workers, 2, train=True)
-        counts = [sum(p.batches for p in rank) for rank in train]
-        assert len(set(counts)) == 1 and counts[0] > 0
-        val = plan_epoch(infos, 0, epoch, world, workers, 2, train=False)
-        assert len({sum(p.batches for p in rank) for rank in val}) == 1
-        # every sample position belongs to exactly one slot
-        owners = Counter()
-        for rank in val:
-            for p in rank:
-                offset = 0
-                for name in p.shards:
-                    n = shards_sizes[int(name[1:])]
-                    owners.update((name, j) for j in range(n) if (offset + j) % p.stride == p.offset)
-                    offset += n
-        assert len(owners) == sum(shards_sizes) and set(owners.values()) == {1}
+@pytest.mark.parametrize("sizes,block", [((5, 7, 3, 9, 4, 6, 8), 2), ((20,), 4), ((3, 3, 2, 9, 1, 0), 3)])
+def test_epoch_order_covers_every_sample_once_and_is_a_function_of_seed_and_epoch(sizes, block):
+    orders = {(seed, epoch): order.epoch_order(sizes, seed, epoch, block, True) for seed in (0, 1) for epoch in (0, 1)}
+    every = {(s, i) for s, n in enumerate(sizes) for i in range(n)}
+    for o in orders.values():
+        assert len(o) == sum(sizes) and {tuple(p) for p in o.tolist()} == every
+    assert len({o.tobytes() for o in orders.values()}) == 4  # another seed or epoch: another order
+    assert np.array_equal(order.epoch_order(sizes, 0, 1, block, True), orders[0, 1])  # pure
+    # a block's samples stay within its shards: the worker holds about a block at a time
+    blocks = order.shard_blocks(len(sizes), 0, 0, block, True)
+    start = 0
+    for members in blocks:
+        n = sum(sizes[m] for m in members)
+        assert set(orders[0, 0][start:start + n, 0].tolist()) <= set(members)
+        start += n
 
 
-def test_uneven_shards_equal_batch_counts_on_every_rank(synthetic_url):
-    counts = []
+def test_layout_splits_the_global_batch_and_names_a_world_that_does_not_divide_it():
+    assert (order.layout(16, 1, 8, "x").micro_steps, order.layout(16, 2, 8, "x").micro_steps) == (2, 1)
+    assert order.layout(16, 4, 8, "x").micro == 4  # a share below the micro-batch: one smaller micro-batch
+    assert order.layout(24, 1, 5, "x").micro == 4  # micro-batches split a share evenly
+    with pytest.raises(BadInput, match="global batch 16 is not divisible by 3 workers"):
+        order.layout(16, 3, 8, "x")
+
+
+def consume(url, split, world, loader_workers, steps, start=0, **kw):
+    """The keys of `steps` global steps from `start`, in the global order (step by step, rank by rank), and
+    the first batch of each rank."""
+    streams = [ShardStream(StreamSpec(url=url, split=split, retries=RETRIES, rank=r, world_size=world,
+                                      loader_workers=loader_workers, **kw)) for r in range(world)]
+    per_rank = []
+    for s in streams:
+        s.load_state_dict({"step": start})
+        per_rank.append([next(s) for _ in range(steps * s.layout.micro_steps)])
+        assert s.state_dict()["step"] == start + steps
     keys = []
-    for rank in range(3):
-        stream = ShardStream(StreamSpec(url=synthetic_url, split="unlabeled", batch_size=8, retries=RETRIES, rank=rank, world_size=3, loader_workers=2))
-        batches = [next(stream) for _ in range(stream.batches_per_epoch())]
-        counts.append(len(batches))
-        keys.append({k for b in batches for k in b["keys"]})
-        assert all(b["epoch"] == 0 for b in batches)
-    assert len(set(counts)) == 1 and counts[0] > 0
+    for g in range(steps):
+        for batches in per_rank:
+            micro = len(batches) // steps
+            assert {b["step"] for b in batches[g * micro:(g + 1) * micro]} == {start + g}
+            keys += [k for b in batches[g * micro:(g + 1) * micro] for k in b["keys"]]
+    return keys, [batches[0] for batches in per_rank]
+
+
+def test_the_global_order_does_not_depend_on_ranks_or_loader_workers(synthetic_url):
+    kw = {"batch_size": 4, "global_batch": 24, "seed": 3}
+    reference, _ = consume(synthetic_url, "unlabeled", 1, 0, 25, **kw)  # 25 x 24 > 420: crosses an epoch
+    assert len(reference) == 25 * 24
+    for world, loader_workers in ((2, 2), (3, 1), (4, 2)):
+        keys, _ = consume(synthetic_url, "unlabeled", world, loader_workers, 25, **kw)
+        assert keys == reference, (world, loader_workers)
+
+
+def test_equal_batches_disjoint_shares_and_val_once(synthetic_url):
+    streams = [ShardStream(StreamSpec(url=synthetic_url, split="unlabeled", batch_size=8, retries=RETRIES, rank=r,
+                                      world_size=3, loader_workers=2)) for r in range(3)]
+    counts = {s.batches_per_epoch() for s in streams}
+    assert len(counts) == 1 and counts.pop() > 0
+    keys = [{k for b in (next(s) for _ in range(s.batches_per_epoch())) for k in b["keys"]} for s in streams]
+    assert all(len(b) == s.batches_per_epoch() * 8 for b, s in zip(keys, streams))
     assert not (keys[0] & keys[1]) and not (keys[1] & keys[2]) and not (keys[0] & keys[2])
-    val = [sum(len(b["keys"]) for b in ShardStream(StreamSpec(url=synthetic_url, split="val", batch_size=8, retries=RETRIES, rank=r, world_size=3)))
-           for r in range(3)]
-    assert sum(val) == 64  # every val sample exactly once across ranks
+    val = [[b for b in ShardStream(StreamSpec(url=synthetic_url, split="val", batch_size=8, retries=RETRIES, rank=r,
+                                              world_size=3))] for r in range(3)]
+    assert len({len(v) for v in val}) == 1  # padded to the same batch count
+    assert sorted(k for v in val for b in v for k in b["keys"]) == sorted({k for v in val for b in v for k in b["keys"]})
+    assert sum(len(b["keys"]) for v in val for b in v) == 64  # every val sample exactly once across ranks
 
 
-def test_resume_repeats_and_skips_nothing_with_loader_workers(synthetic_url):
-    spec = StreamSpec(url=synthetic_url, split="unlabeled", batch_size=4, retries=RETRIES, seed=3, loader_workers=2)
-    full = ShardStream(spec)
-    per_epoch = full.batches_per_epoch()
-    total = 2 * per_epoch  # loader workers end epoch 0 at different times; by then all have
-    reference = [(b["epoch"], k) for b in (next(full) for _ in range(total)) for k in b["keys"]]
-    first = ShardStream(spec)
-    part1 = [next(first) for _ in range(7)]
-    state = json.loads(json.dumps(first.state_dict()))  # it travels as JSON in checkpoints
-    resumed = ShardStream(spec)
-    resumed.load_state_dict(state)
-    part2 = [next(resumed) for _ in range(total - 7)]
-    got = [(b["epoch"], k) for b in part1 + part2 for k in b["keys"]]
-    epoch0 = [k for e, k in got if e == 0]
-    assert len(epoch0) == len(set(epoch0)) == per_epoch * 4  # nothing repeated, nothing skipped
-    assert set(epoch0) == {k for e, k in reference if e == 0}  # the same samples as without a stop
-    # augmentation is a function of (seed, epoch, key): resumed batches are the very same tensors
-    again = ShardStream(spec)
-    again.load_state_dict(state)
-    assert np.array_equal(next(again)["image"], part2[0]["image"])
+def test_a_checkpoint_of_4_ranks_resumes_on_1_and_on_3_at_the_exact_next_sample(synthetic_url):
+    """The stream's state is the global step: written by 4 ranks with 2 loader workers each, it resumes on one
+    rank without loader workers, or on three, with the very next samples, augmented the same."""
+    kw = {"batch_size": 2, "global_batch": 24, "seed": 5}
+    reference, _ = consume(synthetic_url, "unlabeled", 1, 0, 24, **kw)
+    streams = [ShardStream(StreamSpec(url=synthetic_url, split="unlabeled", retries=RETRIES, rank=r, world_size=4,
+                                      loader_workers=2, **kw)) for r in range(4)]
+    for s in streams:
+        for _ in range(7 * s.layout.micro_steps):
+            next(s)
+    states = [json.loads(json.dumps(s.state_dict())) for s in streams]  # it travels as JSON in checkpoints
+    assert all(state == states[0] for state in states)
+    for world, loader_workers in ((1, 0), (3, 1)):
+        keys, firsts = consume(synthetic_url, "unlabeled", world, loader_workers, 24 - 7, start=states[0]["step"], **kw)
+        assert reference[:7 * 24] + keys == reference  # nothing repeated, nothing skipped, nothing reordered
+    _, firsts = consume(synthetic_url, "unlabeled", 1, 0, 1, start=7, **kw)
+    _, again = consume(synthetic_url, "unlabeled", 4, 2, 1, start=7, **kw)
+    assert torch.equal(firsts[0]["image"][:2], again[0]["image"])  # augmentation: a function of (seed, epoch, key)
 
 
 def test_corrupt_sample_and_truncated_shard_are_skipped_and_counted(tmp_path, caplog):
@@ -287,7 +315,8 @@ def test_corrupt_sample_and_truncated_shard_are_skipped_and_counted(tmp_path, ca
     stream = ShardStream(StreamSpec(url=url, split="labeled", batch_size=2, retries=RETRIES, loader_workers=0))
     batches = [next(stream) for _ in range(6)]
     assert stream.skipped >= 2
-    assert all(len(b["keys"]) == 2 for b in batches)
+    assert all(b["image"].shape[0] == 2 for b in batches)  # equal batches: readable samples fill the gaps
+    assert bad_key not in {k for b in batches for k in b["keys"]}  # keys: what was really consumed
     assert any(bad_key in r.message and shard_a in r.message for r in caplog.records)
     assert any(shard_b in r.message and "unreadable" in r.message for r in caplog.records)
 
@@ -355,29 +384,36 @@ def test_each_storage_operation_has_its_own_retry_budget(monkeypatch):
         storage.with_retries(flaky, "s3://b/x", retries=3)
 
 
-def test_read_ahead_fetches_the_next_shard_while_one_is_decoded_and_holds_at_most_depth_more():
+def test_read_ahead_fetches_the_next_shard_while_one_is_decoded(synthetic_url, monkeypatch):
+    """With one shard a block and data.readahead=1, the first micro-batch comes out while the next shard is
+    already fetched; the worker never holds more than its blocks and the ones ahead."""
     import threading
 
-    from shards.stream import read_ahead
+    from shards import stream as stream_module
 
-    started = {name: threading.Event() for name in "abcd"}
-    unconsumed = []  # fetched, not yet handed over: bounded by the depth
+    fetched, released = [], threading.Event()
+    real = stream_module._Worker._shard_bytes
 
-    def fetch(name):
-        started[name].set()
-        unconsumed.append(name)
-        return name.encode()
+    def fetch(self, name):
+        fetched.append(name)
+        return real(self, name)
 
-    held = []
-    for name, data in read_ahead("abcd", fetch, depth=1):
-        assert data == name.encode()
-        unconsumed.remove(name)
-        if name != "d":  # while this one is "decoded", the next one is already being read
-            following = "abcd"["abcd".index(name) + 1]
-            assert started[following].wait(5), f"{following} was not read ahead"
-        held.append(len(unconsumed))
-    assert max(held) <= 1
-    assert [n for n, _ in read_ahead("abc", fetch, depth=0)] == list("abc")
+    monkeypatch.setattr(stream_module._Worker, "_shard_bytes", fetch)
+    s = ShardStream(StreamSpec(url=synthetic_url, split="unlabeled", batch_size=4, retries=RETRIES, shuffle_block=1,
+                               readahead=1, loader_workers=0))
+    first_shard = s.plan.blocks(0).shards[0][0]
+    next(s)
+    deadline = time.monotonic() + 5
+    while len(fetched) < 2 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert fetched[:2] == [first_shard, s.plan.blocks(0).shards[1][0]], fetched
+    cache = stream_module._ShardCache(lambda name: released.wait(5) and name, threads=2)
+    cache.want("abc")
+    cache.retain("bc")
+    assert list(cache.held) == ["b", "c"]
+    released.set()
+    assert cache.get("c") == "c"
+    cache.close()
 
 
 def test_each_shard_is_hashed_once_per_worker_and_run(synthetic_url, monkeypatch):

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import shutil
 import tempfile
 import time
@@ -129,12 +130,17 @@ def write_rank_state(local_dir: str, rank: int, state: dict) -> None:
         json.dump(state, f)
 
 
-def read_rank_state(local_dir: str, rank: int) -> dict:
-    path = os.path.join(local_dir, f"rank-{rank}.json")
-    if not os.path.exists(path):
-        raise CheckpointError(f"{path}: no state for rank {rank} (was the run started with other workers?)")
-    with open(path) as f:
-        return json.load(f)
+def read_rank_states(local_dir: str) -> dict[int, dict]:
+    """Every rank's state in a checkpoint folder, by rank (the world that wrote it, whatever reads it)."""
+    states = {}
+    for name in os.listdir(local_dir):
+        rank = re.fullmatch(r"rank-(\d+)\.json", name)
+        if rank:
+            with open(os.path.join(local_dir, name)) as f:
+                states[int(rank.group(1))] = json.load(f)
+    if 0 not in states:
+        raise CheckpointError(f"{local_dir}: no state for rank 0 (an incomplete checkpoint)")
+    return states
 
 
 def remove_local(path: str) -> None:

@@ -8,17 +8,24 @@ from __future__ import annotations
 
 import hashlib
 import json
-from typing import Literal, Optional
+import re
+from typing import Literal, Optional, Union
 
 import fsspec
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from shards import order
 from shards.errors import BadInput
 
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class GlobalBatch(_Strict):
+    labeled: int = Field(ge=1)
+    unlabeled: int = Field(ge=1)
 
 
 class DataConfig(_Strict):
@@ -29,11 +36,15 @@ class DataConfig(_Strict):
     scale_max: float = Field(2.0, gt=0)
     flip: bool = True
     photometric: bool = True
+    # the most one worker's micro-batch holds; a worker's share of the global batch above that accumulates
     labeled_batch_size: int = Field(8, ge=1)
     unlabeled_batch_size: int = Field(8, ge=1)
+    # samples per optimiser step over all workers, the same at any worker count (null: the batch sizes above
+    # times the most workers the run allows): the optimiser and the schedule see one batch however it is split
+    global_batch: Optional[GlobalBatch] = None
     val_batch_size: int = Field(8, ge=1)
     loader_workers: int = Field(1, ge=0)
-    shuffle_buffer: int = Field(256, ge=1)
+    shuffle_block: int = Field(4, ge=1)  # shards whose samples are shuffled together (held twice in memory)
     allow_pipe: bool = False  # `pipe:` URLs run shell commands: only on explicit opt-in
     retries: int = Field(5, ge=0)
     # shards each loader worker fetches while it decodes the current one (memory: readahead + 1 shards)
@@ -140,7 +151,8 @@ class TrainConfig(_Strict):
     method: Literal["guidedmix", "unimatch", "supervised"] = "guidedmix"
     steps: int = Field(1000, ge=1)
     seed: int = 0
-    workers: int = Field(2, ge=1)
+    # N, or "MIN:MAX": elastic, Ray Train starts with what it has of MAX (at least MIN) and regrows the group
+    workers: Union[int, str] = 2
     use_gpu: Optional[bool] = None  # None: detect from the cluster
     zero_stage: Literal[0, 1, 2, 3] = 0
     precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
@@ -155,6 +167,35 @@ class TrainConfig(_Strict):
     # outside Ray only (inside Ray, each node's metrics agent serves them): a Prometheus endpoint, 0 = none
     metrics_port: int = Field(0, ge=0, le=65535)
     metrics_host: str = "127.0.0.1"
+
+    @field_validator("workers")
+    @classmethod
+    def _workers(cls, value):
+        low, high = _worker_range(value)
+        if not 1 <= low <= high:
+            raise ValueError("expected N >= 1 or MIN:MAX with 1 <= MIN <= MAX")
+        return value if isinstance(value, int) or low < high else low
+
+    @property
+    def worker_range(self) -> tuple[int, int]:
+        return _worker_range(self.workers)
+
+    @property
+    def elastic(self) -> bool:
+        low, high = self.worker_range
+        return low < high
+
+
+def _worker_range(value) -> tuple[int, int]:
+    if isinstance(value, bool):
+        raise ValueError("expected N or MIN:MAX")
+    if isinstance(value, int):
+        return value, value
+    low, sep, high = str(value).partition(":")
+    try:
+        return (int(low), int(high)) if sep else (int(low), int(low))
+    except ValueError:
+        raise ValueError("expected N or MIN:MAX") from None
 
 
 class Config(_Strict):
@@ -188,7 +229,33 @@ class Config(_Strict):
     def _compatible(self):
         if self.guidedmix.teacher == "ema" and self.train.zero_stage == 3:
             raise ValueError("guidedmix.teacher=ema needs whole parameters; use train.zero_stage <= 2")
+        if self.train.elastic and self.train.zero_stage > 0 and self.train.engine == "deepspeed":
+            # DeepSpeed 0.19 refuses ZeRO optimiser partitions written at another world size
+            raise ValueError(f"train.workers {self.train.workers}: a group that resizes needs train.zero_stage 0 "
+                             "(ZeRO partitions load only at the world size that wrote them)")
+        low, high = self.train.worker_range
+        for split in ("labeled", "unlabeled"):
+            total = self.global_batch(split)
+            for world in range(low, high + 1):
+                if total % world:
+                    raise ValueError(f"data.global_batch.{split}: {total} is not divisible by {world} workers "
+                                     f"(train.workers {self.train.workers})")
+        steps = {split: self.micro_steps(split, high) for split in ("labeled", "unlabeled")}
+        if self.train.method != "supervised" and steps["labeled"] != steps["unlabeled"]:
+            raise ValueError(f"data.global_batch: labeled and unlabeled need the same number of micro-batches per "
+                             f"worker ({steps['labeled']} and {steps['unlabeled']} at {high} workers)")
         return self
+
+    def global_batch(self, split: str) -> int:
+        """Samples of a split per optimiser step over all workers."""
+        if self.data.global_batch is not None:
+            return getattr(self.data.global_batch, split)
+        return getattr(self.data, f"{split}_batch_size") * self.train.worker_range[1]
+
+    def micro_steps(self, split: str, world: int) -> int:
+        """Micro-batches a worker accumulates per optimiser step at this world size (see shards/order.py)."""
+        return order.layout(self.global_batch(split), world, getattr(self.data, f"{split}_batch_size"),
+                            f"data.global_batch.{split}").micro_steps
 
 
 # Key names that carry credentials in fsspec's filesystems: s3fs (key, secret, token, client_kwargs'
@@ -240,6 +307,18 @@ class _NoAliasLoader(yaml.SafeLoader):
             raise yaml.composer.ComposerError(None, None, "aliases (*name) are not allowed",
                                               self.peek_event().start_mark)
         return super().compose_node(parent, index)
+
+
+# YAML 1.1's base-60 numbers read `workers: 2:8` as 128; YAML 1.2 dropped them, and so do configs here
+def _without_base_60(regex: re.Pattern) -> re.Pattern:
+    head, body = regex.pattern.split("(?:", 1)
+    kept = [alt for alt in body[:-2].split("|") if "(?::[0-5]?[0-9])" not in alt]
+    return re.compile(f"{head}(?:{'|'.join(kept)})$", regex.flags)
+
+
+_NoAliasLoader.yaml_implicit_resolvers = {
+    first: [(tag, _without_base_60(regex) if tag.endswith((":int", ":float")) else regex) for tag, regex in resolvers]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
 
 
 def _yaml(text):

@@ -28,24 +28,30 @@ def poly_schedule(optimizer, total_steps: int, power: float):
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: max(0.0, 1 - s / total_steps) ** power)
 
 
-def build_engine(model, cfg, device, bf16: bool):
+def build_engine(model, cfg, device, bf16: bool, micro_batch: int, micro_steps: int):
+    """`micro_steps` micro-batches of `micro_batch` labeled images make one optimiser step of this worker."""
     if cfg.train.engine == "deepspeed":
-        return DeepSpeedEngine(model, cfg, device, bf16)
-    return PlainEngine(model, cfg, device)
+        return DeepSpeedEngine(model, cfg, device, bf16, micro_batch, micro_steps)
+    return PlainEngine(model, cfg, device, micro_steps)
 
 
 class PlainEngine:
-    def __init__(self, model, cfg, device):
+    def __init__(self, model, cfg, device, micro_steps: int):
         self.module = model.to(device)
         self.optimizer = build_optimizer(model, cfg.optim)
         self.scheduler = poly_schedule(self.optimizer, cfg.train.steps, cfg.optim.poly_power)
         self.dtype = torch.float32
+        self.micro_steps, self.micros = micro_steps, 0
 
-    def step(self, loss):
-        loss.backward()
-        self.optimizer.step()
-        self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
+    def micro_step(self, loss):
+        """Backward one micro-batch's loss; after the step's last one, the optimiser and schedule step (the
+        gradient is the mean over the micro-batches, as DeepSpeed's accumulation makes it)."""
+        (loss / self.micro_steps).backward()
+        self.micros += 1
+        if self.micros % self.micro_steps == 0:
+            self.optimizer.step()
+            self.scheduler.step()
+            self.optimizer.zero_grad(set_to_none=True)
 
     def lr(self) -> float:
         return self.optimizer.param_groups[0]["lr"]
@@ -66,7 +72,7 @@ class PlainEngine:
 class DeepSpeedEngine:
     TAG = "engine"
 
-    def __init__(self, model, cfg, device, bf16: bool):
+    def __init__(self, model, cfg, device, bf16: bool, micro_batch: int, micro_steps: int):
         # DeepSpeed JIT-builds its CPU ops with the first `ninja` on PATH, and ninja versions hash build
         # commands differently, so two of them rebuild each other's output every run: this environment's own
         # (a dependency of deepspeed) first, as `make venv` builds them
@@ -77,8 +83,8 @@ class DeepSpeedEngine:
 
         optimizer = build_optimizer(model, cfg.optim)
         ds_config = {
-            "train_micro_batch_size_per_gpu": cfg.data.labeled_batch_size,
-            "gradient_accumulation_steps": 1,
+            "train_micro_batch_size_per_gpu": micro_batch,
+            "gradient_accumulation_steps": micro_steps,
             "zero_optimization": {"stage": cfg.train.zero_stage},
             "zero_allow_untested_optimizer": True,  # SGD as the paper uses; DeepSpeed's list is Adam-centric
             "bf16": {"enabled": bf16},
@@ -93,9 +99,9 @@ class DeepSpeedEngine:
         self.module = self.engine.module
         self.dtype = torch.bfloat16 if bf16 else torch.float32
 
-    def step(self, loss):
-        self.engine.backward(loss)
-        self.engine.step()  # optimizer, lr schedule and zero_grad
+    def micro_step(self, loss):
+        self.engine.backward(loss)  # scaled by 1 / gradient_accumulation_steps
+        self.engine.step()  # at the accumulation boundary: optimizer, lr schedule and zero_grad
 
     def lr(self) -> float:
         return self.engine.get_lr()[0]

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Optional
 
 import fsspec
+import numpy as np
 import torch
 
 from shards.errors import BadInput
@@ -45,13 +46,21 @@ class WorkerContext:
 
 def stream_spec(cfg: Config, split: str, ctx: WorkerContext) -> StreamSpec:
     """The data layer's plain values for one split of this worker, by keyword."""
-    d = cfg.data
+    d, train = cfg.data, split != "val"
     return StreamSpec(
-        url=d.url, split=split, batch_size=getattr(d, f"{split}_batch_size"), seed=cfg.train.seed, rank=ctx.rank,
-        world_size=ctx.world_size, loader_workers=d.loader_workers if split != "val" else 0,
+        url=d.url, split=split, batch_size=getattr(d, f"{split}_batch_size"),
+        global_batch=cfg.global_batch(split) if train else None, seed=cfg.train.seed, rank=ctx.rank,
+        world_size=ctx.world_size, loader_workers=d.loader_workers if train else 0,
         crop_size=d.crop_size, scale_min=d.scale_min, scale_max=d.scale_max, flip=d.flip,
-        photometric=d.photometric, shuffle_buffer=d.shuffle_buffer, storage_options=dict(d.storage_options),
+        photometric=d.photometric, shuffle_block=d.shuffle_block, storage_options=dict(d.storage_options),
         allow_pipe=d.allow_pipe, retries=d.retries, readahead=d.readahead)
+
+
+def micro_generator(seed: int, step: int, micro: int, device) -> torch.Generator:
+    """The randomness of one micro-batch (pairs, boxes, perturbations), named by its place in the global
+    batch: the same whichever rank computes it, at any world size."""
+    state = int(np.random.SeedSequence([seed, step, micro]).generate_state(1)[0])
+    return torch.Generator(device=device).manual_seed(state)
 
 
 def load_model(cfg: Config, num_classes: int):
@@ -138,7 +147,8 @@ class Trainer:
         ema = cfg.train.method == "guidedmix" and gm.teacher == "ema"
         self.teacher = copy.deepcopy(model).to(ctx.device).eval() if ema else None
         bf16 = cfg.train.precision == "bf16" or (cfg.train.precision == "auto" and use_gpu)
-        self.engine = build_engine(model, cfg, ctx.device, bf16)
+        micro = self.streams["labeled"].layout
+        self.engine = build_engine(model, cfg, ctx.device, bf16, micro.micro, micro.micro_steps)
         self.module = self.engine.module
         if self.teacher is not None:
             self.teacher.to(self.engine.dtype)  # teaches from the student's views, in the student's precision
@@ -152,9 +162,15 @@ class Trainer:
         self.store = checkpoint.CheckpointStore(cfg.out, cfg.data.storage_options, cfg.data.retries)
 
         self.step, self.history, self.elapsed_before, self.resumed_from = 0, [], 0.0, None
+        self.resizes: list[dict] = []  # {step, from, to}: each time the group came back at another size
         self.tracker: Optional[Tracker] = None  # rank 0's, from resume() on
         self.ledger = {s: [] for s in self.streams}
-        self.images_per_step = ctx.world_size * sum(getattr(cfg.data, f"{s}_batch_size") for s in self.streams)
+        self.images_per_step = sum(cfg.global_batch(s) for s in self.streams)
+        micro_steps = {s: stream.layout.micro_steps for s, stream in self.streams.items()}
+        if len(set(micro_steps.values())) > 1:
+            raise BadInput(f"data.global_batch: at {ctx.world_size} workers the labeled and unlabeled shares need "
+                           f"different numbers of micro-batches ({micro_steps}); scale both batch sizes alike")
+        self.micro_steps = micro_steps["labeled"]
         self.pseudo_score = evaluate.PseudoMaskScore(len(self.classes))  # watches for collapse between log lines
         self.counted_skipped = 0
         self.data_wait = 0.0
@@ -166,79 +182,102 @@ class Trainer:
 
     def resume(self) -> None:
         """Continue from the latest committed checkpoint, if there is one: weights, optimiser, schedule,
-        history, stream positions and ledger."""
+        history, stream position and ledger, whatever the world size that wrote it."""
         self.resumed_from = self.store.latest()
         if self.resumed_from:
             local = self.store.download(self.resumed_from)
             try:
                 client = self.engine.load(local)
-                state = checkpoint.read_rank_state(local, self.ctx.rank)
+                states = checkpoint.read_rank_states(local)
                 if self.teacher is not None:
                     self.teacher.load_state_dict(torch.load(f"{local}/teacher.pt", weights_only=True))
             finally:
                 checkpoint.remove_local(local)
             self.step, self.history, self.elapsed_before = client["step"], client["history"], client["elapsed"]
-            for name, stream in self.streams.items():
-                stream.load_state_dict(state["streams"][name])
-            self.ledger = state.get("ledger", self.ledger)
+            self.resizes = client.get("resizes", [])
+            before = client.get("world_size", len(states))
+            if before != self.ctx.world_size:
+                self.resizes.append({"step": self.step, "from": before, "to": self.ctx.world_size})
+            for name, stream in self.streams.items():  # the global step: the same in every rank's state
+                stream.load_state_dict(states[0]["streams"][name])
+            # each rank keeps its own ledger; rank 0 takes over those of ranks that are gone
+            mine = [self.ctx.rank] + (list(range(self.ctx.world_size, before)) if self.ctx.rank == 0 else [])
+            for rank in mine:
+                for split, entries in states.get(rank, {}).get("ledger", {}).items():
+                    self.ledger[split] += entries
             if self.ctx.rank == 0:
-                log.info("resumed from %s at step %d", self.resumed_from, self.step)
+                log.info("resumed from %s at step %d%s", self.resumed_from, self.step,
+                         f", {before} -> {self.ctx.world_size} workers" if before != self.ctx.world_size else "")
         self.counted_skipped = sum(s.skipped for s in self.streams.values())
         self.progress = _Progress(self.cfg.train.steps, self.step, self.images_per_step)  # rate from here on
         self.tracker = Tracker(self.cfg, self.classes, self.step) if self.ctx.rank == 0 else None
         self.module.train()
 
     def train_step(self) -> guidedmix.StepOutput:
-        """One optimiser step on the next labeled (and unlabeled) batch; records metrics without reading any
-        value back from the device."""
-        ctx, gm = self.ctx, self.cfg.guidedmix
-        t_data = time.monotonic()
-        batch_l = next(self.streams["labeled"])
-        batch_u = next(self.streams["unlabeled"]) if self.semi else None
-        t_step = time.monotonic()
+        """One optimiser step: this rank's share of the global batch, in micro-batches whose gradients
+        accumulate; records metrics without reading any value back from the device. Returns the step's losses
+        averaged over its micro-batches."""
+        t_step, waited, outs = time.monotonic(), 0.0, []
+        for micro in range(self.micro_steps):
+            t_data = time.monotonic()
+            batches = {split: next(stream) for split, stream in self.streams.items()}
+            waited += time.monotonic() - t_data
+            # the micro-batch's place in the global batch, the same at any world size
+            place = self.ctx.rank * self.micro_steps + micro
+            out = self._loss(batches["labeled"], batches.get("unlabeled"),
+                             micro_generator(self.cfg.train.seed, self.step, place, self.ctx.device))
+            self.engine.micro_step(out.loss)
+            outs.append(out)
+            self._count(batches)
+        if self.teacher is not None:
+            guidedmix.ema_update(self.teacher, self.module, self.cfg.guidedmix.ema_decay)
+        self.step += 1
+        self.data_wait = waited
+        self.metrics.observe("step_duration_seconds", time.monotonic() - t_step - waited)
+        self.metrics.observe("data_wait_seconds", waited)
+        return guidedmix.StepOutput(sum(o.loss.detach() for o in outs) / len(outs),
+                                    {k: sum(o.parts[k] for o in outs) / len(outs) for k in outs[0].parts})
+
+    def _loss(self, batch_l: dict, batch_u: Optional[dict], generator: torch.Generator) -> guidedmix.StepOutput:
+        """One micro-batch's loss by the configured method."""
+        ctx, gm, method = self.ctx, self.cfg.guidedmix, self.cfg.train.method
         x_l = batch_l["image"].to(ctx.device, self.engine.dtype)
         y_l = batch_l["mask"].to(ctx.device)
-        method = self.cfg.train.method
-        x_u = batch_u["image"].to(ctx.device, self.engine.dtype) if self.semi else None
+        x_u = batch_u["image"].to(ctx.device, self.engine.dtype) if batch_u is not None else None
         if method == "guidedmix":
             find = None
             if self.pairing is not None:
                 find = functools.partial(self.pairing.query, step=self.step, device=ctx.device, dtype=self.engine.dtype)
             out = guidedmix.guidedmix_loss(self.module, x_l, y_l, x_u, self.step, gm, len(self.classes),
-                                           self.teacher, find, self.generator)
+                                           self.teacher, find, generator)
             if self.pairing is not None:
                 self.pairing.push(out.labeled_embeddings, x_l, y_l, self.step)
         elif method == "unimatch":
-            out = unimatch_loss(self.module, x_l, y_l, x_u, self.step, self.cfg.unimatch, gm, self.generator)
+            out = unimatch_loss(self.module, x_l, y_l, x_u, self.step, self.cfg.unimatch, gm, generator)
         else:
             out = guidedmix.supervised_loss(self.module, x_l, y_l)
         if out.pseudo is not None:
             self.pseudo_score.add(out.pseudo.detach(), batch_u.get("withheld_mask"))
-        self.engine.step(out.loss)
-        if self.teacher is not None:
-            guidedmix.ema_update(self.teacher, self.module, gm.ema_decay)
-        self.step += 1
-        self.data_wait = t_step - t_data
-        self._count(time.monotonic() - t_step, {"labeled": batch_l, "unlabeled": batch_u})
         return out
 
-    def _count(self, seconds: float, batches: dict) -> None:
+    def _count(self, batches: dict) -> None:
         m = self.metrics
-        m.observe("step_duration_seconds", seconds)
-        m.observe("data_wait_seconds", self.data_wait)
         for split, batch in batches.items():
-            if batch is not None:
-                m.inc("samples_total", len(batch["keys"]), split=split)
-                if self.cfg.train.ledger:
-                    self.ledger[split] += [[batch["epoch"], k] for k in batch["keys"]]
+            m.inc("samples_total", len(batch["keys"]), split=split)
+            if self.cfg.train.ledger:
+                self.ledger[split] += [[batch["epoch"], k] for k in batch["keys"]]
         skipped = sum(s.skipped for s in self.streams.values())
         m.inc("corrupt_samples_total", skipped - self.counted_skipped)
         self.counted_skipped = skipped
 
     def log(self, out: guidedmix.StepOutput) -> None:
         """The log step: losses read back from the device, a history record, metrics, Ray's report, a line."""
-        record = {"step": self.step, "loss": out.loss.item(),
-                  **{k: float(v) for k, v in out.parts.items()}, "lr": self.engine.lr(),
+        # the global batch's losses (every rank's mean), comparable between runs at any world size
+        names = [k for k, v in out.parts.items() if torch.is_tensor(v)]
+        losses = all_reduce(torch.stack([out.loss.detach(), *(out.parts[k] for k in names)]).float())
+        losses = losses.cpu() / self.ctx.world_size
+        record = {"step": self.step, "loss": float(losses[0]), **{k: float(v) for k, v in out.parts.items()},
+                  **{k: float(v) for k, v in zip(names, losses[1:])}, "lr": self.engine.lr(),
                   "data_wait_s": self.data_wait, "seconds": round(self.elapsed(), 3)}
         if self.pairing is not None:
             record.update({f"pairing_{k}": v for k, v in self.pairing.stats().items()})
@@ -280,7 +319,8 @@ class Trainer:
         average_buffers(self.module)
 
         def write_files(local):
-            self.engine.save(local, {"step": self.step, "history": self.history, "elapsed": self.elapsed()})
+            self.engine.save(local, {"step": self.step, "history": self.history, "elapsed": self.elapsed(),
+                                     "world_size": self.ctx.world_size, "resizes": self.resizes})
             rank_state = {"streams": {n: s.state_dict() for n, s in self.streams.items()}}
             if self.cfg.train.ledger:
                 rank_state["ledger"] = self.ledger
@@ -312,7 +352,8 @@ class Trainer:
             "method": cfg.train.method, "miou": miou, "per_class_iou": dict(zip(self.classes, per_class)),
             "steps": self.step, "samples_seen": self.step * self.images_per_step,
             "skipped_samples": int(skipped.item()), "wall_seconds": round(self.elapsed(), 2),
-            "workers": ctx.world_size, "engine": cfg.train.engine, "resumed_from": self.resumed_from,
+            "workers": ctx.world_size, "resizes": self.resizes, "engine": cfg.train.engine,
+            "resumed_from": self.resumed_from,
             "config_hash": cfg.digest(), "config": cfg.public_dict(),
         }
         if self.pairing is not None:  # rank 0's view since its last (re)start
