@@ -38,7 +38,7 @@ def train_once(overrides: list[str], config: str = "configs/cpu-small.yaml", in_
     torch.set_num_threads(1)
     logging.getLogger("guidedmix").setLevel(logging.WARNING)
     out = tempfile.mkdtemp(prefix="gm-bench-")
-    cfg = load_config(os.path.join(ROOT, config), ["train.engine=plain", f"out={out}", *overrides])
+    cfg = load_config(os.path.join(ROOT, config), ["train.engine=plain", "train.workers=1", f"out={out}", *overrides])
     with contextlib.redirect_stderr(io.StringIO()):
         return train(cfg, WorkerContext(in_ray=in_ray))
 

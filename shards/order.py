@@ -19,34 +19,41 @@ from .errors import BadInput
 
 @dataclass(frozen=True)
 class Layout:
-    """How one global batch is split: `world` ranks, each taking `micro_steps` micro-batches of `micro`."""
+    """How one global batch is split: `world` ranks, each taking a contiguous share in `micro_steps`
+    micro-batches of at most `micro` (shares differ by one sample where the world does not divide the batch)."""
 
     global_batch: int
     world: int
-    micro: int
+    micro_steps: int
 
     @property
-    def share(self) -> int:
-        return self.global_batch // self.world
+    def micro(self) -> int:
+        return -(-(-(-self.global_batch // self.world)) // self.micro_steps)
 
     @property
-    def micro_steps(self) -> int:
-        return self.share // self.micro
+    def even(self) -> bool:
+        """Every rank's micro-batches the same as at any other world size that divides the batch this way."""
+        return self.global_batch % (self.world * self.micro_steps) == 0
 
     def positions(self, step_in_epoch: int, rank: int, micro_step: int) -> range:
         """Positions in the epoch's order of one micro-batch."""
-        start = step_in_epoch * self.global_batch + rank * self.share + micro_step * self.micro
-        return range(start, start + self.micro)
+        first, last = rank * self.global_batch // self.world, (rank + 1) * self.global_batch // self.world
+        share = last - first
+        start = step_in_epoch * self.global_batch + first
+        return range(start + micro_step * share // self.micro_steps,
+                     start + (micro_step + 1) * share // self.micro_steps)
 
 
 def layout(global_batch: int, world: int, micro_max: int, what: str) -> Layout:
-    """Each rank takes global / world; micro-batches of at most `micro_max` that split it evenly (gradient
-    accumulation over them). A global batch that the world does not divide is bad input naming both."""
-    if global_batch % world:
-        raise BadInput(f"{what}: global batch {global_batch} is not divisible by {world} workers")
-    share = global_batch // world
-    micro = next(m for m in range(min(micro_max, share), 0, -1) if share % m == 0)
-    return Layout(global_batch, world, micro)
+    """Each rank takes global / world (rounded down or up where the world does not divide it), in the fewest
+    micro-batches of at most `micro_max` that split it evenly where they can (gradient accumulation over them)."""
+    if global_batch < world:
+        raise BadInput(f"{what}: global batch {global_batch} is smaller than {world} workers")
+    share = -(-global_batch // world)
+    steps = -(-share // micro_max)
+    if global_batch % world == 0:  # the same micro-batches as every other world size that divides the batch
+        steps = next(n for n in range(steps, share + 1) if share % n == 0)
+    return Layout(global_batch, world, steps)
 
 
 def shard_blocks(count: int, seed: int, epoch: int, block: int, shuffle: bool) -> list[list[int]]:

@@ -244,7 +244,7 @@ class _Worker:
                     positions = lay.positions(k, s.rank, j)
                     items = self._read(epoch, positions)
                     keys = [key for key, _, _ in items]
-                    yield self._collate(items or self._stand_in(epoch, positions.stop), lay.micro, epoch,
+                    yield self._collate(items or self._stand_in(epoch, positions.stop), len(positions), epoch,
                                         {"step": g, "micro": j, "keys": keys})
                 turn += 1
             g += 1

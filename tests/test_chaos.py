@@ -303,3 +303,36 @@ def test_corrupt_data_is_skipped_named_and_counted(cluster, tmp_path, chaos_repo
     chaos_report(**fault_figures("corrupt data (truncated shard, undecodable image, mask ids out of range)",
                                  summary, 12, 0.0, skipped_samples=summary["skipped_samples"],
                                  counted_in_metrics=counted))
+
+
+def test_elastic_run_goes_on_a_node_short_and_grows_back(cluster, tmp_path, chaos_report):
+    """`--workers 1:2`: the second node is killed once a checkpoint is committed and stays down; the run goes
+    on with one worker at the same global batch (two micro-batches accumulated) until the node returns, then
+    the group grows back to two. Every sample of every complete epoch is seen once across the resizes."""
+    out, log, steps = "s3://chaos/elastic", tmp_path / "driver.log", 60
+    _, proc = start(cluster, out, log, "--workers", "1:2", steps=steps)
+    shrunk = Progress(log, r"2 -> 1 workers")
+    try:
+        wait_for(lambda: committed(out), 300, "a first checkpoint")
+        fault = time.time()
+        cluster.node.crash()
+        wait_for(lambda: "2 -> 1 workers" in open(log).read(), 300, "the group resumed one worker short")
+        lost_for = shrunk.seconds_after(fault)
+        wait_for(lambda: _progress_after(log, "2 -> 1 workers"), 300, "a step with one worker")
+    finally:
+        cluster.restart_node()  # the node returns: the group grows back (and later tests have their cluster)
+    code, text = finish(proc, log)
+    assert code == 0, text[-3000:]
+    summary = read_json(f"{out}/summary.json")
+    assert summary["steps"] == steps
+    moves = [(r["from"], r["to"]) for r in summary["resizes"]]
+    assert moves[0] == (2, 1) and (1, 2) in moves, summary["resizes"]
+    ledger = check_ledgers(out)
+    assert ledger["labeled"]["samples"] == steps * 16  # the global batch at every size
+    chaos_report(**fault_figures("second node lost, back later (elastic 1:2)", summary, steps, lost_for, ledger,
+                                 resizes=summary["resizes"]))
+
+
+def _progress_after(log, mark):
+    text = open(log).read()
+    return mark in text and re.search(STEPPED, text[text.index(mark):]) is not None

@@ -65,7 +65,7 @@ def test_cli_bad_arguments_exit_2():
 @pytest.fixture(scope="module")
 def trained_run(synthetic_url, tmp_path_factory):
     out = str(tmp_path_factory.mktemp("run") / "out")
-    cfg = load_config("configs/cpu-small.yaml", [f"data.url={synthetic_url}", f"out={out}", "train.engine=plain",
+    cfg = load_config("configs/cpu-small.yaml", [f"data.url={synthetic_url}", f"out={out}", "train.engine=plain", "train.workers=1",
                                                  "train.steps=6", "train.ckpt_every=3", "data.crop_size=32",
                                                  "guidedmix.tau=0"])  # tau 0: an untrained model's pseudo masks count
     return out, train(cfg, WorkerContext())
@@ -116,7 +116,7 @@ def test_the_ledger_check_sees_a_lost_and_a_repeated_sample(short_epochs_url, tm
     """The chaos suite's ledger check can fail: a sample dropped from a complete epoch of a real run's ledger
     is reported lost, one consumed twice is reported repeated."""
     out = str(tmp_path / "run")
-    cfg = load_config("configs/cpu-small.yaml", [f"data.url={short_epochs_url}", f"out={out}", "train.engine=plain",
+    cfg = load_config("configs/cpu-small.yaml", [f"data.url={short_epochs_url}", f"out={out}", "train.engine=plain", "train.workers=1",
                                                  "train.steps=20", "train.ckpt_every=1000", "data.crop_size=32",
                                                  "train.ledger=true", "train.overlays=0"])
     train(cfg, WorkerContext())

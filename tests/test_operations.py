@@ -286,8 +286,12 @@ def test_rendered_overlay_validates_and_its_entrypoint_parses(overlay, rayjob_va
     args = build_parser().parse_args(argv[1:])
     config = args.config.replace("/app/", REPO + "/")
     cfg = load_config(config, [f"train.workers={args.workers}", f"data.url={args.data}", f"out={args.out}"])
-    slots = worker_group["replicas"] * max(gpus[0], 1)
-    assert cfg.train.workers == slots, "--workers must match the worker group"
+    per_pod = max(gpus[0], 1)
+    assert cfg.train.worker_range == (worker_group["minReplicas"] * per_pod, worker_group["maxReplicas"] * per_pod), \
+        "--workers MIN:MAX must match the worker group's minReplicas and maxReplicas"
+    assert worker_group["replicas"] == worker_group["maxReplicas"]  # asks for all, goes on with fewer
+    if overlay != "cpu-demo":
+        assert cfg.train.elastic  # a GPU run a node short goes on
     assert cfg.data.url.startswith("s3://") and cfg.out.startswith("s3://")
     if overlay != "cpu-demo":  # the README's sizing (What a GPU node needs): a core per loader worker, two more
         cpu = int(worker_group["template"]["spec"]["containers"][0]["resources"]["requests"]["cpu"])

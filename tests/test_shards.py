@@ -223,12 +223,15 @@ def test_epoch_order_covers_every_sample_once_and_is_a_function_of_seed_and_epoc
         start += n
 
 
-def test_layout_splits_the_global_batch_and_names_a_world_that_does_not_divide_it():
+def test_layout_splits_the_global_batch_at_any_world_size():
     assert (order.layout(16, 1, 8, "x").micro_steps, order.layout(16, 2, 8, "x").micro_steps) == (2, 1)
     assert order.layout(16, 4, 8, "x").micro == 4  # a share below the micro-batch: one smaller micro-batch
     assert order.layout(24, 1, 5, "x").micro == 4  # micro-batches split a share evenly
-    with pytest.raises(BadInput, match="global batch 16 is not divisible by 3 workers"):
-        order.layout(16, 3, 8, "x")
+    three = order.layout(16, 3, 8, "x")  # a world that does not divide the batch: shares of 5, 5 and 6
+    assert [len(three.positions(0, r, 0)) for r in range(3)] == [5, 5, 6] and not three.even
+    assert [three.positions(1, r, 0).start for r in range(3)] == [16, 21, 26]
+    with pytest.raises(BadInput, match="global batch 2 is smaller than 3 workers"):
+        order.layout(2, 3, 8, "x")
 
 
 def consume(url, split, world, loader_workers, steps, start=0, **kw):

@@ -21,7 +21,7 @@ def test_tensorboard_on_s3_and_mlflow_across_a_resume(s3, synthetic_url, tmp_pat
 
     def run(steps):
         cfg = load_config("configs/cpu-small.yaml", [
-            f"data.url={synthetic_url}", f"out={out}", "train.engine=plain", f"train.steps={steps}",
+            f"data.url={synthetic_url}", f"out={out}", "train.engine=plain", "train.workers=1", f"train.steps={steps}",
             "train.log_every=2", "train.eval_every=3", "train.ckpt_every=3", "data.crop_size=32", "train.overlays=2"])
         raw = cfg.model_dump()
         raw["data"]["storage_options"] = {"key": "testing", "secret": planted}  # as a --no-ray config file has it

@@ -236,10 +236,9 @@ class Config(_Strict):
         low, high = self.train.worker_range
         for split in ("labeled", "unlabeled"):
             total = self.global_batch(split)
-            for world in range(low, high + 1):
-                if total % world:
-                    raise ValueError(f"data.global_batch.{split}: {total} is not divisible by {world} workers "
-                                     f"(train.workers {self.train.workers})")
+            if total < high or not any(total % world == 0 for world in range(low, high + 1)):
+                raise ValueError(f"data.global_batch.{split}: {total} is divisible by none of {low} to {high} workers "
+                                 f"(train.workers {self.train.workers})")
         steps = {split: self.micro_steps(split, high) for split in ("labeled", "unlabeled")}
         if self.train.method != "supervised" and steps["labeled"] != steps["unlabeled"]:
             raise ValueError(f"data.global_batch: labeled and unlabeled need the same number of micro-batches per "
