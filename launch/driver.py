@@ -139,6 +139,7 @@ def run(cfg: Config, address: str | None = None) -> dict:
             # elastic (MIN, MAX): Ray Train asks for MAX, starts with what it has and restarts the group at a
             # new size from the latest checkpoint when a node goes or comes (the global batch stays)
             scaling_config=ScalingConfig(num_workers=(low, high) if cfg.train.elastic else low, use_gpu=use_gpu,
+                                         elastic_resize_monitor_interval_s=cfg.train.resize_check_s,
                                          resources_per_worker={"GPU" if use_gpu else "CPU": 1}),
             run_config=RunConfig(name=f"guidedmix-{cfg.digest()}-{int(time.time())}",
                                  failure_config=FailureConfig(max_failures=cfg.train.max_failures)),

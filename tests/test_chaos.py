@@ -309,8 +309,8 @@ def test_elastic_run_goes_on_a_node_short_and_grows_back(cluster, tmp_path, chao
     """`--workers 1:2`: the second node is killed once a checkpoint is committed and stays down; the run goes
     on with one worker at the same global batch (two micro-batches accumulated) until the node returns, then
     the group grows back to two. Every sample of every complete epoch is seen once across the resizes."""
-    out, log, steps = "s3://chaos/elastic", tmp_path / "driver.log", 60
-    _, proc = start(cluster, out, log, "--workers", "1:2", steps=steps)
+    out, log, steps = "s3://chaos/elastic", tmp_path / "driver.log", 240
+    _, proc = start(cluster, out, log, "--workers", "1:2", "--set", "train.resize_check_s=5", steps=steps)
     shrunk = Progress(log, r"2 -> 1 workers")
     try:
         wait_for(lambda: committed(out), 300, "a first checkpoint")
@@ -327,6 +327,7 @@ def test_elastic_run_goes_on_a_node_short_and_grows_back(cluster, tmp_path, chao
     assert summary["steps"] == steps
     moves = [(r["from"], r["to"]) for r in summary["resizes"]]
     assert moves[0] == (2, 1) and (1, 2) in moves, summary["resizes"]
+    assert summary["workers"] == 2 and "1 -> 2 workers" in text
     ledger = check_ledgers(out)
     assert ledger["labeled"]["samples"] == steps * 16  # the global batch at every size
     chaos_report(**fault_figures("second node lost, back later (elastic 1:2)", summary, steps, lost_for, ledger,

@@ -153,6 +153,8 @@ class TrainConfig(_Strict):
     seed: int = 0
     # N, or "MIN:MAX": elastic, Ray Train starts with what it has of MAX (at least MIN) and regrows the group
     workers: Union[int, str] = 2
+    # elastic: how often Ray Train looks for returned capacity to regrow the group (each regrowth is a restart)
+    resize_check_s: float = Field(60.0, gt=0)
     use_gpu: Optional[bool] = None  # None: detect from the cluster
     zero_stage: Literal[0, 1, 2, 3] = 0
     precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
