@@ -179,9 +179,10 @@ class _Worker:
         for shard, index in pairs:
             name = self.infos[shard].name
             samples = self.cache.get(name)
-            decoded = self._decode(name, samples[index]) if index < len(samples) else None
-            if index >= len(samples):
+            if index >= len(samples):  # past a truncated shard's end
                 self.skipped += 1
+                continue
+            decoded = self._decode(name, samples[index])
             if decoded is not None:
                 items.append(decoded)
         return items
