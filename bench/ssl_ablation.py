@@ -54,6 +54,8 @@ VARIANTS = {
     "default-class-cap-over-all": ["train.method=guidedmix", "guidedmix.class_cap=true", "guidedmix.loss_over=all"],
     "default-weight-0.5": ["train.method=guidedmix", "guidedmix.unsup_weight=0.5"],
     "default-ema": ["train.method=guidedmix", "guidedmix.teacher=ema"],
+    # a class taught only once the model's confident labeled predictions of it are 90% right
+    "default-earned-0.9": ["train.method=guidedmix", "guidedmix.earn_precision=0.9"],
     "paper": PAPER,
     "authors-code": AUTHORS,
     "ema-tau0.95-region-hard": [*PAPER, "guidedmix.teacher=ema", "guidedmix.tau=0.95", "guidedmix.mix=region",

@@ -325,6 +325,26 @@ def test_the_prior_cap_teaches_no_class_beyond_its_labeled_share():
         [[True] * 6 + [False] * 3]
 
 
+def test_a_class_is_taught_only_once_its_labeled_predictions_earn_it():
+    # 3 classes on 7 labeled pixels: class 0 predicted confidently and right 3 of 3; class 1 confidently and
+    # right 1 of 2 (a third, on an ignored pixel, does not count); class 2 only below tau
+    y_l = torch.tensor([[[0, 0, 0, 1, 2, 255, 2]]])
+    predicted, confident = [0, 0, 0, 1, 1, 1, 2], [True] * 6 + [False]
+    logits = torch.zeros(1, 3, 1, 7)
+    for i, (c, sure) in enumerate(zip(predicted, confident)):
+        logits[0, c, 0, i] = 10.0 if sure else 0.5  # softmax 0.9999 or 0.45
+    assert guidedmix.earned_classes(logits, y_l, 0.8, 0.9).tolist() == [True, False, False]
+    earned = guidedmix.earned_classes(logits, y_l, 0.8, 0.5)
+    assert earned.tolist() == [True, True, False]
+    # on the unlabeled pixels, class 2's confident pixel is not taught
+    confidence = torch.tensor([[0.99, 0.95, 0.99, 0.2, 0.99]])
+    label = torch.tensor([[0, 1, 2, 0, 255]])
+    assert guidedmix.confident_pixels(confidence, label, 0.8, 0.0, label != 255, earned=earned).tolist() == \
+        [[True, True, False, False, False]]
+    assert guidedmix.confident_pixels(confidence, label, 0.8, 0.0, label != 255).tolist() == \
+        [[True, True, True, False, False]]
+
+
 @pytest.mark.parametrize("seed", range(20))
 def test_the_prior_cap_only_removes_pixels_and_holds_every_class_to_its_share(seed):
     g = torch.Generator().manual_seed(seed)

@@ -104,6 +104,9 @@ class GuidedMixConfig(_Strict):
     # no class taught beyond its share of the labeled pixels (the labeled batch's): a confident teacher
     # otherwise teaches the unlabeled pixels mostly background (89-99% where the truth has 73-80%)
     class_cap: bool = False
+    # teach a class on unlabeled pixels only once it is earned: the model's confident (>= tau) predictions
+    # of it on the step's labeled batch are right at least this often (0: every class taught)
+    earn_precision: float = Field(0.0, ge=0, le=1)
     # the mixed view's loss averaged over its taught pixels, or over all pixels (FixMatch, UniMatch): then it
     # shrinks with what the teacher is sure of instead of weighing a few taught pixels as much as many
     loss_over: Literal["taught", "all"] = "taught"

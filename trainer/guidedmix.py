@@ -155,16 +155,32 @@ def class_shares(y: torch.Tensor, num_classes: int) -> torch.Tensor:
     return counts / counts.sum().clamp(min=1)
 
 
+def earned_classes(logits_l: torch.Tensor, y_l: torch.Tensor, tau: float, precision: float) -> torch.Tensor:
+    """Per class: whether the model's confident (>= tau) predictions of it on the labeled batch are right at
+    least `precision` of the time. A class it never predicts confidently there is not earned. The labeled
+    images are the only pixels whose truth the step knows, so they say which pseudo labels to trust."""
+    num_classes = logits_l.shape[1]
+    confidence, hard = logits_l.detach().softmax(1).max(1)
+    sure = (confidence >= tau) & (y_l != IGNORE)
+    predicted = torch.bincount(hard[sure], minlength=num_classes)
+    right = torch.bincount(hard[sure & (hard == y_l)], minlength=num_classes)
+    return (predicted > 0) & (right >= precision * predicted)
+
+
 def confident_pixels(confidence: torch.Tensor, label: torch.Tensor, tau: float, class_keep: float,
-                     valid: Optional[torch.Tensor] = None, prior: Optional[torch.Tensor] = None) -> torch.Tensor:
+                     valid: Optional[torch.Tensor] = None, prior: Optional[torch.Tensor] = None,
+                     earned: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Pixels whose pseudo label is taught: confidence >= tau, and with `class_keep` > 0 also the most
     confident share `class_keep` of the pixels predicted as each class in the batch. A fixed tau teaches
     mostly the easy majority (background); the per-class floor keeps the rarer, less confident classes
     taught (class-balanced self-training, Zou et al. 2018), at the cost of wrong labels where the teacher
     is weak. With `prior` (class shares of the labeled pixels) no class is taught beyond its share: of the
     taught pixels, class c keeps at most prior_c / (1 - prior_c) times the other classes' count, its most
-    confident ones. The cap only removes pixels, so a weak teacher is taught less, never more wrongly."""
+    confident ones. The cap only removes pixels, so a weak teacher is taught less, never more wrongly.
+    With `earned` (per class, `earned_classes`) no pixel of a class that is not earned is taught."""
     valid = torch.ones_like(label, dtype=torch.bool) if valid is None else valid
+    if earned is not None:
+        valid = valid & earned[label.clamp(max=earned.numel() - 1)]
     keep = (confidence >= tau) & valid
     if class_keep > 0:
         for c in label[valid].unique():
@@ -274,7 +290,8 @@ def guidedmix_loss(model, x_l: torch.Tensor, y_l: torch.Tensor, x_u: torch.Tenso
         # the mixed view's target: the reference's share plus the clean view's prediction of x_u
         conf_u, hard_u = p_u.max(1)
         prior = class_shares(y_l, num_classes) if cfg.class_cap else None
-        trusted_u = confident_pixels(conf_u, hard_u, cfg.tau, cfg.class_keep, lam.squeeze(1) < 1, prior)
+        earned = earned_classes(logits_l, y_l, cfg.tau, cfg.earn_precision) if cfg.earn_precision > 0 else None
+        trusted_u = confident_pixels(conf_u, hard_u, cfg.tau, cfg.class_keep, lam.squeeze(1) < 1, prior, earned)
         target_u = p_u if cfg.mix_target == "soft" else onehot(hard_u, num_classes)
         target_m = lam * ref + (1 - lam) * target_u
         # pixels whose x_u share is trusted (or absent), and whose reference share is known
@@ -288,7 +305,7 @@ def guidedmix_loss(model, x_l: torch.Tensor, y_l: torch.Tensor, x_u: torch.Tenso
     # confident argmax that the mixed view learns where x_u shows through
     loss_unsup = logits_u.sum() * 0.0
     if cfg.unsup_loss:
-        confident = confident_pixels(confidence, pseudo, cfg.tau, cfg.class_keep, pseudo != IGNORE, prior)
+        confident = confident_pixels(confidence, pseudo, cfg.tau, cfg.class_keep, pseudo != IGNORE, prior, earned)
         taught = torch.where(confident, pseudo, IGNORE)
         loss_unsup = torch.nan_to_num(F.cross_entropy(logits_u, taught, ignore_index=IGNORE))  # none: 0
     else:
