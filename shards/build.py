@@ -17,6 +17,7 @@ from tqdm import tqdm
 from . import sources
 from .errors import BadInput
 from .manifest import FORMAT, MANIFEST, WITHHELD
+from .tario import payload_crc32
 from .storage import check_url, describe_error, filesystem, join
 
 VERSION = 1
@@ -88,6 +89,7 @@ def _write_split(fs, base: str, split: str, items: list[sources.Item], with_mask
     for index in range(math.ceil(len(items) / per_shard)):
         name = f"{split}-{index:06d}.tar"
         chunk = items[index * per_shard:(index + 1) * per_shard]
+        offsets, crcs = [0], []
         with fs.open(join(base, name), "wb") as raw:
             hashing = _HashingWriter(raw)
             with wds.TarWriter(hashing, mtime=0) as tar:  # fixed mtime: byte-reproducible shards
@@ -107,8 +109,11 @@ def _write_split(fs, base: str, split: str, items: list[sources.Item], with_mask
                     sample["json"] = json.dumps({"id": item.key, "size": [height, width],
                                                  "source": source_name}).encode()
                     tar.write(sample)
+                    offsets.append(tar.tarstream.offset)  # the archive's position: where the next sample starts
+                    crcs.append(payload_crc32(sample))
                     bar.update(1)
-        shards.append({"name": name, "samples": len(chunk), "sha256": hashing.sha.hexdigest()})
+        shards.append({"name": name, "samples": len(chunk), "sha256": hashing.sha.hexdigest(),
+                       "offsets": offsets, "crc32": crcs})
     return shards
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass
+from typing import Optional
 
 from .errors import BadInput, StorageFailure
 from .storage import describe_error, filesystem, join, with_retries
@@ -20,6 +21,14 @@ class ShardInfo:
     name: str
     samples: int
     sha256: str
+    # where each sample's tar members start, and the shard's end (samples + 1 byte offsets), and each
+    # sample's payload_crc32: a reader fetches only the samples it needs. Absent in shard sets built before.
+    offsets: Optional[list[int]] = None
+    crc32: Optional[list[int]] = None
+
+    @property
+    def ranged(self) -> bool:
+        return self.offsets is not None
 
 
 def shard_infos(manifest: dict, split: str) -> list[ShardInfo]:
@@ -36,6 +45,13 @@ def _check_shard(info: ShardInfo, path: str) -> None:
         raise BadInput(f"{path}: shard {name}: samples must be a count")
     if not isinstance(info.sha256, str):
         raise BadInput(f"{path}: shard {name}: sha256 must be a string")
+    if info.ranged:
+        offsets, crcs = info.offsets, info.crc32
+        if (not isinstance(offsets, list) or len(offsets) != info.samples + 1 or not isinstance(crcs, list)
+                or len(crcs) != info.samples or not all(isinstance(o, int) for o in offsets + crcs)
+                or any(b <= a for a, b in zip(offsets, offsets[1:])) or (offsets and offsets[0] < 0)):
+            raise BadInput(f"{path}: shard {name}: offsets must be samples + 1 increasing byte offsets, "
+                           "crc32 one checksum a sample")
 
 
 def read_manifest(url: str, storage_options: dict | None, retries: int) -> dict:

@@ -1,6 +1,11 @@
 """manifest -> the epoch's order (shards/order.py) -> this rank's micro-batches of each global batch ->
-fetch (ahead) -> verify once -> decode -> augment -> collate, with equal batches on every rank and an exact
+fetch (ahead) -> verify -> decode -> augment -> collate, with equal batches on every rank and an exact
 resume at any world size.
+
+A loader worker fetches only the samples of its own micro-batches, by byte range (the manifest's per-sample
+offsets; one concurrent `cat_ranges` call a micro-batch, the next ones while it decodes), so an epoch reads
+each sample once over all ranks and loader workers. Shard sets built before offsets were recorded are read
+whole, a shuffle block at a time, by every loader worker that needs them.
 
 The order is a pure function of the manifest's shard sizes and (seed, epoch, shuffle block), not of the
 ranks or loader workers that read it: global step g takes the next global batch of it, each rank its share,
@@ -12,13 +17,14 @@ from __future__ import annotations
 
 import hashlib
 import io
+import itertools
 import logging
 import tarfile
 import zlib
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Iterator, Optional
+from typing import Callable, Hashable, Iterable, Iterator, Optional
 
 import numpy as np
 import torch
@@ -29,7 +35,7 @@ from . import augment, order
 from .errors import BadInput, StorageFailure
 from .manifest import WITHHELD, ShardInfo, read_manifest, shard_infos
 from .storage import check_url, describe_error, filesystem, join, with_retries
-from .tario import tar_samples
+from .tario import payload_crc32, tar_samples
 
 log = logging.getLogger("guidedmix.shards")
 IMAGE_EXTS = ("jpg", "jpeg", "png")
@@ -58,35 +64,37 @@ class StreamSpec:
     shuffle_block: int = 4  # shards whose samples are shuffled together (memory: about twice that a worker)
     storage_options: dict = field(default_factory=dict)
     allow_pipe: bool = False
-    readahead: int = 1  # shards each loader worker fetches ahead of the ones it decodes
+    # what each loader worker fetches ahead of what it decodes: its next micro-batches (byte-range reads),
+    # or shards (shard sets without offsets)
+    readahead: int = 1
 
     @property
     def train(self) -> bool:
         return self.split != "val"
 
 
-class _ShardCache:
-    """Shards fetched in a background thread ahead of their use, held until released: the read-ahead of a
-    loader worker (fetches run while it decodes)."""
+class _ReadAhead:
+    """What a loader worker will read (shards, or micro-batches' byte ranges), fetched in background threads
+    ahead of its use and held until released: fetches run while the worker decodes."""
 
-    def __init__(self, fetch: Callable[[str], object], threads: int):
+    def __init__(self, fetch: Callable[[Hashable], object], threads: int):
         self.fetch = fetch
-        self.pool = ThreadPoolExecutor(max(1, min(threads, 4)), thread_name_prefix="shard-read-ahead")
-        self.held: OrderedDict[str, Future] = OrderedDict()
+        self.pool = ThreadPoolExecutor(max(1, min(threads, 4)), thread_name_prefix="read-ahead")
+        self.held: OrderedDict[Hashable, Future] = OrderedDict()
 
-    def want(self, names: Iterable[str]) -> None:
-        for name in names:
-            if name not in self.held:
-                self.held[name] = self.pool.submit(self.fetch, name)
+    def want(self, keys: Iterable[Hashable]) -> None:
+        for key in keys:
+            if key not in self.held:
+                self.held[key] = self.pool.submit(self.fetch, key)
 
-    def get(self, name: str):
-        self.want([name])
-        return self.held[name].result()
+    def get(self, key: Hashable):
+        self.want([key])
+        return self.held[key].result()
 
-    def retain(self, names: Iterable[str]) -> None:
-        keep = set(names)
-        for name in [n for n in self.held if n not in keep]:
-            self.held.pop(name).cancel()
+    def retain(self, keys: Iterable[Hashable]) -> None:
+        keep = set(keys)
+        for key in [k for k in self.held if k not in keep]:
+            self.held.pop(key).cancel()
 
     def close(self) -> None:
         self.pool.shutdown(wait=False, cancel_futures=True)
@@ -103,18 +111,66 @@ class _Worker:
         self.by_name = {info.name: info for info in self.infos}
         self.skipped = 0
         self.verified: set[str] = set()
-        self.cache = _ShardCache(self._samples_of, self.spec.readahead + 1)
+        self.ranged = all(info.ranged for info in self.infos)
+        self.cache = _ReadAhead(self._ranges_of if self.ranged else self._samples_of, self.spec.readahead + 1)
         self._blocks: tuple = (None, None)  # (epoch, its _Blocks)
+        self._sizes: dict[str, int] = {}  # ranged reads: each shard's stored size, asked once
 
-    def _shard_bytes(self, name: str) -> bytes:
+    def _storage(self, name: str, operation: Callable[[object, str], object]):
+        """`operation(fs, path)` on a shard, retried; a missing shard is bad input, not a storage outage."""
         url = join(self.spec.url, name)
         try:
             fs, path = filesystem(url, self.spec.storage_options)
-            return with_retries(lambda: fs.cat_file(path), url, self.spec.retries)
+            return with_retries(lambda: operation(fs, path), url, self.spec.retries)
         except FileNotFoundError:
             raise BadInput(f"{url}: shard listed in the manifest is missing") from None
         except OSError as e:  # what with_retries does not retry: refused, a folder where a file should be
             raise StorageFailure(describe_error(url, e)) from None
+
+    def _shard_bytes(self, name: str) -> bytes:
+        return self._storage(name, lambda fs, path: fs.cat_file(path))
+
+    def _stored_size(self, name: str) -> int:
+        """A shard's size in storage: a sample whose range ends past it was cut off (not asked for)."""
+        if name not in self._sizes:
+            self._sizes[name] = self._storage(name, lambda fs, path: fs.size(path))
+            if self._sizes[name] < self.by_name[name].offsets[-1]:
+                readable = sum(1 for end in self.by_name[name].offsets[1:] if end <= self._sizes[name])
+                log.warning("shard %s: unreadable past sample %d of %d (the object is %d of %d bytes), the rest "
+                            "skipped", name, readable, self.by_name[name].samples, self._sizes[name],
+                            self.by_name[name].offsets[-1])
+        return self._sizes[name]
+
+    def _ranges_of(self, key: tuple[int, int, int]) -> list[tuple[str, Optional[dict]]]:
+        """(shard, sample or None) at positions [start, stop) of an epoch's order, fetched in one concurrent
+        call of byte ranges; a sample cut off or whose checksum differs from the manifest's is None."""
+        epoch, start, stop = key
+        found: list[tuple[str, Optional[dict]]] = []
+        wanted = []
+        for shard, index in self.plan.order(epoch)[start:stop]:
+            info = self.infos[shard]
+            found.append((info.name, None))
+            if info.offsets[index + 1] <= self._stored_size(info.name):
+                wanted.append((len(found) - 1, info, int(index)))
+        if not wanted:
+            return found
+        paths = [filesystem(join(self.spec.url, info.name), self.spec.storage_options)[1] for _, info, _ in wanted]
+        starts = [info.offsets[index] for _, info, index in wanted]
+        ends = [info.offsets[index + 1] for _, info, index in wanted]
+        pieces = self._storage(wanted[0][1].name,
+                               lambda fs, _: fs.cat_ranges(paths, starts, ends, on_error="raise"))
+        for (slot, info, index), piece in zip(wanted, pieces):
+            try:
+                sample = next(iter(tar_samples(piece, info.name)))
+            except (tarfile.TarError, ValueError, EOFError, StopIteration) as e:
+                log.warning("shard %s sample %d: unreadable, skipped (%s)", info.name, index, e)
+                continue
+            if payload_crc32(sample) != info.crc32[index]:
+                log.warning("shard %s key %s: checksum differs from the manifest, sample skipped", info.name,
+                            sample.get("__key__"))
+                continue
+            found[slot] = (info.name, sample)
+        return found
 
     def _verify_once(self, name: str, data: bytes) -> None:
         """The checksum of a shard's first read by this worker in this run; later epochs trust it (hashing
@@ -159,14 +215,30 @@ class _Worker:
                     raise ValueError(f"class id {int(bad[0])} beyond the {self.num_classes} classes")
             return key, image, mask
         except Exception as e:
-            self.skipped += 1
             log.warning("shard %s key %s: corrupt sample skipped (%s)", shard, key, str(e)[:120])
             return None
 
-    def _read(self, epoch: int, positions: range) -> list[tuple]:
+    def _read(self, epoch: int, positions: range, upcoming: Iterable[tuple[int, range]] = ()) -> list[tuple]:
         """Decoded samples at these positions of the epoch's order; unreadable ones left out and counted.
-        The shards of the blocks they fall in are fetched, and the next ones ahead."""
-        pairs = self.plan.order(epoch)[positions.start:positions.stop]
+        Fetched ahead: the `upcoming` (epoch, positions) of this worker (byte ranges), or the shards of the
+        blocks the positions fall in and the next ones (whole shards)."""
+        if self.ranged:
+            keys = [(epoch, positions.start, positions.stop)] + [(e, p.start, p.stop) for e, p in upcoming]
+            self.cache.want(keys)
+            self.cache.retain(keys)
+            found = self.cache.get(keys[0])
+        else:
+            found = self._whole_shard_samples(epoch, positions)
+        items = []
+        for name, sample in found:
+            decoded = None if sample is None else self._decode(name, sample)
+            if decoded is None:
+                self.skipped += 1
+            else:
+                items.append(decoded)
+        return items
+
+    def _whole_shard_samples(self, epoch: int, positions: range) -> list[tuple[str, Optional[dict]]]:
         if self._blocks[0] != epoch:
             self._blocks = (epoch, self.plan.blocks(epoch))
         blocks = self._blocks[1]
@@ -175,17 +247,12 @@ class _Worker:
         ahead = blocks.ahead(last, self.spec.readahead)
         self.cache.want(needed + ahead)
         self.cache.retain(needed + ahead)
-        items = []
-        for shard, index in pairs:
+        found = []
+        for shard, index in self.plan.order(epoch)[positions.start:positions.stop]:
             name = self.infos[shard].name
             samples = self.cache.get(name)
-            if index >= len(samples):  # past a truncated shard's end
-                self.skipped += 1
-                continue
-            decoded = self._decode(name, samples[index])
-            if decoded is not None:
-                items.append(decoded)
-        return items
+            found.append((name, samples[index] if index < len(samples) else None))  # None: past a cut-off end
+        return found
 
     def _stand_in(self, epoch: int, after: int) -> list[tuple]:
         """A micro-batch of only unreadable samples takes the next readable one of the epoch's order (not
@@ -231,34 +298,44 @@ class _Worker:
         self.skipped = 0
         return batch
 
-    def train_batches(self) -> Iterator[dict]:
-        """Endless: micro-batch j of global step g, for the turns of this worker (the m-th micro-batch from
-        the start goes to worker m % workers, the order the DataLoader collects them in)."""
-        s, lay = self.spec, self.plan.layout
-        per_epoch = self.plan.steps_per_epoch
-        g = self.start_step
+    def _turns(self) -> Iterator[tuple[int, int, int, range]]:
+        """(global step, micro step, epoch, positions) of this worker's micro-batches: the m-th micro-batch
+        from the start goes to worker m % workers, the order the DataLoader collects them in."""
+        s, lay, per_epoch = self.spec, self.plan.layout, self.plan.steps_per_epoch
         turn = 0
-        while True:
+        for g in itertools.count(self.start_step):
             epoch, k = divmod(g, per_epoch)
             for j in range(lay.micro_steps):
                 if turn % self.workers == self.worker:
-                    positions = lay.positions(k, s.rank, j)
-                    items = self._read(epoch, positions)
-                    keys = [key for key, _, _ in items]
-                    yield self._collate(items or self._stand_in(epoch, positions.stop), len(positions), epoch,
-                                        {"step": g, "micro": j, "keys": keys})
+                    yield g, j, epoch, lay.positions(k, s.rank, j)
                 turn += 1
-            g += 1
+
+    def _with_upcoming(self, turns: Iterable[tuple]) -> Iterator[tuple[tuple, list[tuple[int, range]]]]:
+        """Each turn with the (epoch, positions) of the `readahead` turns after it."""
+        turns = iter(turns)
+        window = deque(itertools.islice(turns, self.spec.readahead + 1))
+        while window:
+            turn = window.popleft()
+            yield turn, [(t[-2], t[-1]) for t in window]
+            window.extend(itertools.islice(turns, 1))
+
+    def train_batches(self) -> Iterator[dict]:
+        """Endless: micro-batch j of global step g, for the turns of this worker."""
+        for (g, j, epoch, positions), upcoming in self._with_upcoming(self._turns()):
+            items = self._read(epoch, positions, upcoming)
+            keys = [key for key, _, _ in items]
+            yield self._collate(items or self._stand_in(epoch, positions.stop), len(positions), epoch,
+                                {"step": g, "micro": j, "keys": keys})
 
     def val_batches(self) -> Iterator[dict]:
         """One pass: this rank's contiguous share in batches, padded to every rank's count with empty ones."""
         s = self.spec
         mine = order.val_positions(self.plan.total, s.world_size, s.rank)
-        for b in range(self.plan.val_batches):
-            if b % self.workers == self.worker:
-                part = mine[b * s.batch_size:(b + 1) * s.batch_size]
-                items = self._read(0, part) if len(part) else []
-                yield self._collate(items, s.batch_size, 0, {"step": 0, "micro": b})
+        turns = [(b, 0, mine[b * s.batch_size:(b + 1) * s.batch_size])
+                 for b in range(self.plan.val_batches) if b % self.workers == self.worker]
+        for (b, _, part), upcoming in self._with_upcoming(turns):
+            items = self._read(0, part, [(e, p) for e, p in upcoming if len(p)]) if len(part) else []
+            yield self._collate(items, s.batch_size, 0, {"step": 0, "micro": b})
 
     def close(self) -> None:
         self.cache.close()

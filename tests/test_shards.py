@@ -67,6 +67,15 @@ def stream_all(url, split, **kw):
     return [next(stream) for _ in range(stream.batches_per_epoch())]
 
 
+def whole_shards(url):
+    """The manifest of `url` as shard sets built before per-sample offsets read it: shards fetched whole."""
+    manifest = read_manifest(url, None, RETRIES)
+    for split in manifest["splits"].values():
+        for shard in split["shards"]:
+            shard.pop("offsets"), shard.pop("crc32")
+    return manifest
+
+
 def test_voc_with_aug_shards_stream_back_pixel_exact(tmp_path):
     rng = np.random.default_rng(0)
     masks = write_voc(tmp_path / "VOC2012", rng)
@@ -297,25 +306,24 @@ def test_a_checkpoint_of_4_ranks_resumes_on_1_and_on_3_at_the_exact_next_sample(
     assert torch.equal(firsts[0]["image"][:2], again[0]["image"])  # augmentation: a function of (seed, epoch, key)
 
 
-def test_corrupt_sample_and_truncated_shard_are_skipped_and_counted(tmp_path, caplog):
+@pytest.mark.parametrize("ranged", [True, False])
+def test_corrupt_sample_and_truncated_shard_are_skipped_and_counted(tmp_path, caplog, ranged):
     rng = np.random.default_rng(5)
     write_folder(tmp_path / "ds", rng, n_train=16, n_val=2, n_extra=0)
     url = str(tmp_path / "out")
     manifest = build.build(sources.folder(str(tmp_path / "ds")), url, 8, samples_per_shard=4, progress=False)
     shard_a, shard_b = (s["name"] for s in manifest["splits"]["labeled"]["shards"])
-    # shard a: one image replaced by garbage bytes; shard b: cut in half
+    # shard a: one image's bytes overwritten in place (what storage corruption looks like); shard b: cut in half
     with tarfile.open(f"{url}/{shard_a}") as tar:
-        members = [(m, tar.extractfile(m).read()) for m in tar.getmembers()]
-    with tarfile.open(f"{url}/{shard_a}", "w") as tar:
-        for m, data in members:
-            if m.name.endswith(".png") and "mask" not in m.name and not [1 for x in tar.getmembers() if x.name.endswith("garbage")]:
-                data = b"not an image"
-                bad_key = m.name.split(".")[0]
-            m.size = len(data)
-            tar.addfile(m, io.BytesIO(data))
+        image = next(m for m in tar.getmembers() if m.name.endswith(".png") and "mask" not in m.name)
+    bad_key = image.name.split(".")[0]
+    raw = bytearray(open(f"{url}/{shard_a}", "rb").read())
+    raw[image.offset_data:image.offset_data + image.size] = b"x" * image.size
+    open(f"{url}/{shard_a}", "wb").write(raw)
     raw = open(f"{url}/{shard_b}", "rb").read()
     open(f"{url}/{shard_b}", "wb").write(raw[: len(raw) // 2 + 100])
-    stream = ShardStream(StreamSpec(url=url, split="labeled", batch_size=2, retries=RETRIES, loader_workers=0))
+    stream = ShardStream(StreamSpec(url=url, split="labeled", batch_size=2, retries=RETRIES, loader_workers=0),
+                         None if ranged else whole_shards(url))
     batches = [next(stream) for _ in range(6)]
     assert stream.skipped >= 2
     assert all(b["image"].shape[0] == 2 for b in batches)  # equal batches: readable samples fill the gaps
@@ -387,9 +395,29 @@ def test_each_storage_operation_has_its_own_retry_budget(monkeypatch):
         storage.with_retries(flaky, "s3://b/x", retries=3)
 
 
+def test_read_ahead_fetches_the_next_micro_batch_while_one_is_decoded(synthetic_url, monkeypatch):
+    """Byte-range reads with data.readahead=2: the first micro-batch comes out while the worker's next two are
+    fetched, and nothing else is."""
+    import threading
+
+    from shards import stream as stream_module
+
+    fetched, real = [], stream_module._Worker._ranges_of
+    monkeypatch.setattr(stream_module._Worker, "_ranges_of", lambda self, key: fetched.append(key) or real(self, key))
+    s = ShardStream(StreamSpec(url=synthetic_url, split="unlabeled", batch_size=4, retries=RETRIES, readahead=2,
+                               loader_workers=0))
+    next(s)
+    deadline = time.monotonic() + 5
+    while len(fetched) < 3 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert sorted(fetched) == [(0, 0, 4), (0, 4, 8), (0, 8, 12)]
+    assert threading.active_count() >= 2
+
+
 def test_read_ahead_fetches_the_next_shard_while_one_is_decoded(synthetic_url, monkeypatch):
-    """With one shard a block and data.readahead=1, the first micro-batch comes out while the next shard is
-    already fetched; the worker never holds more than its blocks and the ones ahead."""
+    """Whole shards (a shard set without offsets), one shard a block and data.readahead=1: the first
+    micro-batch comes out while the next shard is already fetched; the worker never holds more than its
+    blocks and the ones ahead."""
     import threading
 
     from shards import stream as stream_module
@@ -403,14 +431,14 @@ def test_read_ahead_fetches_the_next_shard_while_one_is_decoded(synthetic_url, m
 
     monkeypatch.setattr(stream_module._Worker, "_shard_bytes", fetch)
     s = ShardStream(StreamSpec(url=synthetic_url, split="unlabeled", batch_size=4, retries=RETRIES, shuffle_block=1,
-                               readahead=1, loader_workers=0))
+                               readahead=1, loader_workers=0), whole_shards(synthetic_url))
     first_shard = s.plan.blocks(0).shards[0][0]
     next(s)
     deadline = time.monotonic() + 5
     while len(fetched) < 2 and time.monotonic() < deadline:
         time.sleep(0.01)
     assert fetched[:2] == [first_shard, s.plan.blocks(0).shards[1][0]], fetched
-    cache = stream_module._ShardCache(lambda name: released.wait(5) and name, threads=2)
+    cache = stream_module._ReadAhead(lambda name: released.wait(5) and name, threads=2)
     cache.want("abc")
     cache.retain("bc")
     assert list(cache.held) == ["b", "c"]
@@ -420,7 +448,7 @@ def test_read_ahead_fetches_the_next_shard_while_one_is_decoded(synthetic_url, m
 
 
 def test_each_shard_is_hashed_once_per_worker_and_run(synthetic_url, monkeypatch):
-    """Epochs after the first trust what the first verified: no shard is hashed twice."""
+    """Whole shards: epochs after the first trust what the first verified, no shard is hashed twice."""
     from shards import stream as stream_module
 
     hashed = Counter()
@@ -431,11 +459,52 @@ def test_each_shard_is_hashed_once_per_worker_and_run(synthetic_url, monkeypatch
         return real(data)
 
     monkeypatch.setattr(stream_module.hashlib, "sha256", counting)
-    s = ShardStream(StreamSpec(url=synthetic_url, split="labeled", batch_size=4, retries=RETRIES, loader_workers=0))
+    s = ShardStream(StreamSpec(url=synthetic_url, split="labeled", batch_size=4, retries=RETRIES, loader_workers=0),
+                    whole_shards(synthetic_url))
     shards_in_split = len(s.infos)
     for _ in range(3 * s.batches_per_epoch()):  # three epochs
         next(s)
     assert sum(hashed.values()) == shards_in_split
+
+
+def test_an_epoch_reads_each_sample_once_over_all_ranks_and_loader_workers(synthetic_url, tmp_path, monkeypatch):
+    """2 ranks x 2 loader workers (forked processes) over one epoch: the byte ranges asked of storage are
+    every consumed sample's exactly once, and no shard is read whole."""
+    from fsspec.implementations.local import LocalFileSystem
+
+    calls = tmp_path / "reads.txt"
+    ranges, cat_file = LocalFileSystem.cat_ranges, LocalFileSystem.cat_file
+
+    def logged_ranges(self, paths, starts, ends, **kw):
+        with open(calls, "a") as f:  # forked loader workers append to the same file
+            f.writelines(f"{os.path.basename(p)} {a} {b}\n" for p, a, b in zip(paths, starts, ends))
+        return ranges(self, paths, starts, ends, **kw)
+
+    def logged_file(self, path, start=None, end=None, **kw):  # cat_ranges calls it per range
+        if path.endswith(".tar") and start is None and end is None:
+            with open(calls, "a") as f:
+                f.write(f"{os.path.basename(path)} whole\n")
+        return cat_file(self, path, start, end, **kw)
+
+    monkeypatch.setattr(LocalFileSystem, "cat_ranges", logged_ranges)
+    monkeypatch.setattr(LocalFileSystem, "cat_file", logged_file)
+    streams = [ShardStream(StreamSpec(url=synthetic_url, split="unlabeled", batch_size=4, global_batch=16,
+                                      retries=RETRIES, rank=r, world_size=2, loader_workers=2)) for r in range(2)]
+    for s in streams:
+        for _ in range(s.batches_per_epoch()):
+            next(s)
+        s.close()
+    reads = open(calls).read().split("\n")[:-1]
+    assert not [r for r in reads if r.endswith("whole")]
+    plan = streams[0].plan
+    consumed = plan.order(0)[:plan.steps_per_epoch * 16]
+    expected = sorted(f"{plan.infos[s].name} {plan.infos[s].offsets[i]} {plan.infos[s].offsets[i + 1]}"
+                      for s, i in consumed.tolist())
+    assert not Counter(expected) - Counter(reads)  # every consumed sample read
+    # and nothing else, but for what ran ahead when the streams stopped: each loader worker's DataLoader
+    # prefetch (2 micro-batches) and read-ahead (1), of 4 samples, on 2 ranks x 2 workers; reading every
+    # sample on every worker would be 4 x 416
+    assert sum((Counter(reads) - Counter(expected)).values()) <= 2 * 2 * (2 + 1) * 4
 
 
 def test_s3_at_a_distance_streams_the_same_batches(s3, synthetic_url, tmp_path, monkeypatch):

@@ -44,10 +44,13 @@ class DataConfig(_Strict):
     global_batch: Optional[GlobalBatch] = None
     val_batch_size: int = Field(8, ge=1)
     loader_workers: int = Field(1, ge=0)
-    shuffle_block: int = Field(4, ge=1)  # shards whose samples are shuffled together (held twice in memory)
+    # shards whose samples are shuffled together (a shard set without per-sample offsets holds about twice
+    # that in memory a loader worker)
+    shuffle_block: int = Field(4, ge=1)
     allow_pipe: bool = False  # `pipe:` URLs run shell commands: only on explicit opt-in
     retries: int = Field(5, ge=0)
-    # shards each loader worker fetches while it decodes the current one (memory: readahead + 1 shards)
+    # what each loader worker fetches while it decodes: its next micro-batches by byte range, or (a shard
+    # set without per-sample offsets) its next shards; memory: readahead + 1 of them
     readahead: int = Field(1, ge=0)
 
     @model_validator(mode="after")
