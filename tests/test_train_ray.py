@@ -162,3 +162,50 @@ def test_bf16_on_cpu_workers_through_a_checkpoint_and_a_resume(synthetic_url, tm
     history = json.load(open(f"{out}/history.json"))["history"]
     logged = [h for h in history if "loss" in h]
     assert logged and all(0 < h["loss"] < 100 for h in logged) and logged[-1]["mix"] > 0
+
+
+def test_a_zero_2_checkpoint_of_2_workers_resumes_on_3_and_on_1_with_its_whole_state(synthetic_url, tmp_path):
+    """ZeRO partitions load only at the world size that wrote them; the checkpoint's portable state (whole
+    fp32 weights and optimiser state per parameter) lets 3 or 1 workers go on where 2 stopped. On 3 the
+    weights evaluate exactly as the 2 workers' did (their checkpoint, re-partitioned in 3); on 1 the run
+    goes on with AdamW's step count and moments and the schedule carried, not restarted."""
+    import shutil
+
+    import torch
+
+    from trainer.engine import PORTABLE_FILE
+
+    zero2 = ["--set", "train.zero_stage=2", "--set", "train.ckpt_every=3", "--set", "data.global_batch.labeled=12",
+             "--set", "data.global_batch.unlabeled=12", "--set", "data.labeled_batch_size=2",
+             "--set", "data.unlabeled_batch_size=2"]
+
+    def train(out, workers, steps):
+        r = run_cli("train", *SMALL, "--data", synthetic_url, "--out", out, "--workers", str(workers),
+                    "--steps", str(steps), *zero2)
+        assert r.returncode == 0, r.stderr[-3000:]
+        return json.load(open(f"{out}/summary.json"))
+
+    first = str(tmp_path / "first")
+    written = train(first, 2, 3)
+    carried = torch.load(f"{first}/checkpoints/step-00000003/{PORTABLE_FILE}", weights_only=False)
+    assert carried["optimiser_step"] == 3 and carried["scheduler"]["last_epoch"] == 3
+
+    on_3 = str(tmp_path / "on-3")  # no step left: it loads, evaluates and reports
+    shutil.copytree(first, on_3)
+    os.remove(f"{on_3}/summary.json")
+    again = train(on_3, 3, 3)
+    assert again["resizes"] == [{"step": 3, "from": 2, "to": 3}] and again["resumed_from"] == "step-00000003"
+    assert again["miou"] == pytest.approx(written["miou"], abs=1e-6)
+    assert again["per_class_iou"] == pytest.approx(written["per_class_iou"], abs=1e-6)
+
+    on_1 = str(tmp_path / "on-1")
+    shutil.copytree(first, on_1)
+    summary = train(on_1, 1, 6)
+    assert summary["resizes"] == [{"step": 3, "from": 2, "to": 1}]
+    state = torch.load(f"{on_1}/checkpoints/step-00000006/{PORTABLE_FILE}", weights_only=False)
+    assert state["optimiser_step"] == 6 and state["scheduler"]["last_epoch"] == 6  # restarted: 3 and 3
+    # the moments go on from step 3's: Adam's second moment decays slowly (0.999 a step), so a restarted one
+    # would hold about half of it
+    v3 = torch.cat([s["exp_avg_sq"].flatten() for s in carried["optimiser"].values()])
+    v6 = torch.cat([s["exp_avg_sq"].flatten() for s in state["optimiser"].values()])
+    assert (v6 >= 0.999 ** 3 * v3 - 1e-12).all()

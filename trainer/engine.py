@@ -13,6 +13,7 @@ import torch
 from shards.errors import BadInput
 
 PLAIN_FILE = "plain.pt"
+PORTABLE_FILE = "portable.pt"  # ZeRO > 0: the whole state, per parameter, for a resume at another world size
 
 
 def build_optimizer(model, cfg_optim):
@@ -108,10 +109,102 @@ class DeepSpeedEngine:
 
     def save(self, local_dir: str, client_state: dict) -> None:
         self.engine.save_checkpoint(local_dir, tag=self.TAG, client_state=client_state)
+        if self.engine.zero_optimization_stage() > 0:
+            self._save_portable(local_dir, client_state)
 
     def load(self, local_dir: str) -> dict:
+        if self.engine.zero_optimization_stage() > 0 and _zero_world(local_dir) != torch.distributed.get_world_size():
+            return self._load_portable(local_dir)
         _, client_state = self.engine.load_checkpoint(local_dir, tag=self.TAG)
         return client_state or {}
+
+    # ZeRO partitions load only at the world size that wrote them. DeepSpeed's universal checkpoint converter
+    # knows Adam's states only (SGD is the default here), so a ZeRO checkpoint also holds the whole fp32
+    # weights and optimiser state per parameter, gathered with DeepSpeed's fragment API and written by rank
+    # 0; a group of another size starts its engine as usual and sets its own partitions from them.
+
+    def _optimiser_keys(self) -> tuple[str, ...]:
+        return ("momentum_buffer",) if isinstance(self._inner(), torch.optim.SGD) else ("exp_avg", "exp_avg_sq")
+
+    def _inner(self) -> torch.optim.Optimizer:
+        """The torch optimiser over ZeRO's flat fp32 partitions."""
+        return self.engine.optimizer.optimizer
+
+    def _save_portable(self, local_dir: str, client_state: dict) -> None:
+        from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
+
+        self._link_optimiser_state()
+        params, optimiser = {}, {}
+        for name, p in self.module.named_parameters():  # collective: every rank, the same order
+            params[name] = safe_get_full_fp32_param(p).cpu()
+            optimiser[name] = {k: safe_get_full_optimizer_state(p, k).cpu() for k in self._optimiser_keys()}
+        if torch.distributed.get_rank() == 0:
+            steps = [state["step"] for state in self._inner().state.values() if "step" in state]
+            torch.save({"params": params, "optimiser": optimiser, "optimiser_step": steps[0] if steps else None,
+                        "buffers": {n: b.cpu() for n, b in self.module.named_buffers()},
+                        "scheduler": self.scheduler.state_dict(), "global_steps": self.engine.global_steps,
+                        "global_samples": self.engine.global_samples, "client_state": client_state},
+                       os.path.join(local_dir, PORTABLE_FILE))
+
+    def _load_portable(self, local_dir: str) -> dict:
+        import deepspeed
+        from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
+
+        path = os.path.join(local_dir, PORTABLE_FILE)
+        if not os.path.exists(path):
+            raise BadInput(f"checkpoint: its ZeRO partitions were written by {_zero_world(local_dir)} workers and it "
+                           f"has no {PORTABLE_FILE} (an older version wrote it): resume it at that world size")
+        saved = torch.load(path, map_location="cpu", weights_only=False)
+        params = dict(self.module.named_parameters())
+        # the model's own (low-precision, or ZeRO-3 partitioned) parameters, then the fp32 master copies
+        with deepspeed.zero.GatheredParameters(list(params.values()), modifier_rank=0,
+                                               enabled=self.engine.zero_optimization_stage() == 3):
+            for name, p in params.items():
+                p.data.copy_(saved["params"][name].to(p.dtype))
+        for name, buffer in self.module.named_buffers():
+            buffer.copy_(saved["buffers"][name])
+        self._create_optimiser_state()
+        for name, p in params.items():
+            safe_set_full_fp32_param(p, saved["params"][name])
+            for key, value in saved["optimiser"][name].items():
+                safe_set_full_optimizer_state(p, value, key)
+        if saved["optimiser_step"] is not None:
+            for state in self._inner().state.values():
+                state["step"] = saved["optimiser_step"].clone()
+        self.scheduler.load_state_dict(saved["scheduler"])
+        for group, rate in zip(self.engine.optimizer.param_groups, self.scheduler.get_last_lr()):
+            group["lr"] = rate  # a scheduler's state sets the rates at its next step only
+        self.engine.global_steps, self.engine.global_samples = saved["global_steps"], saved["global_samples"]
+        return saved["client_state"]
+
+    def _create_optimiser_state(self) -> None:
+        """torch creates an optimiser's state at its first step: one at learning rate 0 on zero gradients
+        (it moves nothing) over each of ZeRO's flat fp32 partitions, so that their state exists to be set."""
+        zero, inner = self.engine.optimizer, self._inner()
+        if self.engine.zero_optimization_stage() == 3:  # one sub-group at a time, as ZeRO-3's own step does
+            flats = [(inner.param_groups[zero.sub_group_to_group_id[i]], flat)
+                     for i, flat in enumerate(zero.fp32_partitioned_groups_flat)]
+        else:
+            flats = [(group, flat) for group, flat in zip(inner.param_groups, zero.single_partition_of_fp32_groups)]
+        for group, flat in flats:
+            kept, rate = group["params"], group["lr"]
+            group["params"], group["lr"], flat.grad = [flat], 0.0, torch.zeros_like(flat)
+            inner.step()
+            group["params"], group["lr"], flat.grad = kept, rate, None
+        self._link_optimiser_state()
+
+    def _link_optimiser_state(self) -> None:
+        """ZeRO-1/2 link each parameter to its optimiser state once, after the first step, when a second
+        parameter group has no state yet (DeepSpeed 0.19): link again, now that every group has it."""
+        zero = self.engine.optimizer
+        if hasattr(zero, "_lazy_init_hp_params_optimizer_state"):
+            zero._hp_optimizer_states_linked = False
+            zero._lazy_init_hp_params_optimizer_state()
+
+
+def _zero_world(local_dir: str) -> int:
+    """How many data-parallel ranks wrote a checkpoint's ZeRO optimiser partitions."""
+    return len(glob.glob(os.path.join(local_dir, DeepSpeedEngine.TAG, "*zero_pp_rank_*_optim_states.pt")))
 
 
 def load_model_weights(local_dir: str) -> dict:
