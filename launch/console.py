@@ -55,7 +55,7 @@ class _LogFile:
             self.console.write(announce)
             self.file.write(announce)
             self.console = None
-        self.file.write(piece)
+        self.file.write(_ANSI.sub("", piece))  # a file is no terminal: no colour codes
 
     def close(self) -> bool:
         """Whether anything was written."""
@@ -103,6 +103,8 @@ def quiet(out: str, verbose: bool, upload):
     remote = local_path(url) is None
     path = os.path.join(tempfile.mkdtemp(prefix="guidedmix-log-"), name) if remote else local_path(url)
     real = sys.stdout, sys.stderr
+    if not real[1].isatty():  # Ray colours the prefix of the workers' lines it forwards, terminal or not
+        os.environ.setdefault("RAY_COLOR_PREFIX", "0")
     logfile = _LogFile(path, url, real[1], verbose)
     routers = _Router(real[0], logfile, verbose), _Router(real[1], logfile, verbose)
     handlers = _stream_handlers(real)

@@ -100,6 +100,7 @@ def test_a_local_run_has_a_quiet_console_and_v_brings_the_chatter_back(synthetic
     lines = console.strip().splitlines()
     found = [n for n in NOISE if n in console]
     assert not found and len(lines) <= 10, console
+    assert "\x1b[" not in console  # not a terminal: plain lines, no colour codes
     for expected in ("training guidedmix: 2 CPU workers", "step 8/8 | loss", "checkpoint step-00000008 committed",
                      "val mIoU", '"miou"'):
         assert expected in console, (expected, console)
