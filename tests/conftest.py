@@ -1,6 +1,7 @@
 """Fixtures that start real servers on 127.0.0.1 (moto_server for S3, a Ray head) and stop them by PID."""
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
@@ -325,7 +326,9 @@ def total(samples, name, **match):
 
 
 def rewrite_tar(path: str, change) -> None:
-    """Rewrite a shard in place: `change(member_name, data)` returns the member's new bytes."""
+    """Rewrite a shard in place, `change(member_name, data)` returning each member's new bytes, and its entry
+    in the manifest beside it as a writer of these bytes would have (offsets, checksums): bad data as it was
+    written, not storage corruption, which the checksums would catch first."""
     with tarfile.open(path) as tar:
         members = [(m, tar.extractfile(m).read()) for m in tar.getmembers()]
     with tarfile.open(path, "w") as tar:
@@ -333,6 +336,34 @@ def rewrite_tar(path: str, change) -> None:
             data = change(member.name, data)
             member.size = len(data)
             tar.addfile(member, io.BytesIO(data))
+    _index_again(path)
+
+
+def _index_again(path: str) -> None:
+    """The manifest's sha256, per-sample offsets and checksums of one shard, from its bytes (an independent
+    reading of what shards/build.py records while it writes)."""
+    from shards.tario import payload_crc32
+
+    data = open(path, "rb").read()
+    offsets, crcs, key, fields, end = [], [], None, {}, 0
+    with tarfile.open(fileobj=io.BytesIO(data)) as tar:
+        for member in tar.getmembers():
+            sample, field = member.name.split(".", 1)
+            if sample != key:
+                if key is not None:
+                    crcs.append(payload_crc32(fields))
+                offsets.append(member.offset)
+                key, fields = sample, {}
+            fields[field] = tar.extractfile(member).read()
+            end = member.offset_data + -(-member.size // 512) * 512
+    crcs.append(payload_crc32(fields))
+    offsets.append(end)
+    manifest_path = os.path.join(os.path.dirname(path), "manifest.json")
+    manifest = json.load(open(manifest_path))
+    shard = next(s for split in manifest["splits"].values() for s in split["shards"]
+                 if s["name"] == os.path.basename(path))
+    shard.update(sha256=hashlib.sha256(data).hexdigest(), offsets=offsets, crc32=crcs)
+    json.dump(manifest, open(manifest_path, "w"))
 
 
 def run_cli(*args, env=None, timeout=600, cwd=REPO) -> subprocess.CompletedProcess:

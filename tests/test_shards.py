@@ -2,6 +2,7 @@
 import io
 import json
 import os
+import shutil
 import tarfile
 import time
 from collections import Counter
@@ -304,6 +305,18 @@ def test_a_checkpoint_of_4_ranks_resumes_on_1_and_on_3_at_the_exact_next_sample(
     _, firsts = consume(synthetic_url, "unlabeled", 1, 0, 1, start=7, **kw)
     _, again = consume(synthetic_url, "unlabeled", 4, 2, 1, start=7, **kw)
     assert torch.equal(firsts[0]["image"][:2], again[0]["image"])  # augmentation: a function of (seed, epoch, key)
+
+
+def test_the_manifest_indexes_each_sample_as_an_independent_reading_of_the_tar_does(synthetic_url, tmp_path):
+    from conftest import _index_again
+
+    copy = str(tmp_path / "copy")
+    shutil.copytree(synthetic_url, copy)
+    written = read_manifest(copy, None, RETRIES)
+    for split in written["splits"].values():
+        for shard in split["shards"]:
+            _index_again(f"{copy}/{shard['name']}")
+    assert read_manifest(copy, None, RETRIES) == written
 
 
 @pytest.mark.parametrize("ranged", [True, False])
