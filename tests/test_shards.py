@@ -346,7 +346,7 @@ def test_corrupt_sample_and_truncated_shard_are_skipped_and_counted(tmp_path, ca
 
 
 @pytest.mark.parametrize("case", ["missing_root", "class_beyond", "unreadable_image", "bad_scheme", "no_manifest",
-                                  "exists", "bad_labeled", "too_many_labeled", "list_unknown_id"])
+                                  "exists", "bad_labeled", "too_many_labeled", "list_unknown_id", "bad_offsets"])
 def test_bad_input_is_one_line_exit_2(tmp_path, case):
     rng = np.random.default_rng(6)
     write_folder(tmp_path / "ds", rng, n_train=4, n_val=1, n_extra=0)
@@ -354,7 +354,7 @@ def test_bad_input_is_one_line_exit_2(tmp_path, case):
     args = ["shards", "build", "--source", "folder", "--root", ds, "--out", str(tmp_path / "out"), "--labeled", "2"]
     expect = {"missing_root": "nope", "class_beyond": "train1.png", "unreadable_image": "train2.png",
               "bad_scheme": "ftp", "no_manifest": "manifest", "exists": "already", "bad_labeled": "--labeled",
-              "too_many_labeled": "--labeled", "list_unknown_id": "zzz"}[case]
+              "too_many_labeled": "--labeled", "list_unknown_id": "zzz", "bad_offsets": "offsets"}[case]
     if case == "missing_root":
         args[5] = str(tmp_path / "nope")
     elif case == "class_beyond":
@@ -374,6 +374,12 @@ def test_bad_input_is_one_line_exit_2(tmp_path, case):
     elif case == "list_unknown_id":
         open(tmp_path / "list.txt", "w").write("train0\nzzz\n")
         args += ["--labeled-list", str(tmp_path / "list.txt")]
+    elif case == "bad_offsets":  # a manifest whose sample offsets go backwards
+        assert run_cli(*args, "--quiet").returncode == 0
+        manifest = json.load(open(tmp_path / "out" / "manifest.json"))
+        manifest["splits"]["labeled"]["shards"][0]["offsets"].reverse()
+        json.dump(manifest, open(tmp_path / "out" / "manifest.json", "w"))
+        args = ["shards", "inspect", str(tmp_path / "out")]
     r = run_cli(*args, "--quiet") if args[1] == "build" else run_cli(*args)
     assert r.returncode == 2, (r.stdout, r.stderr)
     lines = r.stderr.strip().splitlines()
