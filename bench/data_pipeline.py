@@ -5,6 +5,8 @@ workers, decode and augmentation, from
   as UniMatch- and mmseg-style loaders read a bucket) from S3 at a distance;
 - `shards_s3`: WebDataset shards from the same S3 at the same distance (each loader worker reads ahead
   `data.readahead` shards; `shards_s3_no_readahead`: the same without);
+- `whole_shards_s3`: the same shards read whole (`data.byte_ranges=false`): every loader worker reads every
+  shard of its blocks, fewer requests and loader workers times the bytes;
 - `shards_local`: the shards on local disk;
 - `ceiling`: the shards already in memory (`memory://`, inherited by the forked loader workers): the same
   tar parsing, decode, augmentation and collation with no I/O at all, the limit of this CPU.
@@ -144,10 +146,11 @@ def main():
 
         s3fs.S3FileSystem.clear_instance_cache()
 
-        def shard_stream(url, readahead=DataConfig().readahead):
+        def shard_stream(url, readahead=DataConfig().readahead, byte_ranges=True):
             return ShardStream(StreamSpec(url=url, split="labeled", batch_size=args.batch,
                                           retries=DataConfig().retries, readahead=readahead,
-                                          loader_workers=args.workers, crop_size=args.crop))
+                                          loader_workers=args.workers, crop_size=args.crop,
+                                          byte_ranges=byte_ranges))
 
         stores = [psutil.Process(server.pid) for server in servers]
 
@@ -172,6 +175,8 @@ def main():
             "shards_s3": measured("shards_s3", shard_stream("s3://bench/shards"), args.batches),
             "shards_s3_no_readahead": measured("shards_s3_no_readahead",
                                                shard_stream("s3://bench/shards", readahead=0), args.batches),
+            "whole_shards_s3": measured("whole_shards_s3", shard_stream("s3://bench/shards", byte_ranges=False),
+                                        args.batches),
             # the per-file loader pays the distance per object: a quarter of the batches measure it well
             "per_file_s3": measured("per_file_s3", per_file, max(args.batches // 4, 5)),
         }
@@ -187,6 +192,7 @@ def main():
                    "s3_vs_local_shards": round(result["shards_s3"] / result["shards_local"], 2),
                    "s3_vs_local_shards_no_readahead": round(result["shards_s3_no_readahead"]
                                                             / result["shards_local"], 2),
+                   "s3_vs_local_whole_shards": round(result["whole_shards_s3"] / result["shards_local"], 2),
                    "pipeline_vs_ceiling": round(result["shards_local"] / result["ceiling"], 2)},
         "store_cpu_seconds": store_cpu, "images": args.images, "size": args.size, "crop": args.crop,
         "loader_workers": args.workers,

@@ -67,6 +67,7 @@ class StreamSpec:
     # what each loader worker fetches ahead of what it decodes: its next micro-batches (byte-range reads),
     # or shards (shard sets without offsets)
     readahead: int = 1
+    byte_ranges: bool = True  # where the manifest has offsets; else whole shards
 
     @property
     def train(self) -> bool:
@@ -111,7 +112,7 @@ class _Worker:
         self.by_name = {info.name: info for info in self.infos}
         self.skipped = 0
         self.verified: set[str] = set()
-        self.ranged = all(info.ranged for info in self.infos)
+        self.ranged = self.spec.byte_ranges and all(info.ranged for info in self.infos)
         self.cache = _ReadAhead(self._ranges_of if self.ranged else self._samples_of, self.spec.readahead + 1)
         self._blocks: tuple = (None, None)  # (epoch, its _Blocks)
         self._sizes: dict[str, int] = {}  # ranged reads: each shard's stored size, asked once

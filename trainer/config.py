@@ -52,6 +52,10 @@ class DataConfig(_Strict):
     # what each loader worker fetches while it decodes: its next micro-batches by byte range, or (a shard
     # set without per-sample offsets) its next shards; memory: readahead + 1 of them
     readahead: int = Field(1, ge=0)
+    # fetch each micro-batch's samples by byte range (each sample read once an epoch over all ranks and
+    # loader workers), or whole shards (every loader worker reads every shard of its blocks: fewer requests,
+    # ranks x loader workers times the bytes)
+    byte_ranges: bool = True
 
     @model_validator(mode="after")
     def _scale_order(self):
