@@ -155,7 +155,9 @@ class _Worker:
                 wanted.append((len(found) - 1, info, int(index)))
         if not wanted:
             return found
-        paths = [filesystem(join(self.spec.url, info.name), self.spec.storage_options)[1] for _, info, _ in wanted]
+        shard_paths = {name: filesystem(join(self.spec.url, name), self.spec.storage_options)[1]
+                       for name in {info.name for _, info, _ in wanted}}  # a URL resolved once a shard, not a sample
+        paths = [shard_paths[info.name] for _, info, _ in wanted]
         starts = [info.offsets[index] for _, info, index in wanted]
         ends = [info.offsets[index + 1] for _, info, index in wanted]
         pieces = self._storage(wanted[0][1].name,
