@@ -43,6 +43,16 @@ VARIANTS = {
     "default-bank-random": ["train.method=guidedmix", "guidedmix.pairing.mode=service"],
     "default-bank-most-similar": ["train.method=guidedmix", "guidedmix.pairing.mode=service",
                                   "guidedmix.pairing.similarity=most"],
+    # issue #22: partners only a bank can offer, by class (docs/results-pairing.md): the one whose mask holds
+    # the classes the unlabeled image's prediction lacks, or drawn by how badly the model does on its classes;
+    # and pasting the partner's objects (whole classes) instead of a box
+    "default-bank-complement": ["train.method=guidedmix", "guidedmix.pairing.mode=service",
+                                "guidedmix.pairing.similarity=complement"],
+    "default-bank-need": ["train.method=guidedmix", "guidedmix.pairing.mode=service",
+                          "guidedmix.pairing.similarity=need"],
+    "default-class-mix": ["train.method=guidedmix", "guidedmix.mix=class"],
+    "default-bank-complement-class-mix": ["train.method=guidedmix", "guidedmix.pairing.mode=service",
+                                          "guidedmix.pairing.similarity=complement", "guidedmix.mix=class"],
     # tau alone teaches ~91% background where the truth has ~72%: the per-class floor off, and lower
     # (until stop 16 the default had class_keep 0.5: the tables made before name it `default`)
     "default-class-keep-0": ["train.method=guidedmix", "guidedmix.class_keep=0"],

@@ -182,22 +182,25 @@ def test_references_from_outside_replace_in_batch_pairing():
     refs = (torch.randn(3, 3, 32, 32), torch.full((3, 32, 32), 4))
     seen = []
 
-    def find(embeddings):
-        seen.append(embeddings)
+    def find(embeddings, shares):
+        seen.append((embeddings, shares))
         return refs
 
     torch.manual_seed(0)  # the same dropout in both calls below
     out = guidedmix.guidedmix_loss(model, x_l, y_l, x_u, 0, cfg, 5, find_references=find,
                                    generator=torch.Generator().manual_seed(0))
-    assert seen[0].shape == (3, model.backbone.high_channels)
-    assert torch.allclose(seen[0].norm(dim=1), torch.ones(3))
+    embeddings, shares = seen[0]
+    assert embeddings.shape == (3, model.backbone.high_channels)
+    assert torch.allclose(embeddings.norm(dim=1), torch.ones(3))
+    # the class shares of each unlabeled image's prediction, for the class criteria
+    assert shares.shape == (3, 5) and torch.allclose(shares.sum(1), torch.ones(3))
     assert out.pairing is None and out.labeled_embeddings.shape == (2, model.backbone.high_channels)
     # the pasted boxes' target is the references' mask: another mask, another mix loss
     torch.manual_seed(0)
-    other = guidedmix.guidedmix_loss(model, x_l, y_l, x_u, 0, cfg, 5, find_references=lambda e: (refs[0], refs[1] - 4),
+    other = guidedmix.guidedmix_loss(model, x_l, y_l, x_u, 0, cfg, 5, find_references=lambda e, s: (refs[0], refs[1] - 4),
                                      generator=torch.Generator().manual_seed(0))
     assert other.parts["mix"] != pytest.approx(out.parts["mix"])
-    fallback = guidedmix.guidedmix_loss(model, x_l, y_l, x_u, 0, cfg, 5, find_references=lambda e: None)
+    fallback = guidedmix.guidedmix_loss(model, x_l, y_l, x_u, 0, cfg, 5, find_references=lambda e, s: None)
     assert fallback.pairing.shape == (3,) and fallback.pairing.max() < 2
 
 

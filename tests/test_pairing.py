@@ -85,10 +85,10 @@ def test_images_survive_the_uint8_round_trip():
 def test_outside_ray_the_bank_lives_in_the_process():
     cfg = Config().guidedmix.pairing.model_copy(update={"mode": "service", "bank_size": 32})
     client = pairing.PairingClient(cfg, "runs/x", rank=0, in_ray=False, metrics=Metrics())
-    assert client.query(torch.randn(2, 16), 0, "cpu", torch.float32) is None and client.fallbacks == 1
+    assert client.query(torch.randn(2, 16), None, 0, "cpu", torch.float32) is None and client.fallbacks == 1
     emb, _, _ = batch(4)
     client.push(torch.from_numpy(emb), torch.randn(4, 3, 8, 8), torch.randint(0, 7, (4, 8, 8)), step=0)
-    images, masks = client.query(torch.from_numpy(emb[:2]), 1, "cpu", torch.float32)
+    images, masks = client.query(torch.from_numpy(emb[:2]), None, 1, "cpu", torch.float32)
     assert images.shape == (2, 3, 8, 8) and masks.shape == (2, 8, 8) and client.answered == 1
 
 

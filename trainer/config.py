@@ -84,8 +84,11 @@ class PairingConfig(_Strict):
     # in the pairing service's bank of recent labeled samples from all workers (trainer/pairing.py)
     mode: Literal["in_batch", "service"] = "in_batch"
     # which labeled partner: the paper's most similar, or random (the measured best: docs/results-partners.md),
-    # or least similar (ablation: does similarity matter?)
-    similarity: Literal["most", "random", "least"] = "random"
+    # or least similar (ablation: does similarity matter?); or by class (docs/results-pairing.md): `complement`,
+    # the partner whose mask holds the classes the unlabeled image's prediction lacks; `need`, partners drawn
+    # by how badly the model does on their classes (the service keeps a running per-class IoU that workers
+    # report; in-batch, the step's labeled batch). Both draw from softmax(score / temperature)
+    similarity: Literal["most", "random", "least", "complement", "need"] = "random"
     topk: int = Field(1, ge=1)
     temperature: float = Field(0.1, gt=0)
     bank_size: int = Field(1024, ge=1)
@@ -97,9 +100,10 @@ class GuidedMixConfig(_Strict):
     # The defaults are the variant that beats supervised-only in docs/results.md; each line says what the
     # paper does instead (docs/method.md), reachable with bench/ssl_ablation.py's PAPER overrides.
     lam_max: float = Field(0.5, gt=0, lt=1)
-    # paste a box of the labeled reference (CutMix-style: its mask is known there, so decoupling is exact)
-    # or the paper's global interpolation `interp`
-    mix: Literal["interp", "region"] = "region"
+    # paste a box of the labeled reference (CutMix-style: its mask is known there, so decoupling is exact),
+    # its pixels of whole classes up to lam_max of the image (`class`, ClassMix-style), or the paper's global
+    # interpolation `interp`
+    mix: Literal["interp", "region", "class"] = "region"
     decouple_with: Literal["gt", "prediction"] = "gt"
     teacher: Literal["self", "ema"] = "self"
     ema_decay: float = Field(0.99, ge=0, lt=1)

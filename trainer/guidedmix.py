@@ -1,9 +1,12 @@
 """GuidedMix-Net's objective (Tu et al., AAAI 2022), step by step as docs/method.md tells it. Pure PyTorch.
 
 1. pairing: each unlabeled image gets the most similar labeled reference (cosine of pooled embeddings)
-   in the labeled batch, or from outside: `find_references` (the pairing service's bank) answers;
+   in the labeled batch, or from outside: `find_references` (the pairing service's bank) answers; the
+   class criteria pick instead by what the partner's mask holds (`complement`: the classes the unlabeled
+   image's prediction lacks; `need`: the classes the model does worst on);
 2. mixing: x_m = lam * x_r + (1 - lam) * x_u, lam ~ U(0, lam_max) per pair; `mix: region` pastes a box
-   of the reference instead (lam becomes a 0/1 map, so the decoupling below is exact inside it);
+   of the reference instead, `mix: class` its pixels of whole classes (lam becomes a 0/1 map, so the
+   decoupling below is exact inside it);
    `strong_aug` perturbs the student's copy of x_u first (the teacher keeps the clean view);
 3. forward: encoder over [x_l; x_u], then over x_m (its batch statistics leave the running ones alone);
    MITrans refines the mixed decoder features;
@@ -30,9 +33,14 @@ if TYPE_CHECKING:  # the typed config section, for readers and type checkers onl
 IGNORE = 255
 
 
-# Given the unlabeled batch's L2-normalised embeddings, the reference (image, mask) of each unlabeled
-# image, found outside the batch (the pairing service), or None: pair in-batch this step.
-ReferenceFinder = Callable[[torch.Tensor], Optional[tuple[torch.Tensor, torch.Tensor]]]
+# Given the unlabeled batch's L2-normalised embeddings and the class shares of its predictions (B x C), the
+# reference (image, mask) of each unlabeled image, found outside the batch (the pairing service), or None:
+# pair in-batch this step.
+ReferenceFinder = Callable[[torch.Tensor, torch.Tensor], Optional[tuple[torch.Tensor, torch.Tensor]]]
+
+# a class under this share of an unlabeled image's predicted pixels counts as absent for `complement`
+ABSENT_SHARE = 0.01
+CLASS_CRITERIA = ("complement", "need")
 
 
 @dataclass
@@ -44,17 +52,35 @@ class StepOutput:
     pairing: Optional[torch.Tensor] = None  # index into the labeled batch (None: references from outside)
     pseudo: Optional[torch.Tensor] = None  # what the unlabeled batch is taught per pixel (255 = nothing)
     labeled_embeddings: Optional[torch.Tensor] = None  # what the pairing service's bank stores
+    labeled_shares: Optional[torch.Tensor] = None  # B_l x C class shares of the labeled masks (the bank's too)
+    labeled_overlap: Optional[torch.Tensor] = None  # 2 x C intersection and union on the labeled batch
 
 
 def pair(query: torch.Tensor, candidates: torch.Tensor, similarity: str = "most", topk: int = 1,
-         temperature: float = 0.1, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+         temperature: float = 0.1, generator: Optional[torch.Generator] = None,
+         query_shares: Optional[torch.Tensor] = None, candidate_shares: Optional[torch.Tensor] = None,
+         need: Optional[torch.Tensor] = None) -> torch.Tensor:
     """For each query embedding, the index of its reference among the candidate embeddings.
 
     `most`: argmax cosine (or a softmax-weighted draw among the top k); `least`: argmin; `random`:
-    uniform. The last two exist to measure whether similarity matters at all."""
+    uniform. The last two exist to measure whether similarity matters at all. The class criteria score each
+    candidate by the share of its mask's pixels in the classes wanted, and draw from softmax(score /
+    temperature) (a draw, not an argmax: one best partner for every query would paste the same few images):
+    `complement` wants the classes absent from the query's predicted class shares, `need` (per class, in
+    [0, 1]) weighs every class by how badly the model does on it."""
     n = candidates.shape[0]
     if similarity == "random":
         return torch.randint(0, n, (query.shape[0],), generator=generator, device=query.device)
+    if similarity in CLASS_CRITERIA:
+        if candidate_shares is None or (query_shares if similarity == "complement" else need) is None:
+            raise ValueError(f"pairing.similarity {similarity} needs class shares"
+                             + (" of the queries" if similarity == "complement" else " and the per-class need"))
+        if similarity == "complement":
+            wanted = (query_shares < ABSENT_SHARE).float()
+        else:
+            wanted = need.float().expand(query.shape[0], -1)
+        scores = wanted @ candidate_shares.float().T
+        return torch.multinomial(torch.softmax(scores / temperature, dim=1), 1, generator=generator).squeeze(1)
     scores = query @ candidates.T
     if similarity == "least":
         scores = -scores
@@ -67,8 +93,12 @@ def pair(query: torch.Tensor, candidates: torch.Tensor, similarity: str = "most"
 
 
 def sample_lam(batch: int, height: int, width: int, lam_max: float, mode: str,
-               generator: Optional[torch.Generator] = None, device=None) -> torch.Tensor:
-    """B x 1 x H x W mixing weights of the reference: a constant per pair (interp) or a 0/1 box (region)."""
+               generator: Optional[torch.Generator] = None, device=None,
+               y_r: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """B x 1 x H x W mixing weights of the reference: a constant per pair (interp), a 0/1 box (region), or
+    its pixels of whole classes (class)."""
+    if mode == "class":
+        return class_regions(y_r, lam_max, generator).unsqueeze(1).float()
     u = torch.rand(batch, generator=generator, device=device)
     if mode == "interp":
         return (u * lam_max).view(batch, 1, 1, 1).expand(batch, 1, height, width).contiguous()
@@ -81,6 +111,24 @@ def sample_lam(batch: int, height: int, width: int, lam_max: float, mode: str,
         left = int(torch.randint(0, width - bw + 1, (1,), generator=generator))
         lam[i, :, top:top + bh, left:left + bw] = 1.0
     return lam
+
+
+def class_regions(y_r: torch.Tensor, lam_max: float, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """B x H x W booleans: each reference's pixels of whole classes, taken in a random order while they cover
+    at most `lam_max` of the image (ClassMix, Olsson et al. 2021, bounded as the box is). Pasting the
+    partner's objects, not a box that mostly holds its background, moves its classes into the mixed view;
+    a class larger than what is left of the budget (most often the background) stays out."""
+    regions = torch.zeros_like(y_r, dtype=torch.bool)
+    budget = lam_max * y_r[0].numel()
+    for i in range(y_r.shape[0]):
+        classes = y_r[i][y_r[i] != IGNORE].unique()
+        counts = [int((y_r[i] == c).sum()) for c in classes]
+        area = 0
+        for k in torch.randperm(len(classes), generator=generator).tolist():
+            if area + counts[k] <= budget:
+                regions[i] |= y_r[i] == classes[k]
+                area += counts[k]
+    return regions
 
 
 def strong_augment(x: torch.Tensor, generator: Optional[torch.Generator] = None) -> torch.Tensor:
@@ -153,6 +201,33 @@ def class_shares(y: torch.Tensor, num_classes: int) -> torch.Tensor:
     """Each class's share of the labeled pixels of `y` (ignored pixels left out)."""
     counts = torch.bincount(y[y != IGNORE], minlength=num_classes).float()
     return counts / counts.sum().clamp(min=1)
+
+
+def image_class_shares(y: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """B x C: each class's share of each image's labeled pixels (ignored pixels left out); one bincount."""
+    b = y.shape[0]
+    flat = y.reshape(b, -1)
+    valid = flat != IGNORE
+    keys = (torch.arange(b, device=y.device).unsqueeze(1) * num_classes + flat.clamp(max=num_classes - 1))[valid]
+    counts = torch.bincount(keys, minlength=b * num_classes).view(b, num_classes).float()
+    return counts / counts.sum(1, keepdim=True).clamp(min=1)
+
+
+def class_overlap(logits_l: torch.Tensor, y_l: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """2 x C: per class, the pixels of the labeled batch where prediction and truth agree (intersection) and
+    where either has it (union). Summed over steps and workers they give each class's IoU, the model's own
+    running score of what it has learnt (`class_need`)."""
+    hard = logits_l.detach().argmax(1)[y_l != IGNORE]
+    truth = y_l[y_l != IGNORE]
+    intersection = torch.bincount(truth[hard == truth], minlength=num_classes)
+    union = torch.bincount(hard, minlength=num_classes) + torch.bincount(truth, minlength=num_classes) - intersection
+    return torch.stack([intersection, union]).float()
+
+
+def class_need(overlap: torch.Tensor) -> torch.Tensor:
+    """Per class, 1 - IoU from summed `class_overlap`s; 1 for a class neither predicted nor present yet."""
+    intersection, union = overlap
+    return torch.where(union > 0, 1 - intersection / union.clamp(min=1e-9), torch.ones_like(union))
 
 
 def earned_classes(logits_l: torch.Tensor, y_l: torch.Tensor, tau: float, precision: float) -> torch.Tensor:
@@ -244,31 +319,34 @@ def guidedmix_loss(model, x_l: torch.Tensor, y_l: torch.Tensor, x_u: torch.Tenso
     b_l, b_u = x_l.shape[0], x_u.shape[0]
     size = x_u.shape[-2:]
 
-    # 1. pairing on the first pass's pooled embeddings (no gradient through the choice)
+    # 1. the first pass: labeled and unlabeled predictions, and the embeddings that pairing compares
     if cfg.shared_bn:  # the paper: one pass, labeled and unlabeled share normalisation statistics
         low, high = model.encode(torch.cat([x_l, x_u]))
+        logits_l, logits_u = model.classify(model.decode(low, high), size).split([b_l, b_u])
     else:  # each batch normalised by its own statistics, as in the supervised baseline
         (low_l, high_l), (low_u, high_u) = model.encode(x_l), model.encode(x_u)
-        low, high = torch.cat([low_l, low_u]), torch.cat([high_l, high_u])
+        high = torch.cat([high_l, high_u])
+        logits_l = model.classify(model.decode(low_l, high_l), size)
+        logits_u = model.classify(model.decode(low_u, high_u), size)
     embeddings = model.embed(high).detach()
-    found = find_references(embeddings[b_l:]) if find_references is not None else None
+    with torch.no_grad():  # the teacher's clean view of x_u (what the class criteria pair on, too)
+        p_u = logits_u.softmax(1) if teacher is None else teacher(x_u).softmax(1)
+        conf_u, hard_u = p_u.max(1)
+        shares_l, shares_u = image_class_shares(y_l, num_classes), image_class_shares(hard_u, num_classes)
+        overlap = class_overlap(logits_l, y_l, num_classes)
+
+    # 2. pairing (no gradient through the choice), then mixing
+    found = find_references(embeddings[b_l:], shares_u) if find_references is not None else None
     if found is None:
         index = pair(embeddings[b_l:], embeddings[:b_l], cfg.pairing.similarity, cfg.pairing.topk,
-                     cfg.pairing.temperature, generator)
+                     cfg.pairing.temperature, generator, shares_u, shares_l, class_need(overlap))
         x_r, y_r = x_l[index], y_l[index]
     else:
         index, (x_r, y_r) = None, found
-
-    # 2. mixing
-    lam = sample_lam(b_u, size[0], size[1], cfg.lam_max, cfg.mix, generator, x_u.device)
+    lam = sample_lam(b_u, size[0], size[1], cfg.lam_max, cfg.mix, generator, x_u.device, y_r)
     x_m = mix(strong_augment(x_u, generator) if cfg.strong_aug else x_u, x_r, lam)
 
-    # 3. forward: labeled + unlabeled, then the mixed batch with MITrans
-    if cfg.shared_bn:
-        logits_l, logits_u = model.classify(model.decode(low, high), size).split([b_l, b_u])
-    else:
-        logits_l = model.classify(model.decode(low[:b_l], high[:b_l]), size)
-        logits_u = model.classify(model.decode(low[b_l:], high[b_l:]), size)
+    # 3. the mixed batch, with MITrans
     with frozen_bn_statistics(model):
         features_m = model.decode(*model.encode(x_m))
     if cfg.mitrans.enabled:
@@ -277,18 +355,13 @@ def guidedmix_loss(model, x_l: torch.Tensor, y_l: torch.Tensor, x_u: torch.Tenso
 
     # 4. mask generation, from the teacher's view (the model itself, detached, or its EMA copy)
     with torch.no_grad():
-        if teacher is None:
-            p_u, p_m = logits_u.softmax(1), logits_m.softmax(1)
-        else:
-            p_u = teacher(x_u).softmax(1)
-            p_m = teacher(x_m, use_mitrans=cfg.mitrans.enabled).softmax(1)
+        p_m = (logits_m if teacher is None else teacher(x_m, use_mitrans=cfg.mitrans.enabled)).softmax(1)
         p_r = None
         if cfg.decouple_with == "prediction":
             p_r = (teacher or model)(x_r).softmax(1)
         ref = reference_distribution(y_r, p_r, num_classes)
         pseudo, confidence = generate_mask(p_m, ref, lam)
         # the mixed view's target: the reference's share plus the clean view's prediction of x_u
-        conf_u, hard_u = p_u.max(1)
         prior = class_shares(y_l, num_classes) if cfg.class_cap else None
         earned = earned_classes(logits_l, y_l, cfg.tau, cfg.earn_precision) if cfg.earn_precision > 0 else None
         trusted_u = confident_pixels(conf_u, hard_u, cfg.tau, cfg.class_keep, lam.squeeze(1) < 1, prior, earned)
@@ -316,7 +389,7 @@ def guidedmix_loss(model, x_l: torch.Tensor, y_l: torch.Tensor, x_u: torch.Tenso
     loss = loss_sup + w * (loss_unsup + loss_mix)
     parts = {"sup": loss_sup.detach(), "unsup": loss_unsup.detach(), "mix": loss_mix.detach(), "weight": w,
              "taught": (taught != IGNORE).float().mean(), "lam": lam.mean()}
-    return StepOutput(loss, parts, index, taught, embeddings[:b_l])
+    return StepOutput(loss, parts, index, taught, embeddings[:b_l], shares_l, overlap)
 
 
 @torch.no_grad()

@@ -252,7 +252,7 @@ class Trainer:
             out = guidedmix.guidedmix_loss(self.module, x_l, y_l, x_u, self.step, gm, len(self.classes),
                                            self.teacher, find, generator)
             if self.pairing is not None:
-                self.pairing.push(out.labeled_embeddings, x_l, y_l, self.step)
+                self.pairing.push(out.labeled_embeddings, x_l, y_l, self.step, out.labeled_shares, out.labeled_overlap)
         elif method == "unimatch":
             out = unimatch_loss(self.module, x_l, y_l, x_u, self.step, self.cfg.unimatch, gm, generator)
         else:

@@ -24,13 +24,15 @@ import torch
 from shards.augment import MEAN, STD
 
 from .config import PairingConfig
-from .guidedmix import pair
+from .guidedmix import CLASS_CRITERIA, class_need, pair
 from .metrics import Metrics
 
 log = logging.getLogger("guidedmix.pairing")
 
 NAMESPACE = "guidedmix"
 MAX_PENDING_PUSHES = 4
+# each report's weight against the running per-class score: about the last hundred pushes count
+OVERLAP_DECAY = 0.99
 
 
 def service_name(out: str) -> str:
@@ -41,14 +43,16 @@ def service_name(out: str) -> str:
 
 class PairingBank:
     """A bounded ring of the most recent labeled samples: L2-normalised embeddings (float32), images
-    (uint8, 3 x H x W), masks (uint8, H x W), with the rank and step that pushed each."""
+    (uint8, 3 x H x W), masks (uint8, H x W) and their class shares (float32, C), with the rank and step that
+    pushed each; and the running per-class intersection and union that workers report (`need`)."""
 
     def __init__(self, cfg: PairingConfig, seed: int = 0):
         self.cfg, self.capacity = cfg, cfg.bank_size
         capacity = cfg.bank_size
         self.generator = torch.Generator().manual_seed(seed)
         self.size = self.next = 0
-        self.embeddings = self.images = self.masks = None  # allocated by the first push
+        self.embeddings = self.images = self.masks = self.shares = None  # allocated by the first push
+        self.overlap = None  # 2 x C decayed sums of the reported intersections and unions
         self.steps = np.zeros(capacity, np.int64)
         self.ranks = np.zeros(capacity, np.int32)
 
@@ -64,7 +68,10 @@ class PairingBank:
             raise ValueError("pairing: embeddings contain NaN or infinity")
         return torch.nn.functional.normalize(torch.from_numpy(embeddings.copy()), dim=1)  # Ray hands in read-only arrays
 
-    def push(self, embeddings: np.ndarray, images: np.ndarray, masks: np.ndarray, rank: int, step: int) -> None:
+    def push(self, embeddings: np.ndarray, images: np.ndarray, masks: np.ndarray, rank: int, step: int,
+             shares: Optional[np.ndarray] = None, overlap: Optional[np.ndarray] = None) -> None:
+        """Add labeled samples (`shares`: N x C class shares of their masks, for the class criteria) and fold
+        in the pushing worker's per-class `overlap` (2 x C intersection and union) on its labeled batch."""
         vectors = self._check_embeddings(embeddings)
         n = vectors.shape[0]
         if images.dtype != np.uint8 or images.ndim != 4 or images.shape[0] != n or images.shape[1] != 3:
@@ -78,22 +85,53 @@ class PairingBank:
             self.masks = np.zeros((self.capacity, *masks.shape[1:]), np.uint8)
         elif images.shape[1:] != self.images.shape[1:]:
             raise ValueError(f"pairing: images are {images.shape[2:]}, the bank holds {self.images.shape[2:]}")
+        shares = self._check_classes("shares", shares, n)
+        overlap = self._check_classes("overlap", overlap, 2)
+        if shares is not None and self.shares is None:
+            self.shares = torch.zeros(self.capacity, shares.shape[1])
+        if overlap is not None:
+            self.overlap = overlap if self.overlap is None else OVERLAP_DECAY * self.overlap + overlap
         for i in range(n):  # a ring: the oldest entry gives way
             slot = self.next
             self.embeddings[slot] = vectors[i]
             self.images[slot], self.masks[slot] = images[i], masks[i]
+            if shares is not None:
+                self.shares[slot] = shares[i]
             self.steps[slot], self.ranks[slot] = step, rank
             self.next = (slot + 1) % self.capacity
             self.size = min(self.size + 1, self.capacity)
 
-    def query(self, embeddings: np.ndarray, step: int) -> Optional[dict]:
-        """The best-matching entry for each embedding: images, masks, the pushing ranks and staleness (steps
-        since insert). None while the bank is empty."""
+    def _check_classes(self, name: str, value: Optional[np.ndarray], rows: int) -> Optional[torch.Tensor]:
+        """A rows x C float32 array of per-class figures as a tensor; C is the bank's once it holds one."""
+        if value is None:
+            return None
+        known = self.shares if self.shares is not None else self.overlap
+        width = known.shape[1] if known is not None else None
+        if (not isinstance(value, np.ndarray) or value.dtype != np.float32 or value.ndim != 2 or value.shape[0] != rows
+                or width not in (None, value.shape[1]) or not np.isfinite(value).all()):
+            raise ValueError(f"pairing: {name} must be a finite float32 array of {rows} x {width or 'C'} per-class "
+                             f"figures, got {getattr(value, 'dtype', type(value).__name__)} {getattr(value, 'shape', '')}")
+        return torch.from_numpy(value.copy())
+
+    def need(self) -> Optional[torch.Tensor]:
+        """Per class, 1 - the running IoU the workers report (1 where a class has not been seen)."""
+        return None if self.overlap is None else class_need(self.overlap)
+
+    def query(self, embeddings: np.ndarray, step: int, shares: Optional[np.ndarray] = None) -> Optional[dict]:
+        """The best-matching entry for each embedding (`shares`: the queries' predicted class shares, for
+        `complement`): images, masks, the pushing ranks and staleness (steps since insert). None while the bank
+        is empty, or while a class criterion lacks what it scores (no shares pushed or no need reported yet)."""
         vectors = self._check_embeddings(embeddings)
+        shares = self._check_classes("shares", shares, vectors.shape[0])
         if self.size == 0:
             return None
+        candidate_shares = None if self.shares is None else self.shares[:self.size]
+        need = self.need()
+        if self.cfg.similarity in CLASS_CRITERIA and (
+                candidate_shares is None or (shares if self.cfg.similarity == "complement" else need) is None):
+            return None
         index = pair(vectors, self.embeddings[:self.size], self.cfg.similarity, self.cfg.topk, self.cfg.temperature,
-                     self.generator).numpy()
+                     self.generator, shares, candidate_shares, need).numpy()
         return {"images": self.images[index], "masks": self.masks[index], "index": index,
                 "ranks": self.ranks[index], "staleness": np.maximum(step - self.steps[index], 0)}
 
@@ -112,16 +150,16 @@ class PairingService:
     def ready(self) -> bool:
         return True
 
-    def push(self, embeddings, images, masks, rank: int, step: int) -> None:
-        self.bank.push(embeddings, images, masks, rank, step)
+    def push(self, embeddings, images, masks, rank: int, step: int, shares=None, overlap=None) -> None:
+        self.bank.push(embeddings, images, masks, rank, step, shares, overlap)
         self.pushes += 1
         self.metrics.set("pairing_bank_size", self.bank.size)
 
-    def query(self, embeddings, step: int) -> Optional[dict]:
+    def query(self, embeddings, step: int, shares=None) -> Optional[dict]:
         started = time.perf_counter()
         if self.delay_s:
             time.sleep(self.delay_s)
-        answer = self.bank.query(embeddings, step)
+        answer = self.bank.query(embeddings, step, shares)
         self.queries += 1
         self.latencies.append(time.perf_counter() - started)
         if answer is not None:
@@ -185,9 +223,11 @@ class PairingClient:
                 log.warning("pairing: service %s not found; pairing in-batch", self.name)
         return self.actor
 
-    def push(self, embeddings: torch.Tensor, images: torch.Tensor, masks: torch.Tensor, step: int) -> None:
+    def push(self, embeddings: torch.Tensor, images: torch.Tensor, masks: torch.Tensor, step: int,
+             shares: Optional[torch.Tensor] = None, overlap: Optional[torch.Tensor] = None) -> None:
+        """Push labeled samples (with their masks' class `shares`) and this batch's per-class `overlap`."""
         batch = (embeddings.float().cpu().numpy(), to_uint8(images),
-                 masks.clamp(0, 255).to(torch.uint8).cpu().numpy(), self.rank, step)
+                 masks.clamp(0, 255).to(torch.uint8).cpu().numpy(), self.rank, step, _numpy(shares), _numpy(overlap))
         if self.local is not None:
             self.local.push(*batch)
             return
@@ -199,12 +239,13 @@ class PairingClient:
             return
         self.pending.append(actor.push.remote(*batch))
 
-    def query(self, embeddings: torch.Tensor, step: int, device, dtype):
-        """(images, masks) of the best-matching bank entries, or None: pair in-batch this step."""
+    def query(self, embeddings: torch.Tensor, shares: Optional[torch.Tensor], step: int, device, dtype):
+        """(images, masks) of the best-matching bank entries for unlabeled embeddings (and the class shares of
+        their predictions), or None: pair in-batch this step."""
         self.queries += 1
         started = time.perf_counter()
         try:
-            answer = self._ask(embeddings.float().cpu().numpy(), step)
+            answer = self._ask(embeddings.float().cpu().numpy(), step, _numpy(shares))
         except Exception as e:  # a late, dead, restarting or confused service: never stop training
             answer = None
             log.debug("pairing: fell back to in-batch at step %d: %s", step, e)
@@ -217,13 +258,13 @@ class PairingClient:
         masks = torch.from_numpy(answer["masks"].astype(np.int64))
         return from_uint8(answer["images"], device, dtype), masks.to(device)
 
-    def _ask(self, embeddings: np.ndarray, step: int):
+    def _ask(self, embeddings: np.ndarray, step: int, shares: Optional[np.ndarray]):
         if self.local is not None:
-            return self.local.query(embeddings, step)
+            return self.local.query(embeddings, step, shares)
         actor = self._handle()
         if actor is None:
             return None
-        ref = actor.query.remote(embeddings, step)
+        ref = actor.query.remote(embeddings, step, shares)
         try:
             return ray.get(ref, timeout=self.cfg.deadline_s)
         except ray.exceptions.GetTimeoutError:
@@ -233,3 +274,7 @@ class PairingClient:
     def stats(self) -> dict:
         return {"queries": self.queries, "answered": self.answered, "fallbacks": self.fallbacks,
                 "dropped_pushes": self.dropped_pushes}
+
+
+def _numpy(values: Optional[torch.Tensor]) -> Optional[np.ndarray]:
+    return None if values is None else values.detach().float().cpu().numpy()
