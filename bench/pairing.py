@@ -26,7 +26,7 @@ from bench.common import steady_rate, study_shards, train_once  # noqa: E402
 from trainer import guidedmix, pairing  # noqa: E402
 from trainer.config import PairingConfig  # noqa: E402
 
-WIDTH, SIZE, BATCH = 128, 64, 8  # the cpu-small model's embedding width, crop and batch
+WIDTH, SIZE, BATCH, CLASSES = 128, 64, 8, 7  # the cpu-small model's embedding width, crop and batch
 
 
 def percentiles(seconds: list[float]) -> dict:
@@ -35,10 +35,18 @@ def percentiles(seconds: list[float]) -> dict:
 
 
 def random_batch(n: int, g: torch.Generator):
+    """A push's arguments before rank and step: embeddings, images, masks, class shares and overlap."""
     emb = F.normalize(torch.randn(n, WIDTH, generator=g), dim=1).numpy()
     images = torch.randint(0, 256, (n, 3, SIZE, SIZE), generator=g, dtype=torch.uint8).numpy()
-    masks = torch.randint(0, 7, (n, SIZE, SIZE), generator=g, dtype=torch.uint8).numpy()
-    return emb, images, masks
+    masks = torch.randint(0, CLASSES, (n, SIZE, SIZE), generator=g, dtype=torch.uint8)
+    shares = guidedmix.image_class_shares(masks.long(), CLASSES).numpy()
+    overlap = torch.rand(2, CLASSES, generator=g).sort(0).values.numpy()  # intersection <= union
+    return emb, images, masks.numpy(), shares, overlap
+
+
+def push(actor, batch, rank: int, step: int):
+    emb, images, masks, shares, overlap = batch
+    return actor.push.remote(emb, images, masks, rank, step, shares, overlap)
 
 
 def service_latency(ray, bank: int, queries: int) -> dict:
@@ -46,7 +54,7 @@ def service_latency(ray, bank: int, queries: int) -> dict:
     actor = pairing.start_service(cfg, f"bench-{bank}")
     g = torch.Generator().manual_seed(0)
     for start in range(0, bank, 256):  # fill the bank
-        ray.get(actor.push.remote(*random_batch(256, g), 0, 0))
+        ray.get(push(actor, random_batch(256, g), 0, 0))
     times = []
     for i in range(queries + 20):
         emb = random_batch(BATCH, g)[0]
@@ -70,7 +78,7 @@ def concurrent_clients(ray, clients: int, bank: int, similarity: str, steps_per_
     actor = pairing.start_service(cfg, f"bench-clients-{clients}-{bank}-{similarity}")
     g = torch.Generator().manual_seed(0)
     for start in range(0, bank, 256):
-        ray.get(actor.push.remote(*random_batch(256, g), 0, 0))
+        ray.get(push(actor, random_batch(256, g), 0, 0))
     batches = [random_batch(BATCH, g) for _ in range(16)]  # what the clients send, drawn up front
 
     async def client(i: int, start: float, end: float) -> tuple[list[float], int]:
@@ -78,16 +86,16 @@ def concurrent_clients(ray, clients: int, bank: int, similarity: str, steps_per_
         times, late, step = [], 0, 0
         await asyncio.sleep((i / clients) / steps_per_s)  # workers do not step in lockstep
         while loop.time() < end:
-            emb, images, masks = batches[(i + step) % len(batches)]
+            batch = batches[(i + step) % len(batches)]
             t0 = time.perf_counter()
-            ref = actor.query.remote(emb, step)
+            ref = actor.query.remote(batch[0], step, batch[3])  # the batch's own shares stand in for predictions
             try:
                 await asyncio.wait_for(asyncio.wrap_future(ref.future()), deadline_s)
                 times.append(time.perf_counter() - t0)
             except asyncio.TimeoutError:
                 ray.cancel(ref)
                 late += 1
-            actor.push.remote(emb, images, masks, i, step)  # not waited on, as a worker's push
+            push(actor, batch, i, step)  # not waited on, as a worker's push
             step += 1
             await asyncio.sleep(max(0.0, start + (i / clients + step) / steps_per_s - loop.time()))
         return times, late
@@ -142,6 +150,8 @@ def main():
     parser.add_argument("--step-rate", type=float, default=2.0,
                         help="steps per second of each simulated worker (a GPU worker's GuidedMix step: ~0.5 s)")
     parser.add_argument("--seconds", type=float, default=20.0, help="length of each concurrent-clients run")
+    parser.add_argument("--similarities", nargs="+", default=["random", "most", "complement", "need"],
+                        help="pairing.similarity of the concurrent-clients runs")
     args = parser.parse_args()
     import ray
 
@@ -150,7 +160,7 @@ def main():
         results = [service_latency(ray, bank, args.queries) for bank in (1024, 8192, 32768)]
         deadline = PairingConfig().deadline_s
         results += [concurrent_clients(ray, clients, bank, similarity, args.step_rate, args.seconds, deadline)
-                    for similarity in ("random", "most") for clients in (8, 32, 64) for bank in (1024, 32768)]
+                    for similarity in args.similarities for clients in (8, 32, 64) for bank in (1024, 32768)]
         # two runs of each, alternating, so that drift in the machine's speed hits both alike; the faster kept
         times, service_stats = {"service": [], "in_batch": []}, {}
         for _ in range(2):

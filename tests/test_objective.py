@@ -49,12 +49,75 @@ def test_region_lam_is_a_box_of_ones():
     assert (lam.mean(dim=(1, 2, 3)) <= 0.5 + 1e-6).all() and lam.sum() > 0
 
 
-@pytest.mark.parametrize("mode", ["interp", "region"])
+def test_class_pairing_draws_the_partner_with_the_lacking_or_needed_classes():
+    # four candidate masks over 4 classes (0 is the background every image holds)
+    candidate_masks = torch.zeros(4, 8, 8, dtype=torch.long)
+    for k, c in enumerate((1, 2, 3)):
+        candidate_masks[k + 1, :4] = c  # candidate k+1 holds class c on half its pixels; candidate 0 only background
+    candidate_masks[0, 0, 0] = guidedmix.IGNORE  # ignored pixels are left out of the shares
+    shares = guidedmix.image_class_shares(candidate_masks, 4)
+    assert torch.allclose(shares.sum(1), torch.ones(4))
+    assert torch.allclose(shares[2], torch.tensor([0.5, 0.0, 0.5, 0.0]))
+    assert torch.allclose(shares[0], guidedmix.class_shares(candidate_masks[0], 4))
+    embeddings = F.normalize(torch.randn(4, 6), dim=1)
+    query = F.normalize(torch.randn(3, 6), dim=1)
+    # the queries' predictions: background plus classes 1 and 2, so only class 3 is lacking
+    predicted = torch.zeros(3, 8, 8, dtype=torch.long)
+    predicted[:, :2], predicted[:, 2:4] = 1, 2
+    g = torch.Generator().manual_seed(0)
+    chosen = torch.cat([guidedmix.pair(query, embeddings, "complement", temperature=0.05, generator=g,
+                                       query_shares=guidedmix.image_class_shares(predicted, 4),
+                                       candidate_shares=shares) for _ in range(50)])
+    assert (chosen == 3).float().mean() > 0.95  # the one partner holding class 3
+    # need: the model does worst on class 2
+    need = torch.tensor([0.05, 0.2, 0.9, 0.2])
+    chosen = torch.cat([guidedmix.pair(query, embeddings, "need", temperature=0.05, generator=g,
+                                       candidate_shares=shares, need=need) for _ in range(50)])
+    assert (chosen == 2).float().mean() > 0.9
+    # the same need everywhere: every partner is as good (each mask's shares sum to one), a uniform draw
+    chosen = torch.cat([guidedmix.pair(query, embeddings, "need", generator=g, candidate_shares=shares,
+                                       need=torch.full((4,), 0.5)) for _ in range(200)])
+    assert torch.bincount(chosen, minlength=4).min() > 100
+    with pytest.raises(ValueError, match="complement needs class shares"):
+        guidedmix.pair(query, embeddings, "complement", candidate_shares=shares)
+
+
+def test_class_need_is_one_minus_the_iou_of_each_class_on_the_labeled_batch():
+    y_l = torch.tensor([[[0, 0, 1, 1], [0, 0, 2, guidedmix.IGNORE]]])
+    hard = torch.tensor([[[0, 1, 1, 1], [0, 0, 0, 3]]])  # the ignored pixel's prediction does not count
+    logits = F.one_hot(hard, 5).permute(0, 3, 1, 2).float()
+    overlap = guidedmix.class_overlap(logits, y_l, 5)
+    # class 0: 3 right of 4 true and 4 predicted -> IoU 3/5; class 1: 2 of 3 -> 2/3; class 2: missed -> 0
+    assert overlap.tolist() == [[3, 2, 0, 0, 0], [5, 3, 1, 0, 0]]
+    need = guidedmix.class_need(overlap)
+    assert need.tolist() == pytest.approx([0.4, 1 / 3, 1.0, 1.0, 1.0])  # classes 3, 4: never seen, needed most
+
+
+def test_class_mix_pastes_whole_classes_of_the_partner_within_lam_max():
+    g = torch.Generator().manual_seed(4)
+    y_r = torch.zeros(6, 16, 16, dtype=torch.long)
+    y_r[:, :4], y_r[:, 4:6, :8], y_r[:, 12:, 8:] = 1, 2, 3  # shares 1/4, 1/16, 1/8, the rest background
+    y_r[:, 15, 0] = guidedmix.IGNORE
+    lam = guidedmix.sample_lam(6, 16, 16, 0.3, "class", g, y_r=y_r)
+    assert lam.shape == (6, 1, 16, 16) and set(lam.unique().tolist()) <= {0.0, 1.0}
+    assert (lam.mean(dim=(1, 2, 3)) <= 0.3).all()
+    pasted = lam.squeeze(1).bool()
+    for i in range(6):
+        for c in range(4):  # a class is pasted whole or not at all
+            in_class = y_r[i] == c
+            assert pasted[i][in_class].all() or not pasted[i][in_class].any()
+        assert not pasted[i][y_r[i] == 0].any()  # the background (0.56 of the image) is over the budget
+        assert pasted[i][y_r[i] == guidedmix.IGNORE].sum() == 0
+    assert pasted.any(dim=(1, 2)).all()  # something always fits: class 1 alone, or classes 2 and 3
+    assert len({tuple(pasted[i].flatten().tolist()) for i in range(6)}) > 1  # which, by a random order
+
+
+@pytest.mark.parametrize("mode", ["interp", "region", "class"])
 def test_mask_generation_recovers_the_unlabeled_one_hot(mode):
     c, g = 6, torch.Generator().manual_seed(2)
     y_u = torch.randint(0, c, (4, 16, 16), generator=g)
     y_r = torch.randint(0, c, (4, 16, 16), generator=g)
-    lam = guidedmix.sample_lam(4, 16, 16, 0.5, mode, g)
+    lam = guidedmix.sample_lam(4, 16, 16, 0.5, mode, g, y_r=y_r)
     ref = guidedmix.onehot(y_r, c)
     p_m = lam * ref + (1 - lam) * guidedmix.onehot(y_u, c)  # the true mixture
     pseudo, confidence = guidedmix.generate_mask(p_m, ref, lam)

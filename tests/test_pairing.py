@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from conftest import REPO, check_ledgers, fault_figures, run_cli, stop_tree, train_cmd, wait_for
-from trainer import pairing
+from trainer import guidedmix, pairing
 from trainer.config import Config, PairingConfig
 from trainer.metrics import Metrics
 
@@ -48,6 +48,37 @@ def test_the_ring_keeps_the_most_recent_samples():
         bank.push(*batch(4, seed=step), rank=0, step=step)
     assert bank.size == 10
     assert sorted(bank.steps.tolist()) == [2, 2, 3, 3, 3, 3, 4, 4, 4, 4]  # steps 0-1 gave way
+
+
+def test_the_bank_draws_by_class_from_what_workers_push_and_report():
+    """`need` draws partners by the running per-class IoU that workers report with their pushes; `complement`
+    by the class shares pushed beside each sample and the queries' own."""
+    classes = 3
+    bank = pairing.PairingBank(PairingConfig(bank_size=64, similarity="need", temperature=0.05))
+    emb, images, _ = batch(6)
+    masks = np.zeros((6, 8, 8), np.uint8)
+    masks[::2, :4] = 1  # even samples hold class 1, odd ones class 2
+    masks[1::2, :4] = 2
+    shares = guidedmix.image_class_shares(torch.from_numpy(masks).long(), classes).numpy()
+    assert bank.query(emb[:2], 0) is None  # no score reported yet: the worker pairs in-batch
+    # two workers report: class 1 learnt well (IoU 0.9), class 2 badly (IoU 0.1), then a push without a report
+    for rank in range(2):
+        overlap = np.array([[90, 90, 10], [100, 100, 100]], np.float32)
+        bank.push(emb, images, masks, rank, 0, shares, overlap)
+    bank.push(emb, images, masks, 0, 1, shares)
+    assert bank.need().tolist() == pytest.approx([0.1, 0.1, 0.9])  # the decayed sums keep each class's IoU
+    answer = bank.query(batch(200, seed=3)[0], 2)
+    assert (answer["index"] % 2 == 1).mean() > 0.9  # the samples of the badly learnt class
+    # complement: queries whose predictions hold background and class 2 get partners with class 1
+    bank.cfg = PairingConfig(bank_size=64, similarity="complement", temperature=0.05)
+    predicted = np.tile(np.array([[0.7, 0.0, 0.3]], np.float32), (200, 1))
+    answer = bank.query(batch(200, seed=4)[0], 2, predicted)
+    assert (answer["index"] % 2 == 0).mean() > 0.9
+    assert bank.query(batch(2, seed=4)[0], 2) is None  # complement without the queries' shares: in-batch
+    with pytest.raises(ValueError, match="shares must be a finite float32 array of 6 x 3"):
+        bank.push(emb, images, masks, 0, 3, np.ones((6, 4), np.float32))
+    with pytest.raises(ValueError, match="overlap must be"):
+        bank.push(emb, images, masks, 0, 3, shares, np.full((2, 3), np.nan, np.float32))
 
 
 def test_bad_input_to_the_bank_is_a_clear_error():

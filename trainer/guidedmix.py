@@ -79,8 +79,10 @@ def pair(query: torch.Tensor, candidates: torch.Tensor, similarity: str = "most"
             wanted = (query_shares < ABSENT_SHARE).float()
         else:
             wanted = need.float().expand(query.shape[0], -1)
-        scores = wanted @ candidate_shares.float().T
-        return torch.multinomial(torch.softmax(scores / temperature, dim=1), 1, generator=generator).squeeze(1)
+        cdf = torch.softmax((wanted @ candidate_shares.float().T) / temperature, dim=1).cumsum(1)
+        # an inverse-CDF draw: torch.multinomial takes 10 ms over a bank of 32,768 on one core, this 0.4 ms
+        u = torch.rand(query.shape[0], 1, generator=generator, device=query.device) * cdf[:, -1:]
+        return torch.searchsorted(cdf, u).squeeze(1).clamp(max=n - 1)
     scores = query @ candidates.T
     if similarity == "least":
         scores = -scores
