@@ -120,6 +120,12 @@ def test_metrics_through_ray_scraped_over_http_during_training(ray_head, synthet
     # both workers report, each under its rank; the service reports its bank
     assert {labels["rank"] for labels, _ in scrapes[-1][0][PREFIX + "samples_total"]} == {"0", "1"}
     assert max(v for s, _ in scrapes for _, v in s.get(PREFIX + "pairing_bank_size", [])) > 0
+    # and the running per-class IoU that the workers report with their pushes, one gauge per class
+    with_iou = [s[PREFIX + "pairing_class_iou"] for s, _ in scrapes if PREFIX + "pairing_class_iou" in s]
+    assert with_iou, "no scrape shows the pairing service's per-class IoU"
+    class_iou = {labels["class"]: v for labels, v in with_iou[-1]}
+    assert set(class_iou) == {str(c) for c in range(7)} and all(0 <= v <= 1 for v in class_iou.values())
+    assert max(class_iou.values()) > 0
     # the dashboard asks only for what a real cluster exports (after the PodMonitor's relabelling)
     unknown = dashboard_metric_names() - seen
     assert not unknown, f"dashboard queries metrics nobody exports: {sorted(unknown)}"

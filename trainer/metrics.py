@@ -57,6 +57,8 @@ SPECS = {
                                     ("rank",)),
     "pairing_bank_size": Spec("gauge", "Labeled samples in the pairing service's bank"),
     "pairing_staleness_steps": Spec("gauge", "Mean steps since insert of the bank entries in the last answer"),
+    "pairing_class_iou": Spec("gauge", "Running IoU (0-1) of each class on the labeled batches the workers report "
+                              "to the pairing service: what `pairing.similarity: need` pairs by", ("class",)),
 }
 
 

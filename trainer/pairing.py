@@ -144,6 +144,7 @@ class PairingService:
         self.metrics = metrics  # in-process: the worker's; the actor: Ray's
         self.delay_s = 0.0
         self.pushes = self.queries = 0
+        self._class_iou_set = 0.0  # when the per-class IoU gauges were last set
         self.latencies = deque(maxlen=1000)
         self.staleness = deque(maxlen=1000)
 
@@ -154,6 +155,11 @@ class PairingService:
         self.bank.push(embeddings, images, masks, rank, step, shares, overlap)
         self.pushes += 1
         self.metrics.set("pairing_bank_size", self.bank.size)
+        need = self.bank.need()
+        if need is not None and time.monotonic() - self._class_iou_set >= 1.0:  # a gauge per class: once a second
+            self._class_iou_set = time.monotonic()
+            for c, value in enumerate((1 - need).tolist()):
+                self.metrics.set("pairing_class_iou", value, **{"class": c})
 
     def query(self, embeddings, step: int, shares=None) -> Optional[dict]:
         started = time.perf_counter()
