@@ -2,10 +2,13 @@
 actor in another process, on loopback) at three bank sizes, against in-batch pairing; the same with 8, 32
 and 64 simulated workers stepping at once (a query under the deadline and a push per step each: latency,
 queries/s, fallback rate); and the training step time with the service against in-batch pairing (same
-model, data and steps, one process training with the service as a Ray actor beside it). Prints one JSON
-object as the last line; each entry of `results` carries `clients` (1: one client asking back to back).
+model, data and steps, one process training with the service as a Ray actor beside it). `compute`: the
+service's own work, in this process without Ray, per push and per query of each similarity at banks of 1,024
+and 32,768, and the share of one core that work takes at 64 workers (what saturates an actor, apart from
+Ray's per-call cost and the clients sharing this machine's cores). Prints one JSON object as the last line;
+each entry of `results` carries `clients` (1: one client asking back to back).
 
-    .venv/bin/python bench/pairing.py [--queries 400] [--steps 200] [--step-rate 2] [--seconds 20]
+    .venv/bin/python bench/pairing.py [--queries 400] [--steps 200] [--step-rate 2] [--seconds 20] [--compute-only]
 """
 from __future__ import annotations
 
@@ -129,6 +132,29 @@ def in_batch_latency(queries: int) -> dict:
     return percentiles(times)
 
 
+def service_compute(similarity: str, bank: int, steps_per_s: float, calls: int = 100) -> dict:
+    """Milliseconds per push and per query of the service object itself (no Ray), single-threaded."""
+    from trainer.metrics import Metrics
+
+    service = pairing.PairingService(PairingConfig(mode="service", similarity=similarity, bank_size=bank),
+                                     Metrics("none"))
+    g = torch.Generator().manual_seed(0)
+    fill, batch = random_batch(256, g), random_batch(BATCH, g)
+    for start in range(0, bank, 256):
+        service.push(*fill[:3], 0, start, *fill[3:])
+    t0 = time.perf_counter()
+    for step in range(calls):
+        service.push(*batch[:3], 0, step, *batch[3:])
+    push_s = (time.perf_counter() - t0) / calls
+    t0 = time.perf_counter()
+    for step in range(calls):
+        service.query(batch[0], step, batch[3])
+    query_s = (time.perf_counter() - t0) / calls
+    return {"similarity": similarity, "bank": bank, "batch": BATCH, "push_ms": round(push_s * 1e3, 3),
+            "query_ms": round(query_s * 1e3, 3),
+            "core_share_at_64_clients": round((push_s + query_s) * 64 * steps_per_s, 3)}
+
+
 def step_seconds(steps: int, mode: str) -> tuple[float, dict]:
     """Steady-state seconds per step of a single-process run; with `service`, the run's loop finds a
     service actor by name, as a Ray Train worker does."""
@@ -152,7 +178,14 @@ def main():
     parser.add_argument("--seconds", type=float, default=20.0, help="length of each concurrent-clients run")
     parser.add_argument("--similarities", nargs="+", default=["random", "most", "complement", "need"],
                         help="pairing.similarity of the concurrent-clients runs")
+    parser.add_argument("--compute-only", action="store_true", help="only the service's own work (`compute`)")
     args = parser.parse_args()
+    torch.set_num_threads(1)  # an actor's work on one core, as `num_cpus` would give it
+    compute = [service_compute(similarity, bank, args.step_rate)
+               for similarity in args.similarities for bank in (1024, 32768)]
+    if args.compute_only:
+        print(json.dumps({"compute": compute}))
+        return
     import ray
 
     ray.init(num_cpus=2, include_dashboard=False, namespace=pairing.NAMESPACE, logging_level=logging.WARNING)
@@ -173,7 +206,8 @@ def main():
         step["service_fallbacks"] = service_stats["fallbacks"]
     finally:
         ray.shutdown()
-    print(json.dumps({"results": results, "in_batch": in_batch_latency(args.queries), "step": step}))
+    print(json.dumps({"results": results, "in_batch": in_batch_latency(args.queries), "step": step,
+                      "compute": compute}))
 
 
 if __name__ == "__main__":
