@@ -142,14 +142,19 @@ def service_compute(similarity: str, bank: int, steps_per_s: float, calls: int =
     fill, batch = random_batch(256, g), random_batch(BATCH, g)
     for start in range(0, bank, 256):
         service.push(*fill[:3], 0, start, *fill[3:])
-    t0 = time.perf_counter()
-    for step in range(calls):
-        service.push(*batch[:3], 0, step, *batch[3:])
-    push_s = (time.perf_counter() - t0) / calls
-    t0 = time.perf_counter()
-    for step in range(calls):
-        service.query(batch[0], step, batch[3])
-    query_s = (time.perf_counter() - t0) / calls
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # an actor's work on one core, as `num_cpus` would give it; the rest keeps its threads
+    try:
+        t0 = time.perf_counter()
+        for step in range(calls):
+            service.push(*batch[:3], 0, step, *batch[3:])
+        push_s = (time.perf_counter() - t0) / calls
+        t0 = time.perf_counter()
+        for step in range(calls):
+            service.query(batch[0], step, batch[3])
+        query_s = (time.perf_counter() - t0) / calls
+    finally:
+        torch.set_num_threads(threads)
     return {"similarity": similarity, "bank": bank, "batch": BATCH, "push_ms": round(push_s * 1e3, 3),
             "query_ms": round(query_s * 1e3, 3),
             "core_share_at_64_clients": round((push_s + query_s) * 64 * steps_per_s, 3)}
@@ -180,7 +185,6 @@ def main():
                         help="pairing.similarity of the concurrent-clients runs")
     parser.add_argument("--compute-only", action="store_true", help="only the service's own work (`compute`)")
     args = parser.parse_args()
-    torch.set_num_threads(1)  # an actor's work on one core, as `num_cpus` would give it
     compute = [service_compute(similarity, bank, args.step_rate)
                for similarity in args.similarities for bank in (1024, 32768)]
     if args.compute_only:
