@@ -66,6 +66,8 @@ VARIANTS = {
     "default-ema": ["train.method=guidedmix", "guidedmix.teacher=ema"],
     # a class taught only once the model's confident labeled predictions of it are 90% right
     "default-earned-0.9": ["train.method=guidedmix", "guidedmix.earn_precision=0.9"],
+    # the teacher's clean view aligned to the labeled class shares (ReMixMatch's distribution alignment)
+    "default-align": ["train.method=guidedmix", "guidedmix.align=true"],
     "paper": PAPER,
     "authors-code": AUTHORS,
     "ema-tau0.95-region-hard": [*PAPER, "guidedmix.teacher=ema", "guidedmix.tau=0.95", "guidedmix.mix=region",

@@ -411,6 +411,21 @@ def test_a_class_is_taught_only_once_its_labeled_predictions_earn_it():
         [[True, True, True, False, False]]
 
 
+def test_distribution_alignment_moves_the_batch_towards_the_labeled_shares():
+    # a teacher that predicts class 0 on 90% of its mass where the labeled pixels hold 60%
+    p = torch.tensor([[0.9, 0.1], [0.9, 0.1]]).view(2, 2, 1, 1)
+    aligned = guidedmix.align_distribution(p, torch.tensor([0.6, 0.4]), smoothing=0.0)
+    # by hand: x (0.6/0.9, 0.4/0.1) = (0.6, 0.4) per pixel, already normalised
+    assert torch.allclose(aligned.view(2, 2), torch.tensor([[0.6, 0.4], [0.6, 0.4]]))
+    # a batch whose mean is the target is left as it is; probabilities stay probabilities
+    g = torch.Generator().manual_seed(0)
+    p = torch.softmax(torch.randn(4, 5, 8, 8, generator=g), 1)
+    same = guidedmix.align_distribution(p, p.mean((0, 2, 3)), smoothing=0.0)
+    assert torch.allclose(same, p, atol=1e-6)
+    smoothed = guidedmix.align_distribution(p, torch.tensor([1.0, 0, 0, 0, 0]))
+    assert torch.allclose(smoothed.sum(1), torch.ones(4, 8, 8)) and (smoothed[:, 1:] > 0).all()
+
+
 @pytest.mark.parametrize("seed", range(20))
 def test_the_prior_cap_only_removes_pixels_and_holds_every_class_to_its_share(seed):
     g = torch.Generator().manual_seed(seed)

@@ -118,6 +118,9 @@ class GuidedMixConfig(_Strict):
     # teach a class on unlabeled pixels only once it is earned: the model's confident (>= tau) predictions
     # of it on the step's labeled batch are right at least this often (0: every class taught)
     earn_precision: float = Field(0.0, ge=0, le=1)
+    # distribution alignment (ReMixMatch): the teacher's clean view rescaled per class towards the labeled
+    # batch's class shares before its confident pixels are taught
+    align: bool = False
     # the mixed view's loss averaged over its taught pixels, or over all pixels (FixMatch, UniMatch): then it
     # shrinks with what the teacher is sure of instead of weighing a few taught pixels as much as many
     loss_over: Literal["taught", "all"] = "taught"

@@ -232,6 +232,18 @@ def class_need(overlap: torch.Tensor) -> torch.Tensor:
     return torch.where(union > 0, 1 - intersection / union.clamp(min=1e-9), torch.ones_like(union))
 
 
+def align_distribution(p: torch.Tensor, target: torch.Tensor, smoothing: float = 0.1) -> torch.Tensor:
+    """Distribution alignment (ReMixMatch, Berthelot et al. 2020) on one batch: each class's probability
+    scaled by its `target` share (the labeled pixels') over its mean predicted probability on the batch, then
+    renormalised per pixel. It divides out the teacher's lean towards frequent classes (its confident pixels
+    are 89-99% background where the truth has 73-80%). A `smoothing` share of uniform is mixed into the
+    target, so that a class absent from this labeled batch is damped, not erased."""
+    c = p.shape[1]
+    target = (1 - smoothing) * target + smoothing / c
+    q = p * (target / p.mean((0, 2, 3)).clamp_min(1e-6)).view(1, c, 1, 1)
+    return q / q.sum(1, keepdim=True).clamp_min(1e-12)
+
+
 def earned_classes(logits_l: torch.Tensor, y_l: torch.Tensor, tau: float, precision: float) -> torch.Tensor:
     """Per class: whether the model's confident (>= tau) predictions of it on the labeled batch are right at
     least `precision` of the time. A class it never predicts confidently there is not earned. The labeled
@@ -333,6 +345,8 @@ def guidedmix_loss(model, x_l: torch.Tensor, y_l: torch.Tensor, x_u: torch.Tenso
     embeddings = model.embed(high).detach()
     with torch.no_grad():  # the teacher's clean view of x_u (what the class criteria pair on, too)
         p_u = logits_u.softmax(1) if teacher is None else teacher(x_u).softmax(1)
+        if cfg.align:
+            p_u = align_distribution(p_u, class_shares(y_l, num_classes))
         conf_u, hard_u = p_u.max(1)
         shares_l, shares_u = image_class_shares(y_l, num_classes), image_class_shares(hard_u, num_classes)
         overlap = class_overlap(logits_l, y_l, num_classes)
