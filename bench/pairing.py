@@ -1,7 +1,8 @@
-"""What the pairing service costs: query latency and throughput through Ray (this process asks a service
-actor in another process, on loopback) at three bank sizes, against in-batch pairing; the same with 8, 32
-and 64 simulated workers stepping at once (a query under the deadline and a push per step each: latency,
-queries/s, fallback rate); and the training step time with the service against in-batch pairing (same
+"""What the pairing service costs: the latency and throughput of a worker's call a step through Ray (its
+labeled batch and its query; this process asks a service actor in another process, on loopback) at three
+bank sizes, against in-batch pairing; the same with 8, 32 and 64 simulated workers stepping at once (one call
+per step each, waited on up to the deadline: latency, calls/s, fallback rate, and the late calls the service
+dropped unworked); and the training step time with the service against in-batch pairing (same
 model, data and steps, one process training with the service as a Ray actor beside it). `compute`: the
 service's own work, in this process without Ray, per push and per query of each similarity at banks of 1,024
 and 32,768, and the share of one core that work takes at 64 workers (what saturates an actor, apart from
@@ -52,29 +53,36 @@ def push(actor, batch, rank: int, step: int):
     return actor.push.remote(emb, images, masks, rank, step, shares, overlap)
 
 
+def exchange(actor, batch, rank: int, step: int):
+    """A worker's one call a step, as PairingClient makes it: its labeled batch for the bank and its query
+    (the batch's own embeddings and shares stand in for the unlabeled images' and their predictions')."""
+    emb, images, masks, shares, overlap = batch
+    return actor.exchange.remote((emb, images, masks, rank, step, shares, overlap), emb, step, shares, rank,
+                                 time.time())
+
+
 def service_latency(ray, bank: int, queries: int) -> dict:
     cfg = PairingConfig(mode="service", bank_size=bank)
     actor = pairing.start_service(cfg, f"bench-{bank}")
     g = torch.Generator().manual_seed(0)
     for start in range(0, bank, 256):  # fill the bank
         ray.get(push(actor, random_batch(256, g), 0, 0))
-    times = []
+    times, batches = [], [random_batch(BATCH, g) for _ in range(16)]
     for i in range(queries + 20):
-        emb = random_batch(BATCH, g)[0]
         t0 = time.perf_counter()
-        answer = ray.get(actor.query.remote(emb, 1))
+        images, _ = ray.get(exchange(actor, batches[i % len(batches)], 0, i))
         if i >= 20:  # past warm-up
             times.append(time.perf_counter() - t0)
-    assert answer["images"].shape == (BATCH, 3, SIZE, SIZE)
+    assert images.shape == (BATCH, 3, SIZE, SIZE)
     ray.kill(actor)
     return {"clients": 1, "bank": bank, "batch": BATCH, **percentiles(times), "qps": round(len(times) / sum(times), 1)}
 
 
 def concurrent_clients(ray, clients: int, bank: int, similarity: str, steps_per_s: float, seconds: float,
                        deadline_s: float) -> dict:
-    """`clients` simulated workers, each a coroutine of this process stepping at `steps_per_s`: a query
-    (waited on up to the deadline, as PairingClient does; a late one is a fallback) and a push of its
-    labeled batch per step, against one service whose bank is full."""
+    """`clients` simulated workers, each a coroutine of this process stepping at `steps_per_s`: one call a
+    step with its labeled batch and query (waited on up to the deadline, as PairingClient does; a late one is
+    a fallback), against one service whose bank is full."""
     import asyncio
 
     cfg = PairingConfig(mode="service", bank_size=bank, similarity=similarity)
@@ -89,16 +97,13 @@ def concurrent_clients(ray, clients: int, bank: int, similarity: str, steps_per_
         times, late, step = [], 0, 0
         await asyncio.sleep((i / clients) / steps_per_s)  # workers do not step in lockstep
         while loop.time() < end:
-            batch = batches[(i + step) % len(batches)]
             t0 = time.perf_counter()
-            ref = actor.query.remote(batch[0], step, batch[3])  # the batch's own shares stand in for predictions
+            refs = exchange(actor, batches[(i + step) % len(batches)], i, step)
             try:
-                await asyncio.wait_for(asyncio.wrap_future(ref.future()), deadline_s)
+                await asyncio.wait_for(asyncio.gather(*(asyncio.wrap_future(r.future()) for r in refs)), deadline_s)
                 times.append(time.perf_counter() - t0)
             except asyncio.TimeoutError:
-                ray.cancel(ref)
                 late += 1
-            push(actor, batch, i, step)  # not waited on, as a worker's push
             step += 1
             await asyncio.sleep(max(0.0, start + (i / clients + step) / steps_per_s - loop.time()))
         return times, late
@@ -108,15 +113,20 @@ def concurrent_clients(ray, clients: int, bank: int, similarity: str, steps_per_
         start = loop.time()
         return await asyncio.gather(*(client(i, start, start + seconds) for i in range(clients)))
 
-    t0 = time.perf_counter()
+    service_cpu, clients_cpu, t0 = ray.get(actor.stats.remote())["cpu_s"], time.process_time(), time.perf_counter()
     results = asyncio.run(run())
-    elapsed = time.perf_counter() - t0
+    elapsed, clients_cpu = time.perf_counter() - t0, time.process_time() - clients_cpu
+    stats = ray.get(actor.stats.remote())
     ray.kill(actor)
     times = [t for r in results for t in r[0]]
     late = sum(r[1] for r in results)
     return {"clients": clients, "bank": bank, "batch": BATCH, "similarity": similarity,
             "steps_per_s_per_client": steps_per_s, **percentiles(times),
-            "qps": round((len(times) + late) / elapsed, 1), "fallback_rate": round(late / max(len(times) + late, 1), 4)}
+            "qps": round((len(times) + late) / elapsed, 1), "fallback_rate": round(late / max(len(times) + late, 1), 4),
+            "service_dropped_late": stats["late_calls"],
+            # of one core: the service's process (Ray's threads in it included) and this one's simulated workers
+            "service_cpu_share": round((stats["cpu_s"] - service_cpu) / elapsed, 3),
+            "clients_cpu_share": round(clients_cpu / elapsed, 3)}
 
 
 def in_batch_latency(queries: int) -> dict:

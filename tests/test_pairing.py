@@ -167,27 +167,36 @@ def _finish(proc, out, tmp_path, steps):
 
 
 @pytest.mark.slow
-def test_pushes_never_queue_up_behind_a_busy_service(ray_client, tmp_path):
-    """At most MAX_PENDING_PUSHES pushes are in flight to a service that is busy; the rest are dropped at once
-    and counted, and training code never waits for a push."""
+def test_late_calls_never_queue_up_behind_a_busy_service(ray_client, tmp_path):
+    """A worker's one call a step (its labeled batch and its query) that misses the deadline is cancelled: a
+    busy service never works through a backlog of late calls, training never waits for it, and the next call
+    after it recovers is answered and brings its labeled batch."""
     ray = ray_client
-    cfg = Config().guidedmix.pairing
+    cfg = Config().guidedmix.pairing.model_copy(update={"mode": "service", "deadline_s": 0.1})
     out = str(tmp_path / "run")
     actor = pairing.start_service(cfg, out)
     try:
         emb, images, masks = batch(4)
+        x, y = pairing.from_uint8(images, "cpu", torch.float32), torch.from_numpy(masks).long()
         client = pairing.PairingClient(cfg, out, rank=0, in_ray=True, metrics=Metrics())
-        ray.get(actor.inject_delay.remote(3.0))
-        busy = actor.query.remote(emb, 0)  # the actor answers one call at a time: it is busy for 3 s
+        # a step while the service is idle: it learns how long this worker's calls take at best
+        assert client.query(torch.from_numpy(emb[:2]), None, 0, "cpu", torch.float32) is None  # empty bank
+        ray.get(actor.inject_delay.remote(5.0))
+        busy = actor.query.remote(emb, 0)  # the actor answers one call at a time: it is busy for 5 s
         started = time.monotonic()
-        x = pairing.from_uint8(images, "cpu", torch.float32)
         for step in range(10):
-            client.push(torch.from_numpy(emb), x, torch.from_numpy(masks).long(), step)
-        assert time.monotonic() - started < 1.0
-        assert len(client.pending) == pairing.MAX_PENDING_PUSHES
-        assert client.dropped_pushes == 10 - pairing.MAX_PENDING_PUSHES
-        ray.get([busy, *client.pending], timeout=30)
-        assert ray.get(actor.stats.remote())["pushes"] == pairing.MAX_PENDING_PUSHES
+            client.push(torch.from_numpy(emb), x, y, step)
+            assert client.query(torch.from_numpy(emb[:2]), None, step, "cpu", torch.float32) is None
+        assert time.monotonic() - started < 3.0 and client.fallbacks == 11
+        ray.get(busy, timeout=30)
+        ray.get(actor.inject_delay.remote(0.0))
+        stats = ray.get(actor.stats.remote())
+        # none of the ten late calls was worked on
+        assert stats["queries"] == 2 and stats["pushes"] == 0 and stats["late_calls"] == 10
+        client.push(torch.from_numpy(emb), x, y, 10)
+        images_back, masks_back = client.query(torch.from_numpy(emb[:2]), None, 10, "cpu", torch.float32)
+        assert images_back.shape == (2, 3, 8, 8) and masks_back.shape == (2, 8, 8)
+        assert ray.get(actor.stats.remote())["pushes"] == 1 and client.dropped_pushes == 0
     finally:
         ray.kill(actor)
 
@@ -200,7 +209,7 @@ def test_killed_service_comes_back_and_training_goes_on(ray_head, ray_client, sy
     actor = _service(ray, out)
     before = {}
 
-    def serving():  # pushes beyond MAX_PENDING_PUSHES in flight are dropped, so they may trail the queries
+    def serving():  # a push rides with the next query, and a late query's is dropped: pushes may trail
         before.update(ray.get(actor.stats.remote()))
         return before["queries"] >= 10 and before["pushes"] >= 10
 

@@ -1,10 +1,11 @@
 """The pairing service: one named Ray actor per run holds a ring bank of recent labeled samples pushed by
 every worker, and answers each unlabeled embedding with its best-matching labeled sample (image, mask).
 
-Workers talk to it through `PairingClient`. Pushes go out without waiting for an answer (at most a few in
-flight; beyond that a push is dropped, not queued). A query waits at most `pairing.deadline_s`; a late or
-failed answer makes the worker pair in-batch for that step and count a fallback, so training never waits
-longer than the deadline and never dies because of the service. A crashed actor is restarted by Ray
+Workers talk to it through `PairingClient`: one call a step (`exchange`), which carries the worker's
+previous labeled batch for the bank and its unlabeled embeddings, and waits at most `pairing.deadline_s` for
+the answer. A late or failed answer makes the worker pair in-batch for that step and count a fallback (the
+service drops a call that waited past the deadline, so it never works through a backlog), so training never
+waits longer than the deadline and never dies because of the service. A crashed actor is restarted by Ray
 (`pairing.max_restarts`) with an empty bank that refills from new pushes; workers keep their handle.
 Outside Ray (single-process runs) the same service object lives in the worker's process.
 """
@@ -30,7 +31,6 @@ from .metrics import Metrics
 log = logging.getLogger("guidedmix.pairing")
 
 NAMESPACE = "guidedmix"
-MAX_PENDING_PUSHES = 4
 # each report's weight against the running per-class score: about the last hundred pushes count
 OVERLAP_DECAY = 0.99
 
@@ -143,7 +143,8 @@ class PairingService:
         self.bank = PairingBank(cfg, seed)
         self.metrics = metrics  # in-process: the worker's; the actor: Ray's
         self.delay_s = 0.0
-        self.pushes = self.queries = 0
+        self.pushes = self.queries = self.late_calls = 0
+        self.quickest: dict[int, float] = {}  # per rank, the shortest lag from a call's sending to its start
         self._class_iou_set = 0.0  # when the per-class IoU gauges were last set
         self.latencies = deque(maxlen=1000)
         self.staleness = deque(maxlen=1000)
@@ -173,13 +174,43 @@ class PairingService:
             self.metrics.set("pairing_staleness_steps", float(answer["staleness"].mean()))
         return answer
 
+    @ray.method(num_returns=2)
+    def exchange(self, labeled: Optional[tuple], embeddings, step: int, shares=None, rank: int = 0,
+                 sent: Optional[float] = None):
+        """A worker's one call a step: push `labeled` (push's arguments, or None), then answer the query.
+        One call instead of two halves what Ray costs the service and the worker per step. The answer comes
+        as two objects, the images and the rest ((None, None): pair in-batch), each under the size that Ray
+        inlines into its reply (100 KiB) at the CPU configs' size, where one object would go through the object
+        store. A call that waited in the actor's queue past the deadline (`sent`: the worker's time.time())
+        is dropped whole, its worker has paired in-batch already: a busy service sheds its backlog instead of
+        working through it (Ray runs a cancelled actor call that was queued)."""
+        if sent is not None and self._waited(rank, sent) > self.bank.cfg.deadline_s:
+            self.late_calls += 1
+            return None, None
+        if labeled is not None:
+            self.push(*labeled)
+        answer = self.query(embeddings, step, shares)
+        if answer is None:
+            return None, None
+        return answer.pop("images"), answer
+
+    def _waited(self, rank: int, sent: float) -> float:
+        """How much longer than the quickest call from this rank so far a call took to start: the clocks of
+        the worker's and the service's nodes may differ by a fixed offset, which the quickest call holds too.
+        (A rank whose first calls all found the service busy has its lateness underestimated until one is
+        quick.)"""
+        lag = time.time() - sent
+        self.quickest[rank] = min(self.quickest.get(rank, lag), lag)
+        return lag - self.quickest[rank]
+
     def inject_delay(self, seconds: float) -> None:
         """Fault injection for tests and drills: every query sleeps this long first."""
         self.delay_s = seconds
 
     def stats(self) -> dict:
         latencies = sorted(self.latencies)
-        return {"pid": os.getpid(), "bank_size": self.bank.size, "pushes": self.pushes, "queries": self.queries,
+        return {"pid": os.getpid(), "cpu_s": time.process_time(), "bank_size": self.bank.size, "pushes": self.pushes, "queries": self.queries,
+                "late_calls": self.late_calls,
                 "query_p50_s": latencies[len(latencies) // 2] if latencies else 0.0,
                 "staleness_mean": float(np.mean(self.staleness)) if self.staleness else 0.0}
 
@@ -208,14 +239,14 @@ def from_uint8(images: np.ndarray, device, dtype) -> torch.Tensor:
 
 
 class PairingClient:
-    """A worker's side: pushes its labeled batches, asks for references under a deadline, falls back."""
+    """A worker's side: sends its labeled batches, asks for references under a deadline, falls back."""
 
     def __init__(self, cfg: PairingConfig, out: str, rank: int, in_ray: bool, metrics: Metrics, seed: int = 0):
         self.cfg, self.rank, self.name, self.metrics = cfg, rank, service_name(out), metrics
         # outside Ray the bank lives in this process
         self.local = None if in_ray else PairingService(cfg, metrics, seed)
         self.actor = None
-        self.pending: list = []
+        self.outbox: Optional[tuple] = None  # the labeled batch that goes with the next query
         self.queries = self.answered = self.fallbacks = self.dropped_pushes = 0
         self._next_lookup = 0.0
 
@@ -231,19 +262,16 @@ class PairingClient:
 
     def push(self, embeddings: torch.Tensor, images: torch.Tensor, masks: torch.Tensor, step: int,
              shares: Optional[torch.Tensor] = None, overlap: Optional[torch.Tensor] = None) -> None:
-        """Push labeled samples (with their masks' class `shares`) and this batch's per-class `overlap`."""
+        """Give the bank labeled samples (with their masks' class `shares`) and this batch's per-class
+        `overlap`: at once in-process, else with the next query (a step later; one waiting at most)."""
         batch = (embeddings.float().cpu().numpy(), to_uint8(images),
                  masks.clamp(0, 255).to(torch.uint8).cpu().numpy(), self.rank, step, _numpy(shares), _numpy(overlap))
         if self.local is not None:
             self.local.push(*batch)
             return
-        if self.pending:
-            _, self.pending = ray.wait(self.pending, num_returns=len(self.pending), timeout=0)
-        actor = self._handle()
-        if actor is None or len(self.pending) >= MAX_PENDING_PUSHES:
-            self.dropped_pushes += 1  # the service is gone or behind: never queue up behind it
-            return
-        self.pending.append(actor.push.remote(*batch))
+        if self.outbox is not None:
+            self.dropped_pushes += 1  # no query went out since the last push: the older batch gives way
+        self.outbox = batch
 
     def query(self, embeddings: torch.Tensor, shares: Optional[torch.Tensor], step: int, device, dtype):
         """(images, masks) of the best-matching bank entries for unlabeled embeddings (and the class shares of
@@ -270,12 +298,10 @@ class PairingClient:
         actor = self._handle()
         if actor is None:
             return None
-        ref = actor.query.remote(embeddings, step, shares)
-        try:
-            return ray.get(ref, timeout=self.cfg.deadline_s)
-        except ray.exceptions.GetTimeoutError:
-            ray.cancel(ref)
-            raise
+        labeled, self.outbox = self.outbox, None
+        refs = actor.exchange.remote(labeled, embeddings, step, shares, self.rank, time.time())
+        images, rest = ray.get(refs, timeout=self.cfg.deadline_s)  # the service drops the call if it is late
+        return None if rest is None else {"images": images, **rest}
 
     def stats(self) -> dict:
         return {"queries": self.queries, "answered": self.answered, "fallbacks": self.fallbacks,
