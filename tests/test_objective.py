@@ -230,7 +230,10 @@ def test_guidedmix_step_returns_parts_and_learns():
     y_l[:, :2] = 255
     x_u = torch.randn(4, 3, 32, 32)
     out = guidedmix.guidedmix_loss(model, x_l, y_l, x_u, 10, cfg, 5)
-    assert set(out.parts) >= {"sup", "unsup", "mix", "weight"} and out.parts["weight"] == 1.0
+    assert set(out.parts) >= {"sup", "mix", "weight"} and out.parts["weight"] == 1.0
+    assert "unsup" not in out.parts  # the default objective has no L_unsup: no term shown as 0
+    both = guidedmix.guidedmix_loss(model, x_l, y_l, x_u, 10, cfg.model_copy(update={"unsup_loss": True}), 5)
+    assert set(both.parts) >= {"sup", "unsup", "mix"}
     assert out.pairing.shape == (4,) and out.pseudo.shape == (4, 32, 32)
     out.loss.backward()
     assert model.mitrans.out.weight.grad.abs().sum() > 0

@@ -403,8 +403,10 @@ def guidedmix_loss(model, x_l: torch.Tensor, y_l: torch.Tensor, x_u: torch.Tenso
     if cfg.mix_loss:
         loss_mix = soft_cross_entropy(logits_m, target_m, weight_m, cfg.loss_over)
     loss = loss_sup + w * (loss_unsup + loss_mix)
-    parts = {"sup": loss_sup.detach(), "unsup": loss_unsup.detach(), "mix": loss_mix.detach(), "weight": w,
-             "taught": (taught != IGNORE).float().mean(), "lam": lam.mean()}
+    parts = {"sup": loss_sup.detach(), "weight": w, "taught": (taught != IGNORE).float().mean(), "lam": lam.mean()}
+    # only the terms the objective has: a progress line of `unsup 0.000` reads as a broken loss
+    parts.update({name: term.detach() for name, term, on in (("unsup", loss_unsup, cfg.unsup_loss),
+                                                             ("mix", loss_mix, cfg.mix_loss)) if on})
     return StepOutput(loss, parts, index, taught, embeddings[:b_l], shares_l, overlap)
 
 
