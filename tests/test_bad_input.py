@@ -195,3 +195,31 @@ def test_command_running_urls_are_refused_without_the_opt_in(guidedmix, tmp_path
     argv[argv.index(flag) + 1] = "pipe:touch " + str(tmp_path / "ran")
     assert guidedmix(argv) == 2
     assert not (tmp_path / "ran").exists()
+
+
+def test_a_damaged_portable_checkpoint_is_one_line_naming_it(tmp_path):
+    """The whole state a ZeRO checkpoint keeps for a resume at another world size (trainer/engine.py) is
+    checked against the model before any of it is set: truncated, or lacking a parameter or an optimiser
+    state, it is one line naming the file and what is missing."""
+    import torch
+
+    from shards.errors import BadInput
+    from trainer.engine import PORTABLE_KEYS, read_portable
+
+    shapes, keys = {"w": (2, 3), "b": (3,)}, ("momentum_buffer",)
+    whole = {k: None for k in PORTABLE_KEYS} | {
+        "params": {n: torch.zeros(s) for n, s in shapes.items()},
+        "optimiser": {n: {"momentum_buffer": torch.zeros(s)} for n, s in shapes.items()}}
+    good = tmp_path / "portable.pt"
+    torch.save(whole, good)
+    assert read_portable(str(good), shapes, keys)["params"]["w"].shape == (2, 3)
+    truncated = tmp_path / "truncated.pt"
+    truncated.write_bytes(good.read_bytes()[:100])
+    lacking = tmp_path / "lacking.pt"
+    torch.save(whole | {"params": {"w": torch.zeros(2, 3)}, "optimiser": {"w": {}, "b": {}}}, lacking)
+    for path, names in ((truncated, ["cannot be read"]), (lacking, ["params.b", "optimiser.w.momentum_buffer"]),
+                        (good, ["params.w (4, 3)"])):
+        with pytest.raises(BadInput) as e:
+            read_portable(str(path), {"w": (4, 3) if path == good else (2, 3), "b": (3,)}, keys)
+        message = str(e.value)
+        assert str(path) in message and "\n" not in message and all(n in message for n in names), message

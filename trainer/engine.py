@@ -154,8 +154,8 @@ class DeepSpeedEngine:
         if not os.path.exists(path):
             raise BadInput(f"checkpoint: its ZeRO partitions were written by {_zero_world(local_dir)} workers and it "
                            f"has no {PORTABLE_FILE} (an older version wrote it): resume it at that world size")
-        saved = torch.load(path, map_location="cpu", weights_only=False)
         params = dict(self.module.named_parameters())
+        saved = read_portable(path, {name: _full_shape(p) for name, p in params.items()}, self._optimiser_keys())
         # the model's own (low-precision, or ZeRO-3 partitioned) parameters, then the fp32 master copies
         with deepspeed.zero.GatheredParameters(list(params.values()), modifier_rank=0,
                                                enabled=self.engine.zero_optimization_stage() == 3):
@@ -221,3 +221,33 @@ def load_model_weights(local_dir: str) -> dict:
         raise BadInput(f"{local_dir}: checkpoint holds no model weights")
     state = torch.load(states[0], map_location="cpu", weights_only=False)["module"]
     return {k: v.float() for k, v in state.items()}
+
+
+PORTABLE_KEYS = ("params", "optimiser", "optimiser_step", "buffers", "scheduler", "global_steps", "global_samples",
+                 "client_state")
+
+
+def read_portable(path: str, shapes: dict[str, tuple], optimiser_keys: tuple[str, ...]) -> dict:
+    """A checkpoint's portable state, checked against the model before anything is set from it: a file that
+    does not load, or lacks a parameter, an optimiser state or a field, is one line naming it (BadInput), not
+    a traceback halfway through setting a model."""
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:  # truncated, not a torch file, unpicklable: the reason in a few words
+        raise BadInput(f"checkpoint: {path} cannot be read ({type(e).__name__}: {str(e).splitlines()[0][:120]})") from None
+    missing = [k for k in PORTABLE_KEYS if not isinstance(saved, dict) or k not in saved]
+    if not missing:
+        for name, shape in shapes.items():
+            param, state = saved["params"].get(name), saved["optimiser"].get(name, {})
+            if param is None or tuple(param.shape) != tuple(shape):
+                missing.append(f"params.{name} {tuple(shape)}")
+            missing += [f"optimiser.{name}.{k}" for k in optimiser_keys if k not in state]
+    if missing:
+        raise BadInput(f"checkpoint: {path} does not hold this model's state: {', '.join(missing[:3])}"
+                       + (f" and {len(missing) - 3} more" if len(missing) > 3 else ""))
+    return saved
+
+
+def _full_shape(p: torch.nn.Parameter) -> tuple:
+    """A parameter's whole shape, also where ZeRO-3 holds only this rank's partition of it."""
+    return tuple(getattr(p, "ds_shape", p.shape))
