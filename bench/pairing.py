@@ -57,8 +57,8 @@ def exchange(actor, batch, rank: int, step: int):
     """A worker's one call a step, as PairingClient makes it: its labeled batch for the bank and its query
     (the batch's own embeddings and shares stand in for the unlabeled images' and their predictions')."""
     emb, images, masks, shares, overlap = batch
-    return actor.exchange.remote((emb, images, masks, rank, step, shares, overlap), emb, step, shares, rank,
-                                 time.time())
+    return actor.exchange.remote(*pairing.exchange_args(emb, step, shares, rank,
+                                                        (emb, images, masks, rank, step, shares, overlap)))
 
 
 def service_latency(ray, bank: int, queries: int) -> dict:
@@ -70,10 +70,10 @@ def service_latency(ray, bank: int, queries: int) -> dict:
     times, batches = [], [random_batch(BATCH, g) for _ in range(16)]
     for i in range(queries + 20):
         t0 = time.perf_counter()
-        images, _ = ray.get(exchange(actor, batches[i % len(batches)], 0, i))
+        answer = pairing.read_answer(*ray.get(exchange(actor, batches[i % len(batches)], 0, i)))
         if i >= 20:  # past warm-up
             times.append(time.perf_counter() - t0)
-    assert images.shape == (BATCH, 3, SIZE, SIZE)
+    assert answer["images"].shape == (BATCH, 3, SIZE, SIZE)
     ray.kill(actor)
     return {"clients": 1, "bank": bank, "batch": BATCH, **percentiles(times), "qps": round(len(times) / sum(times), 1)}
 
