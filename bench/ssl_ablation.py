@@ -50,6 +50,9 @@ VARIANTS = {
                                 "guidedmix.pairing.similarity=complement"],
     "default-bank-need": ["train.method=guidedmix", "guidedmix.pairing.mode=service",
                           "guidedmix.pairing.similarity=need"],
+    # the same bank, each worker's own (no service): what a study run's bank is, being one process
+    "default-worker-bank-need": ["train.method=guidedmix", "guidedmix.pairing.mode=worker",
+                                 "guidedmix.pairing.similarity=need"],
     "default-class-mix": ["train.method=guidedmix", "guidedmix.mix=class"],
     "default-bank-complement-class-mix": ["train.method=guidedmix", "guidedmix.pairing.mode=service",
                                           "guidedmix.pairing.similarity=complement", "guidedmix.mix=class"],

@@ -123,6 +123,18 @@ def test_outside_ray_the_bank_lives_in_the_process():
     assert images.shape == (2, 3, 8, 8) and masks.shape == (2, 8, 8) and client.answered == 1
 
 
+def test_a_worker_bank_lives_in_the_process_even_inside_ray():
+    """`pairing.mode: worker`: each worker's own bank, no service to find (no Ray is running here: a lookup
+    of the actor would fail)."""
+    cfg = Config().guidedmix.pairing.model_copy(update={"mode": "worker", "bank_size": 32})
+    client = pairing.PairingClient(cfg, "runs/x", rank=0, in_ray=True, metrics=Metrics())
+    emb, _, _ = batch(4)
+    client.push(torch.from_numpy(emb), torch.randn(4, 3, 8, 8), torch.randint(0, 7, (4, 8, 8)), step=0)
+    images, masks = client.query(torch.from_numpy(emb[:2]), None, 1, "cpu", torch.float32)
+    assert images.shape == (2, 3, 8, 8) and client.answered == 1 and client.actor is None
+    assert client.local.bank.size == 4
+
+
 # -- a real service behind a Ray actor, during a real 2-worker training run ---------------------------
 
 @pytest.fixture

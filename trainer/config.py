@@ -81,8 +81,9 @@ class MITransConfig(_Strict):
 
 class PairingConfig(_Strict):
     # in_batch: each unlabeled image pairs within its worker's labeled batch; service: with the best match
-    # in the pairing service's bank of recent labeled samples from all workers (trainer/pairing.py)
-    mode: Literal["in_batch", "service"] = "in_batch"
+    # in the pairing service's bank of recent labeled samples from all workers (trainer/pairing.py); worker:
+    # the same bank kept by each worker of its own labeled batches, in its process (no service)
+    mode: Literal["in_batch", "service", "worker"] = "in_batch"
     # which labeled partner: the paper's most similar, or random (the measured best: docs/results-partners.md),
     # or least similar (ablation: does similarity matter?); or by class (docs/results-pairing.md): `complement`,
     # the partner whose mask holds the classes the unlabeled image's prediction lacks; `need`, partners drawn

@@ -158,7 +158,7 @@ class Trainer:
                                         cfg.train.metrics_host, rank=ctx.rank)
         self.metrics.set("run_info", 1, run=cfg.out.rstrip("/").rsplit("/", 1)[-1], config_hash=cfg.digest())
         self.pairing = None
-        if cfg.train.method == "guidedmix" and gm.pairing.mode == "service":
+        if cfg.train.method == "guidedmix" and gm.pairing.mode in ("service", "worker"):
             self.pairing = PairingClient(gm.pairing, cfg.out, ctx.rank, ctx.in_ray, self.metrics, cfg.train.seed)
         self.store = checkpoint.CheckpointStore(cfg.out, cfg.data.storage_options, cfg.data.retries)
 

@@ -7,7 +7,8 @@ the answer. A late or failed answer makes the worker pair in-batch for that step
 service drops a call that waited past the deadline, so it never works through a backlog), so training never
 waits longer than the deadline and never dies because of the service. A crashed actor is restarted by Ray
 (`pairing.max_restarts`) with an empty bank that refills from new pushes; workers keep their handle.
-Outside Ray (single-process runs) the same service object lives in the worker's process.
+Outside Ray (single-process runs), and with `pairing.mode: worker`, the same service object lives in the
+worker's process and its bank holds that worker's labeled batches only.
 """
 from __future__ import annotations
 
@@ -245,8 +246,8 @@ class PairingClient:
 
     def __init__(self, cfg: PairingConfig, out: str, rank: int, in_ray: bool, metrics: Metrics, seed: int = 0):
         self.cfg, self.rank, self.name, self.metrics = cfg, rank, service_name(out), metrics
-        # outside Ray the bank lives in this process
-        self.local = None if in_ray else PairingService(cfg, metrics, seed)
+        # outside Ray, or by choice (`mode: worker`), the bank lives in this process and holds its batches only
+        self.local = PairingService(cfg, metrics, seed) if cfg.mode == "worker" or not in_ray else None
         self.actor = None
         self.outbox: Optional[tuple] = None  # the labeled batch that goes with the next query
         self.queries = self.answered = self.fallbacks = self.dropped_pushes = 0
