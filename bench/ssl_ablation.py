@@ -53,6 +53,8 @@ VARIANTS = {
     # the same bank, each worker's own (no service): what a study run's bank is, being one process
     "default-worker-bank-need": ["train.method=guidedmix", "guidedmix.pairing.mode=worker",
                                  "guidedmix.pairing.similarity=need"],
+    # the same criterion among the step's own labeled batch (no bank): how much of the gain is the criterion
+    "default-need": ["train.method=guidedmix", "guidedmix.pairing.similarity=need"],
     "default-class-mix": ["train.method=guidedmix", "guidedmix.mix=class"],
     "default-bank-complement-class-mix": ["train.method=guidedmix", "guidedmix.pairing.mode=service",
                                           "guidedmix.pairing.similarity=complement", "guidedmix.mix=class"],
