@@ -480,3 +480,46 @@ def test_unimatch_teaches_only_confident_pixels_and_learns():
         optimizer.step()
         losses.append(out.loss.item())
     assert losses[-1] < losses[0]
+
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+# each objective path that draws at random or moves a tensor between the labeled batch, the references and
+# the teacher: mixing modes, pairing criteria, the EMA teacher, the decoupled loss and the class selections
+OBJECTIVES = {
+    "default": {},
+    "class-mix-need": {"mix": "class", "pairing": {"similarity": "need"}},
+    "interp-complement-soft-cap": {"mix": "interp", "mix_target": "soft", "class_cap": True,
+                                   "pairing": {"similarity": "complement"}},
+    "most-topk-unsup": {"pairing": {"similarity": "most", "topk": 3}, "unsup_loss": True, "class_keep": 0.5},
+    "ema-prediction-align": {"teacher": "ema", "decouple_with": "prediction", "align": True},
+    "earned": {"earn_precision": 0.1},
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("device", DEVICES)
+def test_every_objective_runs_where_the_model_is(device, dtype):
+    """The loop's generator lives on the worker's device (a CUDA generator draws only CUDA tensors) and a GPU
+    worker trains in bf16: every objective path takes its draws there and keeps its tensors on the device."""
+    from trainer import unimatch
+
+    cfg = Config()
+    torch.manual_seed(0)
+    model = small_model().to(device, dtype)
+    x_l, x_u = torch.randn(4, 3, 32, 32, device=device, dtype=dtype), torch.randn(4, 3, 32, 32, device=device, dtype=dtype)
+    y_l = torch.randint(0, 5, (4, 32, 32), device=device)
+    y_l[0, :4] = 255
+    for name, update in OBJECTIVES.items():
+        gm = Config.model_validate({"guidedmix": {"rampup_steps": 0, "tau": 0.0, **update}}).guidedmix
+        teacher = small_model().to(device, dtype).eval() if gm.teacher == "ema" else None
+        out = guidedmix.guidedmix_loss(model, x_l, y_l, x_u, 10, gm, 5, teacher,
+                                       generator=torch.Generator(device=device).manual_seed(1))
+        out.loss.backward()
+        assert torch.isfinite(out.loss) and out.loss.device.type == device, name
+        assert out.pseudo.device.type == device and float(out.parts["taught"]) > 0, name
+        assert model.classifier.weight.grad.abs().sum() > 0, name
+        model.zero_grad()
+    out = unimatch.unimatch_loss(model, x_l, y_l, x_u, 10, cfg.unimatch.model_copy(update={"tau": 0.0}),
+                                 cfg.guidedmix, torch.Generator(device=device).manual_seed(1))
+    out.loss.backward()
+    assert torch.isfinite(out.loss) and out.pseudo.device.type == device

@@ -56,6 +56,12 @@ class StepOutput:
     labeled_overlap: Optional[torch.Tensor] = None  # 2 x C intersection and union on the labeled batch
 
 
+def drawn_on(generator: Optional[torch.Generator]) -> Optional[torch.device]:
+    """Where random draws are made: on the generator's device (a CUDA generator draws only CUDA tensors), then
+    moved to where they are used; the same draws on a CPU run as ever."""
+    return None if generator is None else generator.device
+
+
 def pair(query: torch.Tensor, candidates: torch.Tensor, similarity: str = "most", topk: int = 1,
          temperature: float = 0.1, generator: Optional[torch.Generator] = None,
          query_shares: Optional[torch.Tensor] = None, candidate_shares: Optional[torch.Tensor] = None,
@@ -70,7 +76,7 @@ def pair(query: torch.Tensor, candidates: torch.Tensor, similarity: str = "most"
     [0, 1]) weighs every class by how badly the model does on it."""
     n = candidates.shape[0]
     if similarity == "random":
-        return torch.randint(0, n, (query.shape[0],), generator=generator, device=query.device)
+        return torch.randint(0, n, (query.shape[0],), generator=generator, device=drawn_on(generator)).to(query.device)
     if similarity in CLASS_CRITERIA:
         if candidate_shares is None or (query_shares if similarity == "complement" else need) is None:
             raise ValueError(f"pairing.similarity {similarity} needs class shares"
@@ -81,7 +87,7 @@ def pair(query: torch.Tensor, candidates: torch.Tensor, similarity: str = "most"
             wanted = need.float().unsqueeze(0)
         cdf = torch.softmax((wanted @ candidate_shares.float().T) / temperature, dim=1).cumsum(1)
         # an inverse-CDF draw: torch.multinomial takes 10 ms over a bank of 32,768 on one core, this 0.4 ms
-        u = torch.rand(query.shape[0], 1, generator=generator, device=query.device) * cdf[:, -1:]
+        u = torch.rand(query.shape[0], 1, generator=generator, device=drawn_on(generator)).to(cdf) * cdf[:, -1:]
         return torch.searchsorted(cdf if similarity == "complement" else cdf[0], u).squeeze(1).clamp(max=n - 1)
     scores = query @ candidates.T
     if similarity == "least":
@@ -90,8 +96,8 @@ def pair(query: torch.Tensor, candidates: torch.Tensor, similarity: str = "most"
         return scores.argmax(dim=1)
     top, index = scores.topk(min(topk, n), dim=1)
     probs = torch.softmax(top / temperature, dim=1)
-    choice = torch.multinomial(probs, 1, generator=generator)
-    return index.gather(1, choice).squeeze(1)
+    choice = torch.multinomial(probs.to(drawn_on(generator) or probs.device), 1, generator=generator)
+    return index.gather(1, choice.to(index.device)).squeeze(1)
 
 
 def sample_lam(batch: int, height: int, width: int, lam_max: float, mode: str,
@@ -101,7 +107,7 @@ def sample_lam(batch: int, height: int, width: int, lam_max: float, mode: str,
     its pixels of whole classes (class)."""
     if mode == "class":
         return class_regions(y_r, lam_max, generator).unsqueeze(1).float()
-    u = torch.rand(batch, generator=generator, device=device)
+    u = torch.rand(batch, generator=generator, device=drawn_on(generator)).to(device)
     if mode == "interp":
         return (u * lam_max).view(batch, 1, 1, 1).expand(batch, 1, height, width).contiguous()
     # region: a box covering a U(0, lam_max) share of the image, so lam_max bounds the pasted area
@@ -109,8 +115,8 @@ def sample_lam(batch: int, height: int, width: int, lam_max: float, mode: str,
     side = (u * lam_max).sqrt()
     for i in range(batch):
         bh, bw = int(round(height * side[i].item())), int(round(width * side[i].item()))
-        top = int(torch.randint(0, height - bh + 1, (1,), generator=generator))
-        left = int(torch.randint(0, width - bw + 1, (1,), generator=generator))
+        top = int(torch.randint(0, height - bh + 1, (1,), generator=generator, device=drawn_on(generator)))
+        left = int(torch.randint(0, width - bw + 1, (1,), generator=generator, device=drawn_on(generator)))
         lam[i, :, top:top + bh, left:left + bw] = 1.0
     return lam
 
@@ -126,7 +132,7 @@ def class_regions(y_r: torch.Tensor, lam_max: float, generator: Optional[torch.G
         classes = y_r[i][y_r[i] != IGNORE].unique()
         counts = [int((y_r[i] == c).sum()) for c in classes]
         area = 0
-        for k in torch.randperm(len(classes), generator=generator).tolist():
+        for k in torch.randperm(len(classes), generator=generator, device=drawn_on(generator)).tolist():
             if area + counts[k] <= budget:
                 regions[i] |= y_r[i] == classes[k]
                 area += counts[k]
@@ -139,11 +145,13 @@ def strong_augment(x: torch.Tensor, generator: Optional[torch.Generator] = None)
     on the clean view stay aligned."""
     b = x.shape[0]
 
+    on = drawn_on(generator)
+
     def draw(low, high):
-        return (torch.rand(b, 1, 1, 1, generator=generator) * (high - low) + low).to(x)
+        return (torch.rand(b, 1, 1, 1, generator=generator, device=on) * (high - low) + low).to(x)
 
     def coin(p):
-        return (torch.rand(b, 1, 1, 1, generator=generator) < p).to(x)
+        return (torch.rand(b, 1, 1, 1, generator=generator, device=on) < p).to(x)
 
     mean = x.mean(dim=(1, 2, 3), keepdim=True)
     x = x + coin(0.8) * draw(-0.5, 0.5)  # brightness
@@ -153,7 +161,7 @@ def strong_augment(x: torch.Tensor, generator: Optional[torch.Generator] = None)
     x = x + coin(0.2) * (grey - x)  # greyscale
     blurred = F.avg_pool2d(x, 3, 1, 1, count_include_pad=False)
     x = x + coin(0.5) * (blurred - x)
-    noise = torch.randn(x.shape, generator=generator).to(x)
+    noise = torch.randn(x.shape, generator=generator, device=on).to(x)
     return x + coin(0.5) * 0.1 * noise
 
 
