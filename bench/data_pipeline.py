@@ -125,8 +125,8 @@ def main():
     build.build(sources.folder(f"{tmp}/folder"), f"{tmp}/shards", args.images, samples_per_shard=64,
                 progress=False)
     s3_port, front_port = free_port(), free_port()
-    servers = [subprocess.Popen([os.path.join(os.path.dirname(sys.executable), "moto_server"), "-H", "127.0.0.1",
-                                 "-p", str(s3_port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)]
+    servers = [subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(s3_port)],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)]
     servers.append(subprocess.Popen([sys.executable, os.path.join(BENCH, "tcp_proxy.py"), str(front_port),
                                      str(s3_port), "--latency-ms", str(args.latency_ms),
                                      "--bandwidth-mbps", str(args.bandwidth_mbps)]))
@@ -195,7 +195,7 @@ def main():
                    "s3_vs_local_whole_shards": round(result["whole_shards_s3"] / result["shards_local"], 2),
                    "pipeline_vs_ceiling": round(result["shards_local"] / result["ceiling"], 2)},
         "store_cpu_seconds": store_cpu, "images": args.images, "size": args.size, "crop": args.crop,
-        "loader_workers": args.workers,
+        "loader_workers": args.workers, "cores": os.cpu_count(),
         "readahead_shards": DataConfig().readahead, "threads": torch.get_num_threads()}))
 
 
