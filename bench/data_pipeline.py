@@ -5,6 +5,8 @@ workers, decode and augmentation, from
   as UniMatch- and mmseg-style loaders read a bucket) from S3 at a distance;
 - `shards_s3`: WebDataset shards from the same S3 at the same distance (each loader worker reads ahead
   `data.readahead` shards; `shards_s3_no_readahead`: the same without);
+- `shards_s3_runs`: the same, the samples shuffled in runs of `--sample-run` neighbours (`data.sample_run`),
+  one request a run;
 - `whole_shards_s3`: the same shards read whole (`data.byte_ranges=false`): every loader worker reads every
   shard of its blocks, fewer requests and loader workers times the bytes;
 - `shards_local`: the shards on local disk;
@@ -16,7 +18,7 @@ S3 is moto_server on loopback behind bench/tcp_proxy.py, which delays each respo
 JSON object as the last line.
 
     .venv/bin/python bench/data_pipeline.py [--latency-ms 20] [--bandwidth-mbps 100] [--images 600]
-        [--size 320] [--crop 256] [--workers 2] [--batches 60]
+        [--size 320] [--crop 256] [--workers 2] [--batches 60] [--sample-run 8]
 """
 from __future__ import annotations
 
@@ -118,6 +120,7 @@ def main():
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--batches", type=int, default=60)
+    parser.add_argument("--sample-run", type=int, default=8, help="data.sample_run of shards_s3_runs")
     args = parser.parse_args()
     tmp = tempfile.mkdtemp(prefix="gm-data-bench-")
     write_folder(f"{tmp}/folder", args.images, args.size)
@@ -146,11 +149,11 @@ def main():
 
         s3fs.S3FileSystem.clear_instance_cache()
 
-        def shard_stream(url, readahead=DataConfig().readahead, byte_ranges=True):
+        def shard_stream(url, readahead=DataConfig().readahead, byte_ranges=True, sample_run=1):
             return ShardStream(StreamSpec(url=url, split="labeled", batch_size=args.batch,
                                           retries=DataConfig().retries, readahead=readahead,
                                           loader_workers=args.workers, crop_size=args.crop,
-                                          byte_ranges=byte_ranges))
+                                          byte_ranges=byte_ranges, sample_run=sample_run))
 
         stores = [psutil.Process(server.pid) for server in servers]
 
@@ -173,6 +176,8 @@ def main():
             "ceiling": rate(shard_stream("memory://bench/shards"), args.batches, args.batch),
             "shards_local": rate(shard_stream(f"{tmp}/shards"), args.batches, args.batch),
             "shards_s3": measured("shards_s3", shard_stream("s3://bench/shards"), args.batches),
+            "shards_s3_runs": measured("shards_s3_runs", shard_stream("s3://bench/shards", sample_run=args.sample_run),
+                                       args.batches),
             "shards_s3_no_readahead": measured("shards_s3_no_readahead",
                                                shard_stream("s3://bench/shards", readahead=0), args.batches),
             "whole_shards_s3": measured("whole_shards_s3", shard_stream("s3://bench/shards", byte_ranges=False),
@@ -190,12 +195,13 @@ def main():
         "samples_per_s_per_loader_worker": {k: round(v / max(args.workers, 1), 1) for k, v in result.items()},
         "ratios": {"shards_vs_per_file_s3": round(result["shards_s3"] / result["per_file_s3"], 2),
                    "s3_vs_local_shards": round(result["shards_s3"] / result["shards_local"], 2),
+                   "s3_vs_local_shards_runs": round(result["shards_s3_runs"] / result["shards_local"], 2),
                    "s3_vs_local_shards_no_readahead": round(result["shards_s3_no_readahead"]
                                                             / result["shards_local"], 2),
                    "s3_vs_local_whole_shards": round(result["whole_shards_s3"] / result["shards_local"], 2),
                    "pipeline_vs_ceiling": round(result["shards_local"] / result["ceiling"], 2)},
         "store_cpu_seconds": store_cpu, "images": args.images, "size": args.size, "crop": args.crop,
-        "loader_workers": args.workers, "cores": os.cpu_count(),
+        "loader_workers": args.workers, "cores": os.cpu_count(), "sample_run": args.sample_run,
         "readahead_shards": DataConfig().readahead, "threads": torch.get_num_threads()}))
 
 

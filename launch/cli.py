@@ -26,7 +26,7 @@ def _shards_build(args) -> int:
     manifest = build.build(source, args.out, labeled, seed=args.seed, labeled_list=listed,
                            samples_per_shard=args.samples_per_shard, overwrite=args.overwrite,
                            args={k: v for k, v in vars(args).items() if k not in ("func",)},
-                           progress=not args.quiet, withhold_masks=args.withhold_masks)
+                           progress=not args.quiet, withhold_masks=args.withhold_masks, shuffle=args.shuffle)
     print(json.dumps(summary(manifest)))
     return 0
 
@@ -66,6 +66,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--withhold-masks", action="store_true",
                    help="studies: keep unlabeled images' true masks (withheld.png), never trained on, to score "
                         "pseudo masks against")
+    b.add_argument("--shuffle", action="store_true",
+                   help="write the train splits in a seeded random order (for data.sample_run > 1 where the "
+                        "source's order groups alike images)")
     b.add_argument("--quiet", action="store_true", help="no progress bar")
     b.set_defaults(func=_shards_build)
     i = shards_sub.add_parser("inspect", help="print a shard set's manifest summary as JSON")

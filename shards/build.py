@@ -120,9 +120,12 @@ def _write_split(fs, base: str, split: str, items: list[sources.Item], with_mask
 def build(source: sources.Source, out: str, labeled: float | int, *, seed: int = 0,
           labeled_list: Optional[list[str]] = None, samples_per_shard: int = 256,
           storage_options: Optional[dict] = None, overwrite: bool = False,
-          args: Optional[dict] = None, progress: bool = True, withhold_masks: bool = False) -> dict:
+          args: Optional[dict] = None, progress: bool = True, withhold_masks: bool = False,
+          shuffle: bool = False) -> dict:
     """Write the shard set; `withhold_masks` (studies) keeps each unlabeled image's true mask beside it as
-    `withheld.png`, which training never learns from but uses to score its pseudo masks."""
+    `withheld.png`, which training never learns from but uses to score its pseudo masks. `shuffle` writes the
+    train splits in a seeded random order, so that neighbours in a shard (a run of `data.sample_run`) are
+    not alike the way a source's own order makes them (Cityscapes by city, video frames)."""
     check_url(out)
     if samples_per_shard < 1:
         raise BadInput("--samples-per-shard: must be at least 1")
@@ -139,6 +142,9 @@ def build(source: sources.Source, out: str, labeled: float | int, *, seed: int =
         raise BadInput(describe_error(out, e)) from None
     lab, unlab = split_labeled(source.train, labeled, seed, labeled_list, source.labeled_pool)
     unlab = unlab + source.extra
+    if shuffle:
+        rng = np.random.default_rng([seed, 1])
+        lab, unlab = [[items[i] for i in rng.permutation(len(items))] for items in (lab, unlab)]
     plan = [("labeled", lab, True), ("unlabeled", unlab, False), ("val", source.val, True)]
     splits = {}
     with tqdm(total=sum(len(p[1]) for p in plan), desc=f"shards -> {out}", unit="img",
@@ -155,6 +161,7 @@ def build(source: sources.Source, out: str, labeled: float | int, *, seed: int =
     manifest = {
         "format": FORMAT, "version": VERSION, "source": source.name, "classes": source.classes,
         "ignore_index": sources.IGNORE, "splits": splits, "seed": seed, "withheld_masks": withhold_masks,
+        "shuffled": shuffle,
         "args": args or {}, "created": datetime.datetime.now(datetime.timezone.utc).isoformat(),
     }
     with fs.open(join(base, MANIFEST), "w") as f:  # last: only a complete build has a manifest

@@ -3,7 +3,8 @@ and a few integers, so every rank, loader worker and later attempt computes the 
 
 The order does not depend on how many ranks or loader workers read it (the idea of Mosaic Streaming's
 canonical order): an epoch is the shards in a seeded permutation, cut into blocks of `block` shards, each
-block's samples shuffled among themselves. Global step g takes the next `global_batch` positions of it; the
+block's samples shuffled among themselves, alone or in runs of `run` neighbours of one shard (a run is one
+read from a remote store). Global step g takes the next `global_batch` positions of it; the
 ranks that exist now split that batch into equal contiguous shares, and each share into micro-batches. A
 stream's position is therefore one number, the global step, and a run resumes at any world size.
 """
@@ -62,18 +63,27 @@ def shard_blocks(count: int, seed: int, epoch: int, block: int, shuffle: bool) -
     return [[int(s) for s in shards[b:b + block]] for b in range(0, count, block)]
 
 
-def epoch_order(sizes: tuple[int, ...], seed: int, epoch: int, block: int, shuffle: bool) -> np.ndarray:
-    """[(shard, index)] of every sample of the epoch, in order (int32, shape N x 2)."""
-    return _epoch_order(tuple(sizes), seed, epoch, block, shuffle)
+def epoch_order(sizes: tuple[int, ...], seed: int, epoch: int, block: int, shuffle: bool, run: int = 1) -> np.ndarray:
+    """[(shard, index)] of every sample of the epoch, in order (int32, shape N x 2). Shuffled, a block's
+    samples move in runs of `run` neighbours of one shard (cut at multiples of `run` in each shard); run 1
+    places every sample on its own, the order the studies ran on."""
+    return _epoch_order(tuple(sizes), seed, epoch, block, shuffle, run)
 
 
 @lru_cache(maxsize=4)
-def _epoch_order(sizes, seed, epoch, block, shuffle):
+def _epoch_order(sizes, seed, epoch, block, shuffle, run):
     parts = []
     for b, members in enumerate(shard_blocks(len(sizes), seed, epoch, block, shuffle)):
         pairs = np.concatenate([np.stack([np.full(sizes[s], s), np.arange(sizes[s])], 1) for s in members])
         if shuffle:
-            pairs = pairs[np.random.default_rng([seed, epoch, b]).permutation(len(pairs))]
+            firsts = np.cumsum([0] + [sizes[s] for s in members[:-1]])
+            starts = np.concatenate([first + np.arange(0, sizes[s], run) for s, first in zip(members, firsts)])
+            ends = np.append(starts[1:], len(pairs))
+            runs = np.random.default_rng([seed, epoch, b]).permutation(len(starts))
+            # each run's positions in turn (run 1: the permutation of the samples itself)
+            lengths = (ends - starts)[runs]
+            within = np.arange(lengths.sum()) - np.repeat(np.cumsum(lengths) - lengths, lengths)
+            pairs = pairs[np.repeat(starts[runs], lengths) + within]
         parts.append(pairs)
     order = np.concatenate(parts).astype(np.int32)
     order.flags.writeable = False  # shared through the cache

@@ -62,6 +62,7 @@ class StreamSpec:
     flip: bool = True
     photometric: bool = True
     shuffle_block: int = 4  # shards whose samples are shuffled together (memory: about twice that a worker)
+    sample_run: int = 1  # train: samples shuffled in runs of this many neighbours of one shard (shards/order.py)
     storage_options: dict = field(default_factory=dict)
     allow_pipe: bool = False
     # what each loader worker fetches ahead of what it decodes: its next micro-batches (byte-range reads),
@@ -144,7 +145,8 @@ class _Worker:
 
     def _ranges_of(self, key: tuple[int, int, int]) -> list[tuple[str, Optional[dict]]]:
         """(shard, sample or None) at positions [start, stop) of an epoch's order, fetched in one concurrent
-        call of byte ranges; a sample cut off or whose checksum differs from the manifest's is None."""
+        call of byte ranges, one a run of neighbours (`sample_run`); a sample cut off or whose checksum differs
+        from the manifest's is None."""
         epoch, start, stop = key
         found: list[tuple[str, Optional[dict]]] = []
         wanted = []
@@ -157,23 +159,36 @@ class _Worker:
             return found
         shard_paths = {name: filesystem(join(self.spec.url, name), self.spec.storage_options)[1]
                        for name in {info.name for _, info, _ in wanted}}  # a URL resolved once a shard, not a sample
-        paths = [shard_paths[info.name] for _, info, _ in wanted]
-        starts = [info.offsets[index] for _, info, index in wanted]
-        ends = [info.offsets[index + 1] for _, info, index in wanted]
+        runs: list[list[tuple]] = []  # neighbours in the order and in their shard: one range
+        for slot, info, index in wanted:
+            if runs and runs[-1][-1][1] is info and runs[-1][-1][2] + 1 == index:
+                runs[-1].append((slot, info, index))
+            else:
+                runs.append([(slot, info, index)])
+        paths = [shard_paths[run[0][1].name] for run in runs]
+        starts = [run[0][1].offsets[run[0][2]] for run in runs]
+        ends = [run[-1][1].offsets[run[-1][2] + 1] for run in runs]
         pieces = self._storage(wanted[0][1].name,
                                lambda fs, _: fs.cat_ranges(paths, starts, ends, on_error="raise"))
-        for (slot, info, index), piece in zip(wanted, pieces):
-            try:
-                sample = next(iter(tar_samples(piece, info.name)))
-            except (tarfile.TarError, ValueError, EOFError, StopIteration) as e:
-                log.warning("shard %s sample %d: unreadable, skipped (%s)", info.name, index, e)
-                continue
-            if payload_crc32(sample) != info.crc32[index]:
-                log.warning("shard %s key %s: checksum differs from the manifest, sample skipped", info.name,
-                            sample.get("__key__"))
-                continue
-            found[slot] = (info.name, sample)
+        for run, piece, first in zip(runs, pieces, starts):
+            for slot, info, index in run:
+                found[slot] = (info.name, self._sample_in(piece[info.offsets[index] - first:
+                                                                info.offsets[index + 1] - first], info, index))
         return found
+
+    @staticmethod
+    def _sample_in(piece: bytes, info: ShardInfo, index: int) -> Optional[dict]:
+        """One sample's tar bytes read, checked against the manifest's checksum; None where they are not."""
+        try:
+            sample = next(iter(tar_samples(piece, info.name)))
+        except (tarfile.TarError, ValueError, EOFError, StopIteration) as e:
+            log.warning("shard %s sample %d: unreadable, skipped (%s)", info.name, index, e)
+            return None
+        if payload_crc32(sample) != info.crc32[index]:
+            log.warning("shard %s key %s: checksum differs from the manifest, sample skipped", info.name,
+                        sample.get("__key__"))
+            return None
+        return sample
 
     def _verify_once(self, name: str, data: bytes) -> None:
         """The checksum of a shard's first read by this worker in this run; later epochs trust it (hashing
@@ -396,7 +411,7 @@ class _Plan:
 
     def order(self, epoch: int) -> np.ndarray:
         s = self.spec
-        return order.epoch_order(self.sizes, s.seed, epoch if s.train else 0, s.shuffle_block, s.train)
+        return order.epoch_order(self.sizes, s.seed, epoch if s.train else 0, s.shuffle_block, s.train, s.sample_run)
 
     def blocks(self, epoch: int) -> _Blocks:
         s = self.spec

@@ -160,6 +160,17 @@ def test_folder_split_is_reproducible_and_list_file_is_exact(tmp_path):
     assert {i.key for i in listed} == {"train2", "train5"}
     m = build.build(src, str(tmp_path / "out"), 3, progress=False)
     assert m["splits"]["unlabeled"]["samples"] == 9 + 2  # the rest of train plus the extra images
+    # --shuffle: the same samples in each split, written in a seeded order unlike the source's
+    written = {}
+    for name, shuffle in (("out", False), ("shuffled", True), ("again", True)):
+        if name != "out":
+            build.build(src, str(tmp_path / name), 3, progress=False, shuffle=shuffle)
+        written[name] = [b["keys"] for b in stream_all(str(tmp_path / name), "val", batch_size=64)] + [
+            [k for shard in read_manifest(str(tmp_path / name), None, RETRIES)["splits"]["unlabeled"]["shards"]
+             for k in dict.fromkeys(m.name.split(".")[0] for m in tarfile.open(tmp_path / name / shard["name"]))]]
+    assert written["shuffled"] == written["again"] and written["shuffled"][-1] != written["out"][-1]
+    assert sorted(written["shuffled"][-1]) == sorted(written["out"][-1])
+    assert written["shuffled"][:-1] == written["out"][:-1]  # val as listed
 
 
 def test_withheld_masks_stay_out_of_training_and_follow_their_image(tmp_path):
@@ -216,14 +227,22 @@ def test_s3_build_inspect_verify_and_stream(s3, tmp_path):
     assert any("sha256" in p for p in verify("s3://test/ds", remote_manifest, None, RETRIES))
 
 
+@pytest.mark.parametrize("run", [1, 3])
 @pytest.mark.parametrize("sizes,block", [((5, 7, 3, 9, 4, 6, 8), 2), ((20,), 4), ((3, 3, 2, 9, 1, 0), 3)])
-def test_epoch_order_covers_every_sample_once_and_is_a_function_of_seed_and_epoch(sizes, block):
-    orders = {(seed, epoch): order.epoch_order(sizes, seed, epoch, block, True) for seed in (0, 1) for epoch in (0, 1)}
+def test_epoch_order_covers_every_sample_once_and_is_a_function_of_seed_and_epoch(sizes, block, run):
+    orders = {(seed, epoch): order.epoch_order(sizes, seed, epoch, block, True, run)
+              for seed in (0, 1) for epoch in (0, 1)}
     every = {(s, i) for s, n in enumerate(sizes) for i in range(n)}
     for o in orders.values():
         assert len(o) == sum(sizes) and {tuple(p) for p in o.tolist()} == every
     assert len({o.tobytes() for o in orders.values()}) == 4  # another seed or epoch: another order
-    assert np.array_equal(order.epoch_order(sizes, 0, 1, block, True), orders[0, 1])  # pure
+    assert np.array_equal(order.epoch_order(sizes, 0, 1, block, True, run), orders[0, 1])  # pure
+    # runs: a sample that does not start one (its index a multiple of `run`) follows its neighbour
+    for o in orders.values():
+        for (shard, index), (before_shard, before) in zip(o[1:].tolist(), o[:-1].tolist()):
+            assert index % run == 0 or (before_shard, before) == (shard, index - 1)
+    if sizes == (20,) and run == 1:  # samples on their own: the order the studies ran on, unchanged
+        assert orders[0, 0][:, 1].tolist() == np.random.default_rng([0, 0, 0]).permutation(20).tolist()
     # a block's samples stay within its shards: the worker holds about a block at a time
     blocks = order.shard_blocks(len(sizes), 0, 0, block, True)
     start = 0
@@ -319,8 +338,8 @@ def test_the_manifest_indexes_each_sample_as_an_independent_reading_of_the_tar_d
     assert read_manifest(copy, None, RETRIES) == written
 
 
-@pytest.mark.parametrize("ranged", [True, False])
-def test_corrupt_sample_and_truncated_shard_are_skipped_and_counted(tmp_path, caplog, ranged):
+@pytest.mark.parametrize("ranged,sample_run", [(True, 1), (False, 1), (True, 4)])
+def test_corrupt_sample_and_truncated_shard_are_skipped_and_counted(tmp_path, caplog, ranged, sample_run):
     rng = np.random.default_rng(5)
     write_folder(tmp_path / "ds", rng, n_train=16, n_val=2, n_extra=0)
     url = str(tmp_path / "out")
@@ -335,8 +354,8 @@ def test_corrupt_sample_and_truncated_shard_are_skipped_and_counted(tmp_path, ca
     open(f"{url}/{shard_a}", "wb").write(raw)
     raw = open(f"{url}/{shard_b}", "rb").read()
     open(f"{url}/{shard_b}", "wb").write(raw[: len(raw) // 2 + 100])
-    stream = ShardStream(StreamSpec(url=url, split="labeled", batch_size=2, retries=RETRIES, loader_workers=0),
-                         None if ranged else whole_shards(url))
+    stream = ShardStream(StreamSpec(url=url, split="labeled", batch_size=2, retries=RETRIES, loader_workers=0,
+                                    sample_run=sample_run), None if ranged else whole_shards(url))
     batches = [next(stream) for _ in range(6)]
     assert stream.skipped >= 2
     assert all(b["image"].shape[0] == 2 for b in batches)  # equal batches: readable samples fill the gaps
@@ -486,9 +505,12 @@ def test_each_shard_is_hashed_once_per_worker_and_run(synthetic_url, monkeypatch
     assert sum(hashed.values()) == shards_in_split
 
 
-def test_an_epoch_reads_each_sample_once_over_all_ranks_and_loader_workers(synthetic_url, tmp_path, monkeypatch):
-    """2 ranks x 2 loader workers (forked processes) over one epoch: the byte ranges asked of storage are
-    every consumed sample's exactly once, and no shard is read whole."""
+@pytest.mark.parametrize("sample_run", [1, 4])
+def test_an_epoch_reads_each_sample_once_over_all_ranks_and_loader_workers(synthetic_url, tmp_path, monkeypatch,
+                                                                          sample_run):
+    """2 ranks x 2 loader workers (forked processes) over one epoch: the byte ranges asked of storage cover
+    every consumed sample's exactly once, and no shard is read whole; in runs of 4 neighbours, a run is one
+    range."""
     from fsspec.implementations.local import LocalFileSystem
 
     calls = tmp_path / "reads.txt"
@@ -508,14 +530,21 @@ def test_an_epoch_reads_each_sample_once_over_all_ranks_and_loader_workers(synth
     monkeypatch.setattr(LocalFileSystem, "cat_ranges", logged_ranges)
     monkeypatch.setattr(LocalFileSystem, "cat_file", logged_file)
     streams = [ShardStream(StreamSpec(url=synthetic_url, split="unlabeled", batch_size=4, global_batch=16,
-                                      retries=RETRIES, rank=r, world_size=2, loader_workers=2)) for r in range(2)]
+                                      retries=RETRIES, rank=r, world_size=2, loader_workers=2,
+                                      sample_run=sample_run)) for r in range(2)]
     for s in streams:
         for _ in range(s.batches_per_epoch()):
             next(s)
         s.close()
-    reads = open(calls).read().split("\n")[:-1]
-    assert not [r for r in reads if r.endswith("whole")]
+    ranges = open(calls).read().split("\n")[:-1]
+    assert not [r for r in ranges if r.endswith("whole")]
     plan = streams[0].plan
+    offsets = {info.name: info.offsets for info in plan.infos}
+    reads = []  # each range as the samples it holds
+    for line in ranges:
+        name, start, end = line.split()
+        first, last = offsets[name].index(int(start)), offsets[name].index(int(end))
+        reads += [f"{name} {offsets[name][i]} {offsets[name][i + 1]}" for i in range(first, last)]
     consumed = plan.order(0)[:plan.steps_per_epoch * 16]
     expected = sorted(f"{plan.infos[s].name} {plan.infos[s].offsets[i]} {plan.infos[s].offsets[i + 1]}"
                       for s, i in consumed.tolist())
@@ -524,6 +553,7 @@ def test_an_epoch_reads_each_sample_once_over_all_ranks_and_loader_workers(synth
     # prefetch (2 micro-batches) and read-ahead (1), of 4 samples, on 2 ranks x 2 workers; reading every
     # sample on every worker would be 4 x 416
     assert sum((Counter(reads) - Counter(expected)).values()) <= 2 * 2 * (2 + 1) * 4
+    assert len(ranges) <= len(reads) / (2 if sample_run == 4 else 1)  # runs split only at shard ends and batches
 
 
 def test_s3_at_a_distance_streams_the_same_batches(s3, synthetic_url, tmp_path, monkeypatch):

@@ -47,6 +47,10 @@ class DataConfig(_Strict):
     # shards whose samples are shuffled together (a shard set without per-sample offsets holds about twice
     # that in memory a loader worker)
     shuffle_block: int = Field(4, ge=1)
+    # samples shuffled in runs of this many neighbours of one shard, each run one read of a remote store (1:
+    # every sample on its own, what the studies ran on; a micro-batch's size in runs: one request a
+    # micro-batch). A run's samples always share a micro-batch: build the shards shuffled if neighbours are alike
+    sample_run: int = Field(1, ge=1)
     allow_pipe: bool = False  # `pipe:` URLs run shell commands: only on explicit opt-in
     retries: int = Field(5, ge=0)
     # what each loader worker fetches while it decodes: its next micro-batches by byte range, or (a shard

@@ -52,7 +52,8 @@ def stream_spec(cfg: Config, split: str, ctx: WorkerContext) -> StreamSpec:
         global_batch=cfg.global_batch(split) if train else None, seed=cfg.train.seed, rank=ctx.rank,
         world_size=ctx.world_size, loader_workers=d.loader_workers if train else 0,
         crop_size=d.crop_size, scale_min=d.scale_min, scale_max=d.scale_max, flip=d.flip,
-        photometric=d.photometric, shuffle_block=d.shuffle_block, storage_options=dict(d.storage_options),
+        photometric=d.photometric, shuffle_block=d.shuffle_block, sample_run=d.sample_run,
+        storage_options=dict(d.storage_options),
         allow_pipe=d.allow_pipe, retries=d.retries, readahead=d.readahead,
         byte_ranges=d.byte_ranges)
 
