@@ -168,7 +168,8 @@ class _Worker:
         paths = [shard_paths[run[0][1].name] for run in runs]
         starts = [run[0][1].offsets[run[0][2]] for run in runs]
         ends = [run[-1][1].offsets[run[-1][2] + 1] for run in runs]
-        pieces = self._storage(wanted[0][1].name,
+        names = list(dict.fromkeys(info.name for _, info, _ in wanted))  # a failure names every shard asked
+        pieces = self._storage(names[0] if len(names) == 1 else "{" + ",".join(names) + "}",
                                lambda fs, _: fs.cat_ranges(paths, starts, ends, on_error="raise"))
         for run, piece, first in zip(runs, pieces, starts):
             for slot, info, index in run:

@@ -410,6 +410,21 @@ def test_pipe_urls_need_opt_in(synthetic_url):
         ShardStream(StreamSpec(url="pipe:cat " + synthetic_url, split="val", batch_size=2, retries=RETRIES))
 
 
+def test_a_storage_failure_of_byte_ranges_names_every_shard_asked(synthetic_url, monkeypatch):
+    """One concurrent call reads a micro-batch's samples from several shards: its failure names them all."""
+    from fsspec.implementations.local import LocalFileSystem
+
+    def refused(self, paths, *args, **kw):
+        raise PermissionError("refused")
+
+    monkeypatch.setattr(LocalFileSystem, "cat_ranges", refused)
+    stream = ShardStream(StreamSpec(url=synthetic_url, split="unlabeled", batch_size=8, retries=RETRIES))
+    with pytest.raises(StorageFailure) as failure:
+        next(stream)
+    asked = {stream.infos[s].name for s, _ in stream.plan.order(0)[:8].tolist()}
+    assert len(asked) > 1 and all(name in str(failure.value) for name in asked)
+
+
 def test_each_storage_operation_has_its_own_retry_budget(monkeypatch):
     """`data.retries` bounds one read or write, not a run: an operation after an outage (or after a restart,
     which reads everything again) starts with the whole budget; one that fails past it is a StorageFailure
