@@ -56,6 +56,9 @@ VARIANTS = {
     # the same criterion among the step's own labeled batch (no bank): how much of the gain is the criterion
     "default-need": ["train.method=guidedmix", "guidedmix.pairing.similarity=need"],
     "default-class-mix": ["train.method=guidedmix", "guidedmix.mix=class"],
+    # issue #19: the samples in runs of 8 neighbours (a micro-batch one run, one read of a remote store): does
+    # the fixed company of each sample cost accuracy?
+    "default-sample-run-8": ["train.method=guidedmix", "data.sample_run=8"],
     "default-bank-complement-class-mix": ["train.method=guidedmix", "guidedmix.pairing.mode=service",
                                           "guidedmix.pairing.similarity=complement", "guidedmix.mix=class"],
     # tau alone teaches ~91% background where the truth has ~72%: the per-class floor off, and lower
