@@ -67,13 +67,15 @@ def main():
     parser.add_argument("--set", dest="overrides", action="append", default=[])
     args = parser.parse_args()
     device, bf16, classes = torch.device(args.device), args.precision == "bf16", args.classes
+    dtype = torch.bfloat16 if bf16 else torch.float32
     cfg = load_config(args.config, [*args.overrides, f"train.engine={args.engine}"])
     torch.manual_seed(0)
     model = build_model(cfg.model, classes, cfg.guidedmix.mitrans.reduction).train()
     if args.engine == "deepspeed":
         single_process_group(device)
-    engine = build_engine(model.to(device, torch.bfloat16 if bf16 else torch.float32), cfg, device, bf16, args.batch, 1)
-    model, dtype = engine.module, torch.bfloat16 if bf16 else torch.float32
+    # the plain engine keeps the model's dtype: cast here as DeepSpeed's engine casts it
+    engine = build_engine(model.to(device, dtype), cfg, device, bf16, args.batch, 1)
+    model = engine.module
     b, s = args.batch, args.size
     x_l, x_u = torch.randn(b, 3, s, s, device=device, dtype=dtype), torch.randn(b, 3, s, s, device=device, dtype=dtype)
     y_l = torch.randint(0, classes, (b, s, s), device=device)
