@@ -1,6 +1,7 @@
 """The pairing service: its bank against brute force, and a real one behind a Ray actor during training
 (killed, slowed down), with training going on regardless."""
 import json
+import os
 import subprocess
 import time
 
@@ -109,16 +110,17 @@ def test_bank_size_zero_in_the_config_is_refused_with_one_line(tmp_path):
 def test_images_survive_the_uint8_round_trip():
     pixels = torch.rand(2, 3, 8, 8) * 255  # any image a loader can produce, between grey levels
     x = pairing.from_uint8(pixels.numpy(), "cpu", torch.float32)
-    back = pairing.from_uint8(pairing.to_uint8(x), "cpu", torch.float32)
+    back = pairing.from_uint8(pairing.to_uint8(x).numpy(), "cpu", torch.float32)
     assert (back - x).abs().max() < 0.5 / (0.224 * 255)  # half a grey level over the normalising std
 
 
 def test_outside_ray_the_bank_lives_in_the_process():
-    cfg = Config().guidedmix.pairing.model_copy(update={"mode": "service", "bank_size": 32})
+    cfg = Config().guidedmix.pairing.model_copy(update={"mode": "service", "bank_size": 32, "similarity": "random"})
     client = pairing.PairingClient(cfg, "runs/x", rank=0, in_ray=False, metrics=Metrics())
     assert client.query(torch.randn(2, 16), None, 0, "cpu", torch.float32) is None and client.fallbacks == 1
     emb, _, _ = batch(4)
     client.push(torch.from_numpy(emb), torch.randn(4, 3, 8, 8), torch.randint(0, 7, (4, 8, 8)), step=0)
+    client.end_step(0)
     images, masks = client.query(torch.from_numpy(emb[:2]), None, 1, "cpu", torch.float32)
     assert images.shape == (2, 3, 8, 8) and masks.shape == (2, 8, 8) and client.answered == 1
 
@@ -126,13 +128,67 @@ def test_outside_ray_the_bank_lives_in_the_process():
 def test_a_worker_bank_lives_in_the_process_even_inside_ray():
     """`pairing.mode: worker`: each worker's own bank, no service to find (no Ray is running here: a lookup
     of the actor would fail)."""
-    cfg = Config().guidedmix.pairing.model_copy(update={"mode": "worker", "bank_size": 32})
+    cfg = Config().guidedmix.pairing.model_copy(update={"mode": "worker", "bank_size": 32, "similarity": "random"})
     client = pairing.PairingClient(cfg, "runs/x", rank=0, in_ray=True, metrics=Metrics())
     emb, _, _ = batch(4)
     client.push(torch.from_numpy(emb), torch.randn(4, 3, 8, 8), torch.randint(0, 7, (4, 8, 8)), step=0)
+    assert client.query(torch.from_numpy(emb[:2]), None, 0, "cpu", torch.float32) is None  # until the step ends
+    client.end_step(0)
     images, masks = client.query(torch.from_numpy(emb[:2]), None, 1, "cpu", torch.float32)
     assert images.shape == (2, 3, 8, 8) and client.answered == 1 and client.actor is None
     assert client.local.bank.size == 4
+
+
+def _worker_bank_draws(rank: int, world: int, port: int, results) -> None:
+    """Three steps of a global labeled batch of 8 (two micro-batches of 4, split over `world` ranks) through
+    a worker bank of 12, then the draws of each micro-batch place, as this rank sees them."""
+    import torch.distributed as dist
+
+    from trainer.loop import micro_generator
+
+    if world > 1:
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    client = pairing.PairingClient(PairingConfig(mode="worker", similarity="need", bank_size=12), "runs/x", rank,
+                                   in_ray=True, metrics=Metrics())
+    classes, places = 3, 2 // world
+    draws = []
+    for step in range(3):
+        for place in range(rank * places, (rank + 1) * places):
+            g = torch.Generator().manual_seed(100 * step + place)
+            images, masks = torch.randn(4, 3, 8, 8, generator=g), torch.randint(0, classes, (4, 8, 8), generator=g)
+            overlap = torch.rand(2, classes, generator=g) * torch.tensor([[1.0], [0.0]]) + torch.tensor([[0.0], [1.0]])
+            found = client.query(torch.randn(4, 16), None, step, "cpu", torch.float32,
+                                 micro_generator(0, step, place, "cpu"))
+            draws.append(None if found is None else found[1].tolist())
+            client.push(torch.randn(4, 16, generator=g), images, masks, step,
+                        guidedmix.image_class_shares(masks, classes), overlap)
+        client.end_step(step)
+    bank = client.local.bank
+    results[rank] = {"draws": draws, "masks": bank.masks.tolist(), "need": bank.need().tolist(),
+                     "pushed": bank.pushed}
+    if world > 1:
+        dist.destroy_process_group()
+
+
+def test_a_worker_bank_is_the_same_on_every_rank_at_any_world_size():
+    """Every rank's bank takes the step's whole global labeled batch in the order of its places, and the
+    draws are the micro-batch's: one worker and two (gloo, two processes) hold the same bank and draw the
+    same partners for the same places."""
+    import torch.multiprocessing as mp
+
+    from conftest import free_port
+
+    alone: dict = {}
+    _worker_bank_draws(0, 1, 0, alone)
+    shared = mp.Manager().dict()
+    mp.spawn(_worker_bank_draws, args=(2, free_port(), shared), nprocs=2)
+    pair_of = {0: shared[0], 1: shared[1]}
+    assert alone[0]["pushed"] == 24 and alone[0]["draws"][0] is None  # an empty bank: in-batch at first
+    for rank in (0, 1):
+        assert pair_of[rank]["masks"] == alone[0]["masks"] and pair_of[rank]["pushed"] == 24
+        assert pair_of[rank]["need"] == pytest.approx(alone[0]["need"])
+    by_place = [draw for step in range(3) for draw in (pair_of[0]["draws"][step], pair_of[1]["draws"][step])]
+    assert by_place == alone[0]["draws"] and any(by_place)
 
 
 # -- a real service behind a Ray actor, during a real 2-worker training run ---------------------------
@@ -184,7 +240,7 @@ def test_late_calls_never_queue_up_behind_a_busy_service(ray_client, tmp_path):
     busy service never works through a backlog of late calls, training never waits for it, and the next call
     after it recovers is answered and brings its labeled batch."""
     ray = ray_client
-    cfg = Config().guidedmix.pairing.model_copy(update={"mode": "service", "deadline_s": 0.1})
+    cfg = Config().guidedmix.pairing.model_copy(update={"mode": "service", "deadline_s": 0.1, "similarity": "random"})
     out = str(tmp_path / "run")
     actor = pairing.start_service(cfg, out)
     try:
@@ -267,3 +323,40 @@ def test_slow_service_makes_workers_fall_back_instead_of_waiting(ray_head, ray_c
     assert stats["fallbacks"] >= steps - 5 and stats["queries"] == steps
     chaos_report(**fault_figures(f"pairing service slow ({delay:.0f} s per answer, deadline 0.2 s)", summary, steps,
                                  0.0, fallbacks=stats["fallbacks"], step_s=round(step_s, 2)))
+
+
+def test_a_resumed_run_takes_the_same_steps_as_one_never_stopped(synthetic_url, tmp_path):
+    """Exact resume with the default worker bank: a run resumed from its step-6 checkpoint logs the same
+    losses, bit for bit, at steps 7-10 as the run that went on, although its bank's ring (12 samples, 8 a
+    step) had wrapped: the bank's state comes from the checkpoint and its pixels from the stream again. Without
+    the bank's file the resumed run draws other partners and its losses differ."""
+    import shutil
+
+    from trainer.config import load_config
+    from trainer.loop import BANK_FILE, WorkerContext, train
+
+    def run(out, steps=10):
+        cfg = load_config(f"{REPO}/configs/cpu-small.yaml", [
+            f"data.url={synthetic_url}", f"out={out}", "train.engine=plain", "train.workers=1", "data.crop_size=32",
+            f"train.steps={steps}", "train.ckpt_every=6", "train.log_every=1", "train.eval_every=100",
+            "eval.max_batches=1", "guidedmix.rampup_steps=0", "guidedmix.pairing.bank_size=12"])
+        assert (cfg.guidedmix.pairing.mode, cfg.guidedmix.pairing.similarity) == ("worker", "need")  # the default
+        train(cfg, WorkerContext())
+        return [h["loss"] for h in json.load(open(f"{out}/history.json"))["history"] if "loss" in h]
+
+    def resume_from_step_6(out, keep_bank=True):
+        os.makedirs(f"{out}/checkpoints")
+        shutil.copytree(f"{straight}/checkpoints/step-00000006", f"{out}/checkpoints/step-00000006")
+        if not keep_bank:
+            os.remove(f"{out}/checkpoints/step-00000006/{BANK_FILE}")
+        with open(f"{out}/checkpoints/latest", "w") as f:
+            f.write("step-00000006")
+        return run(out)
+
+    straight = str(tmp_path / "straight")
+    losses = run(straight)
+    assert len(losses) == 10 and os.path.exists(f"{straight}/checkpoints/step-00000006/{BANK_FILE}")
+    resumed = resume_from_step_6(str(tmp_path / "resumed"))
+    assert resumed == losses  # steps 1-6 come from the checkpoint's history, 7-10 are trained again
+    emptied = resume_from_step_6(str(tmp_path / "emptied"), keep_bank=False)
+    assert emptied[:6] == losses[:6] and emptied[6:] != losses[6:]

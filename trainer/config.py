@@ -86,14 +86,15 @@ class MITransConfig(_Strict):
 class PairingConfig(_Strict):
     # in_batch: each unlabeled image pairs within its worker's labeled batch; service: with the best match
     # in the pairing service's bank of recent labeled samples from all workers (trainer/pairing.py); worker:
-    # the same bank kept by each worker of its own labeled batches, in its process (no service)
-    mode: Literal["in_batch", "service", "worker"] = "in_batch"
+    # a bank of every worker's labeled samples kept in each worker's process (no service), the same on every
+    # rank, checkpointed and rebuilt on resume (the default: docs/results-suite.md)
+    mode: Literal["in_batch", "service", "worker"] = "worker"
     # which labeled partner: the paper's most similar, or random (the measured best: docs/results-partners.md),
     # or least similar (ablation: does similarity matter?); or by class (docs/results-pairing.md): `complement`,
     # the partner whose mask holds the classes the unlabeled image's prediction lacks; `need`, partners drawn
     # by how badly the model does on their classes (the service keeps a running per-class IoU that workers
     # report; in-batch, the step's labeled batch). Both draw from softmax(score / temperature)
-    similarity: Literal["most", "random", "least", "complement", "need"] = "random"
+    similarity: Literal["most", "random", "least", "complement", "need"] = "need"
     topk: int = Field(1, ge=1)
     temperature: float = Field(0.1, gt=0)
     bank_size: int = Field(1024, ge=1)

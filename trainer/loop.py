@@ -8,8 +8,10 @@ between log steps: the host reads them only when it writes a log line.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import functools
 import logging
+import os
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Optional
@@ -33,6 +35,8 @@ from .tracking import Tracker
 from .unimatch import unimatch_loss
 
 log = logging.getLogger("guidedmix.train")
+
+BANK_FILE = "pairing-bank.pt"  # a worker's pairing bank, pixels aside (rank 0's: every rank's is the same)
 
 
 @dataclass
@@ -60,9 +64,12 @@ def stream_spec(cfg: Config, split: str, ctx: WorkerContext) -> StreamSpec:
 
 def micro_generator(seed: int, step: int, micro: int, device) -> torch.Generator:
     """The randomness of one micro-batch (pairs, boxes, perturbations), named by its place in the global
-    batch: the same whichever rank computes it, at any world size."""
-    state = int(np.random.SeedSequence([seed, step, micro]).generate_state(1)[0])
-    return torch.Generator(device=device).manual_seed(state)
+    batch: the same whichever rank computes it, at any world size. Layers that draw from torch's global
+    generator (dropout) are seeded from the same place: no checkpoint holds that generator, so a resumed run
+    or another rank would otherwise drop other units."""
+    generator_state, global_state = np.random.SeedSequence([seed, step, micro]).generate_state(2)
+    torch.manual_seed(int(global_state))
+    return torch.Generator(device=device).manual_seed(int(generator_state))
 
 
 def load_model(cfg: Config, num_classes: int):
@@ -193,6 +200,8 @@ class Trainer:
                 states = checkpoint.read_rank_states(local)
                 if self.teacher is not None:
                     self.teacher.load_state_dict(torch.load(f"{local}/teacher.pt", weights_only=True))
+                bank = f"{local}/{BANK_FILE}"
+                bank_state = torch.load(bank, weights_only=True) if os.path.exists(bank) else None
             finally:
                 checkpoint.remove_local(local)
             self.step, self.history, self.elapsed_before = client["step"], client["history"], client["elapsed"]
@@ -202,6 +211,8 @@ class Trainer:
                 self.resizes.append({"step": self.step, "from": before, "to": self.ctx.world_size})
             for name, stream in self.streams.items():  # the global step: the same in every rank's state
                 stream.load_state_dict(states[0]["streams"][name])
+            if bank_state is not None and self.pairing is not None and self.pairing.local is not None:
+                self._rebuild_bank(bank_state)
             # each rank keeps its own ledger; rank 0 takes over those of ranks that are gone
             mine = [self.ctx.rank] + (list(range(self.ctx.world_size, before)) if self.ctx.rank == 0 else [])
             for rank in mine:
@@ -214,6 +225,29 @@ class Trainer:
         self.progress = _Progress(self.cfg.train.steps, self.step, self.images_per_step)  # rate from here on
         self.tracker = Tracker(self.cfg, self.classes, self.step) if self.ctx.rank == 0 else None
         self.module.train()
+
+    def _rebuild_bank(self, state: dict) -> None:
+        """The worker's pairing bank as it was: its checkpointed state, and the pixels of the samples its ring
+        holds (those of the last global steps) read again from the labeled stream's order, the whole global
+        batch of each step as one worker reads it, converted as training converted them."""
+        try:
+            self.pairing.load_state_dict(state)
+        except ValueError as e:  # a changed bank size: the bank refills from the next steps
+            log.warning("%s; the pairing bank starts empty", e)
+            return
+        per_step = self.cfg.global_batch("labeled")
+        steps = min(self.step, -(-self.cfg.guidedmix.pairing.bank_size // per_step))
+        spec = dataclasses.replace(stream_spec(self.cfg, "labeled", WorkerContext()), loader_workers=0)
+        stream = ShardStream(spec, self.manifest)
+        stream.load_state_dict({"step": self.step - steps})
+        first = (self.step - steps) * per_step
+        try:
+            while first < self.step * per_step:
+                batch = next(stream)
+                self.pairing.put_pixels(first, batch["image"].to(self.ctx.device, self.engine.dtype), batch["mask"])
+                first += len(batch["keys"])
+        finally:
+            stream.close()
 
     def train_step(self) -> guidedmix.StepOutput:
         """One optimiser step: this rank's share of the global batch, in micro-batches whose gradients
@@ -231,6 +265,8 @@ class Trainer:
             self.engine.micro_step(out.loss)
             outs.append(out)
             self._count(batches)
+        if self.pairing is not None:
+            self.pairing.end_step(self.step)
         if self.teacher is not None:
             guidedmix.ema_update(self.teacher, self.module, self.cfg.guidedmix.ema_decay)
         self.step += 1
@@ -249,7 +285,8 @@ class Trainer:
         if method == "guidedmix":
             find = None
             if self.pairing is not None:
-                find = functools.partial(self.pairing.query, step=self.step, device=ctx.device, dtype=self.engine.dtype)
+                find = functools.partial(self.pairing.query, step=self.step, device=ctx.device, dtype=self.engine.dtype,
+                                         generator=generator)
             out = guidedmix.guidedmix_loss(self.module, x_l, y_l, x_u, self.step, gm, len(self.classes),
                                            self.teacher, find, generator)
             if self.pairing is not None:
@@ -331,6 +368,9 @@ class Trainer:
                 checkpoint.write_run_config(local, self.cfg, self.classes)
                 if self.teacher is not None:
                     torch.save(self.teacher.state_dict(), f"{local}/teacher.pt")
+                bank = self.pairing.state_dict() if self.pairing is not None else None
+                if bank is not None:  # every rank's bank is the same
+                    torch.save(bank, f"{local}/{BANK_FILE}")
 
         self.store.save(checkpoint.step_name(self.step), self.ctx.rank, write_files)
         if self.tracker:

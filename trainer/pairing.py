@@ -8,7 +8,8 @@ service drops a call that waited past the deadline, so it never works through a 
 waits longer than the deadline and never dies because of the service. A crashed actor is restarted by Ray
 (`pairing.max_restarts`) with an empty bank that refills from new pushes; workers keep their handle.
 Outside Ray (single-process runs), and with `pairing.mode: worker`, the same service object lives in the
-worker's process and its bank holds that worker's labeled batches only.
+worker's process, and its bank takes every rank's labeled batches at each step's end: the same bank on every
+rank at any world size, checkpointed and rebuilt on resume (`PairingClient`).
 """
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ import torch
 
 from shards.augment import MEAN, STD
 
+from .collectives import all_gather, all_reduce
 from .config import PairingConfig
 from .guidedmix import CLASS_CRITERIA, class_need, pair
 from .metrics import Metrics
@@ -51,7 +53,7 @@ class PairingBank:
         self.cfg, self.capacity = cfg, cfg.bank_size
         capacity = cfg.bank_size
         self.generator = torch.Generator().manual_seed(seed)
-        self.size = self.next = 0
+        self.size = self.pushed = 0  # the ring's next slot is pushed % capacity
         self.embeddings = self.images = self.masks = self.shares = None  # allocated by the first push
         self.overlap = None  # 2 x C decayed sums of the reported intersections and unions
         self.steps = np.zeros(capacity, np.int64)
@@ -92,15 +94,44 @@ class PairingBank:
             self.shares = torch.zeros(self.capacity, shares.shape[1])
         if overlap is not None:
             self.overlap = overlap if self.overlap is None else OVERLAP_DECAY * self.overlap + overlap
-        for i in range(n):  # a ring: the oldest entry gives way
-            slot = self.next
-            self.embeddings[slot] = vectors[i]
-            self.images[slot], self.masks[slot] = images[i], masks[i]
-            if shares is not None:
-                self.shares[slot] = shares[i]
-            self.steps[slot], self.ranks[slot] = step, rank
-            self.next = (slot + 1) % self.capacity
-            self.size = min(self.size + 1, self.capacity)
+        slots = self._slots(self.pushed, n)  # a ring: the oldest entries give way
+        kept = slice(n - len(slots), n)
+        self.embeddings[slots] = vectors[kept]
+        self.put_pixels(self.pushed, images, masks)
+        if shares is not None:
+            self.shares[slots] = shares[kept]
+        self.steps[slots], self.ranks[slots] = step, rank
+        self.pushed += n
+        self.size = min(self.pushed, self.capacity)
+
+    def _slots(self, first: int, n: int) -> np.ndarray:
+        """Where the samples `first` .. `first + n - 1` in push order live (the latest of one slot wins)."""
+        return np.arange(first, first + n)[-self.capacity:] % self.capacity
+
+    def put_pixels(self, first: int, images: np.ndarray, masks: np.ndarray) -> None:
+        """Store the images and masks of the samples `first` ... in push order: push's, and a rebuild's
+        (`load_state_dict` leaves the pixels out, the stream reads them again)."""
+        slots = self._slots(first, len(images))
+        self.images[slots], self.masks[slots] = images[-len(slots):], masks[-len(slots):]
+
+    def state_dict(self) -> dict:
+        """What the bank learnt from the model (embeddings, the running per-class overlap) and where its ring
+        stands; the pixels stay out: they are the stream's, read again on resume (`put_pixels`)."""
+        return {"capacity": self.capacity, "pushed": self.pushed, "embeddings": self.embeddings,
+                "shares": self.shares, "overlap": self.overlap, "steps": torch.from_numpy(self.steps.copy()),
+                "ranks": torch.from_numpy(self.ranks.copy()),
+                "pixels": None if self.images is None else (self.images.shape[1:], self.masks.shape[1:])}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state["capacity"] != self.capacity:
+            raise ValueError(f"pairing.bank_size: the checkpoint's bank holds {state['capacity']}, "
+                             f"the config {self.capacity}")
+        self.pushed, self.size = state["pushed"], min(state["pushed"], self.capacity)
+        self.embeddings, self.shares, self.overlap = state["embeddings"], state["shares"], state["overlap"]
+        self.steps, self.ranks = state["steps"].numpy(), state["ranks"].numpy()
+        if state["pixels"] is not None:
+            self.images = np.zeros((self.capacity, *state["pixels"][0]), np.uint8)
+            self.masks = np.zeros((self.capacity, *state["pixels"][1]), np.uint8)
 
     def _check_classes(self, name: str, value: Optional[np.ndarray], rows: int) -> Optional[torch.Tensor]:
         """A rows x C float32 array of per-class figures as a tensor; C is the bank's once it holds one."""
@@ -118,10 +149,12 @@ class PairingBank:
         """Per class, 1 - the running IoU the workers report (1 where a class has not been seen)."""
         return None if self.overlap is None else class_need(self.overlap)
 
-    def query(self, embeddings: np.ndarray, step: int, shares: Optional[np.ndarray] = None) -> Optional[dict]:
+    def query(self, embeddings: np.ndarray, step: int, shares: Optional[np.ndarray] = None,
+              generator: Optional[torch.Generator] = None) -> Optional[dict]:
         """The best-matching entry for each embedding (`shares`: the queries' predicted class shares, for
         `complement`): images, masks, the pushing ranks and staleness (steps since insert). None while the bank
-        is empty, or while a class criterion lacks what it scores (no shares pushed or no need reported yet)."""
+        is empty, or while a class criterion lacks what it scores (no shares pushed or no need reported yet).
+        Draws with `generator` (a micro-batch's), else the bank's own."""
         vectors = self._check_embeddings(embeddings)
         shares = self._check_classes("shares", shares, vectors.shape[0])
         if self.size == 0:
@@ -132,7 +165,7 @@ class PairingBank:
                 candidate_shares is None or (shares if self.cfg.similarity == "complement" else need) is None):
             return None
         index = pair(vectors, self.embeddings[:self.size], self.cfg.similarity, self.cfg.topk, self.cfg.temperature,
-                     self.generator, shares, candidate_shares, need).numpy()
+                     self.generator if generator is None else generator, shares, candidate_shares, need).cpu().numpy()
         return {"images": self.images[index], "masks": self.masks[index], "index": index,
                 "ranks": self.ranks[index], "staleness": np.maximum(step - self.steps[index], 0)}
 
@@ -163,11 +196,11 @@ class PairingService:
             for c, value in enumerate((1 - need).tolist()):
                 self.metrics.set("pairing_class_iou", value, **{"class": c})
 
-    def query(self, embeddings, step: int, shares=None) -> Optional[dict]:
+    def query(self, embeddings, step: int, shares=None, generator: Optional[torch.Generator] = None) -> Optional[dict]:
         started = time.perf_counter()
         if self.delay_s:
             time.sleep(self.delay_s)
-        answer = self.bank.query(embeddings, step, shares)
+        answer = self.bank.query(embeddings, step, shares, generator)
         self.queries += 1
         self.latencies.append(time.perf_counter() - started)
         if answer is not None:
@@ -228,11 +261,11 @@ def start_service(pairing_cfg, out: str, seed: int = 0):
     return actor
 
 
-def to_uint8(images: torch.Tensor) -> np.ndarray:
-    """Normalised float images (B x 3 x H x W, any device) as the uint8 pixels the bank stores."""
+def to_uint8(images: torch.Tensor) -> torch.Tensor:
+    """Normalised float images (B x 3 x H x W, any device) as the uint8 pixels the bank stores, on their device."""
     mean = torch.as_tensor(MEAN, device=images.device).view(1, 3, 1, 1)
     std = torch.as_tensor(STD, device=images.device).view(1, 3, 1, 1)
-    return (images.float() * std + mean).round().clamp(0, 255).to(torch.uint8).cpu().numpy()
+    return (images.float() * std + mean).round().clamp(0, 255).to(torch.uint8)
 
 
 def from_uint8(images: np.ndarray, device, dtype) -> torch.Tensor:
@@ -242,7 +275,13 @@ def from_uint8(images: np.ndarray, device, dtype) -> torch.Tensor:
 
 
 class PairingClient:
-    """A worker's side: sends its labeled batches, asks for references under a deadline, falls back."""
+    """A worker's side: sends its labeled batches, asks for references under a deadline, falls back.
+
+    A bank in the worker's process (`local`) is the same on every rank at any world size and survives a
+    resume: it takes each step's whole global labeled batch at the step's end (every rank's, gathered in their
+    places' order, with the step's summed per-class overlap), partners are drawn with the micro-batch's
+    generator, and a checkpoint keeps its `state_dict` while its pixels are read again from the stream
+    (`put_pixels`)."""
 
     def __init__(self, cfg: PairingConfig, out: str, rank: int, in_ray: bool, metrics: Metrics, seed: int = 0):
         self.cfg, self.rank, self.name, self.metrics = cfg, rank, service_name(out), metrics
@@ -250,6 +289,7 @@ class PairingClient:
         self.local = PairingService(cfg, metrics, seed) if cfg.mode == "worker" or not in_ray else None
         self.actor = None
         self.outbox: Optional[tuple] = None  # the labeled batch that goes with the next query
+        self.pending: list[tuple] = []  # this step's labeled micro-batches, for the local bank at its end
         self.queries = self.answered = self.fallbacks = self.dropped_pushes = 0
         self._next_lookup = 0.0
 
@@ -266,23 +306,50 @@ class PairingClient:
     def push(self, embeddings: torch.Tensor, images: torch.Tensor, masks: torch.Tensor, step: int,
              shares: Optional[torch.Tensor] = None, overlap: Optional[torch.Tensor] = None) -> None:
         """Give the bank labeled samples (with their masks' class `shares`) and this batch's per-class
-        `overlap`: at once in-process, else with the next query (a step later; one waiting at most)."""
-        batch = (embeddings.float().cpu().numpy(), to_uint8(images),
-                 masks.clamp(0, 255).to(torch.uint8).cpu().numpy(), self.rank, step, _numpy(shares), _numpy(overlap))
+        `overlap`: to the local bank at the step's end (`end_step`), else with the next query (a step later; one
+        waiting at most)."""
         if self.local is not None:
-            self.local.push(*batch)
+            self.pending.append((embeddings.float(), to_uint8(images), masks.clamp(0, 255).to(torch.uint8),
+                                 None if shares is None else shares.float(), None if overlap is None else overlap.float()))
             return
+        batch = (embeddings.float().cpu().numpy(), to_uint8(images).cpu().numpy(),
+                 masks.clamp(0, 255).to(torch.uint8).cpu().numpy(), self.rank, step, _numpy(shares), _numpy(overlap))
         if self.outbox is not None:
             self.dropped_pushes += 1  # no query went out since the last push: the older batch gives way
         self.outbox = batch
 
-    def query(self, embeddings: torch.Tensor, shares: Optional[torch.Tensor], step: int, device, dtype):
+    def end_step(self, step: int) -> None:
+        """The local bank takes the step's labeled samples of every rank and their summed overlap."""
+        if self.local is None or not self.pending:
+            return
+        embeddings, images, masks, shares, overlaps = zip(*self.pending)
+        self.pending = []
+        gathered = [all_gather(torch.cat(part)).cpu().numpy() for part in (embeddings, images, masks)]
+        shares = None if shares[0] is None else all_gather(torch.cat(shares))
+        overlap = None if overlaps[0] is None else all_reduce(sum(overlaps))
+        self.local.push(*gathered, self.rank, step, _numpy(shares), _numpy(overlap))
+
+    def state_dict(self) -> Optional[dict]:
+        """The local bank's state, pixels aside (None: the bank is the service's)."""
+        return None if self.local is None else self.local.bank.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.local.bank.load_state_dict(state)
+
+    def put_pixels(self, first: int, images: torch.Tensor, masks: torch.Tensor) -> None:
+        """A resume's rebuild of the local bank: the stream's images and masks of samples `first` ... in push
+        order, as `push` converts them."""
+        self.local.bank.put_pixels(first, to_uint8(images).cpu().numpy(),
+                                   masks.clamp(0, 255).to(torch.uint8).cpu().numpy())
+
+    def query(self, embeddings: torch.Tensor, shares: Optional[torch.Tensor], step: int, device, dtype,
+              generator: Optional[torch.Generator] = None):
         """(images, masks) of the best-matching bank entries for unlabeled embeddings (and the class shares of
-        their predictions), or None: pair in-batch this step."""
+        their predictions), or None: pair in-batch this step. A local bank draws with `generator`."""
         self.queries += 1
         started = time.perf_counter()
         try:
-            answer = self._ask(embeddings.float().cpu().numpy(), step, _numpy(shares))
+            answer = self._ask(embeddings.float().cpu().numpy(), step, _numpy(shares), generator)
         except Exception as e:  # a late, dead, restarting or confused service: never stop training
             answer = None
             log.debug("pairing: fell back to in-batch at step %d: %s", step, e)
@@ -295,9 +362,9 @@ class PairingClient:
         masks = torch.from_numpy(answer["masks"].astype(np.int64))
         return from_uint8(answer["images"], device, dtype), masks.to(device)
 
-    def _ask(self, embeddings: np.ndarray, step: int, shares: Optional[np.ndarray]):
+    def _ask(self, embeddings: np.ndarray, step: int, shares: Optional[np.ndarray], generator):
         if self.local is not None:
-            return self.local.query(embeddings, step, shares)
+            return self.local.query(embeddings, step, shares, generator)
         actor = self._handle()
         if actor is None:
             return None
