@@ -82,6 +82,12 @@ VARIANTS = {
     "default-earned-0.9": [*IN_BATCH, "guidedmix.earn_precision=0.9"],
     # the teacher's clean view aligned to the labeled class shares (ReMixMatch's distribution alignment)
     "default-align": [*IN_BATCH, "guidedmix.align=true"],
+    # issue #17 at stop 32: the default (the worker bank by class need) with one change, after the +5 at 1/16:
+    # twice the unlabeled term's weight, a mean teacher, a lower threshold, the partner's whole classes pasted
+    "bank-weight-2": ["train.method=guidedmix", "guidedmix.unsup_weight=2"],
+    "bank-ema": ["train.method=guidedmix", "guidedmix.teacher=ema"],
+    "bank-tau-0.7": ["train.method=guidedmix", "guidedmix.tau=0.7"],
+    "bank-class-mix": ["train.method=guidedmix", "guidedmix.mix=class"],
     "paper": PAPER,
     "authors-code": AUTHORS,
     "ema-tau0.95-region-hard": [*PAPER, "guidedmix.teacher=ema", "guidedmix.tau=0.95", "guidedmix.mix=region",
