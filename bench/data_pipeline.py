@@ -7,6 +7,9 @@ workers, decode and augmentation, from
   `data.readahead` shards; `shards_s3_no_readahead`: the same without);
 - `shards_s3_runs`: the same, the samples shuffled in runs of `--sample-run` neighbours (`data.sample_run`),
   one request a run;
+- `shards_s3_node_cache`: the same with a node cache (`data.node_cache`, a fresh folder): each shard read whole
+  once, in the background, the samples by byte range from local disk once it is there (the first epoch: the
+  measured batches are fewer than an epoch's);
 - `whole_shards_s3`: the same shards read whole (`data.byte_ranges=false`): every loader worker reads every
   shard of its blocks, fewer requests and loader workers times the bytes;
 - `shards_local`: the shards on local disk;
@@ -149,11 +152,12 @@ def main():
 
         s3fs.S3FileSystem.clear_instance_cache()
 
-        def shard_stream(url, readahead=DataConfig().readahead, byte_ranges=True, sample_run=1):
+        def shard_stream(url, readahead=DataConfig().readahead, byte_ranges=True, sample_run=1, node_cache=None):
             return ShardStream(StreamSpec(url=url, split="labeled", batch_size=args.batch,
                                           retries=DataConfig().retries, readahead=readahead,
                                           loader_workers=args.workers, crop_size=args.crop,
-                                          byte_ranges=byte_ranges, sample_run=sample_run))
+                                          byte_ranges=byte_ranges, sample_run=sample_run, node_cache=node_cache,
+                                          node_cache_bytes=int(DataConfig().node_cache_gb * 2**30)))
 
         stores = [psutil.Process(server.pid) for server in servers]
 
@@ -176,6 +180,9 @@ def main():
             "ceiling": rate(shard_stream("memory://bench/shards"), args.batches, args.batch),
             "shards_local": rate(shard_stream(f"{tmp}/shards"), args.batches, args.batch),
             "shards_s3": measured("shards_s3", shard_stream("s3://bench/shards"), args.batches),
+            "shards_s3_node_cache": measured("shards_s3_node_cache",
+                                             shard_stream("s3://bench/shards", node_cache=f"{tmp}/node-cache"),
+                                             args.batches),
             "shards_s3_runs": measured("shards_s3_runs", shard_stream("s3://bench/shards", sample_run=args.sample_run),
                                        args.batches),
             "shards_s3_no_readahead": measured("shards_s3_no_readahead",
@@ -195,6 +202,8 @@ def main():
         "samples_per_s_per_loader_worker": {k: round(v / max(args.workers, 1), 1) for k, v in result.items()},
         "ratios": {"shards_vs_per_file_s3": round(result["shards_s3"] / result["per_file_s3"], 2),
                    "s3_vs_local_shards": round(result["shards_s3"] / result["shards_local"], 2),
+                   "s3_vs_local_shards_node_cache": round(result["shards_s3_node_cache"]
+                                                          / result["shards_local"], 2),
                    "s3_vs_local_shards_runs": round(result["shards_s3_runs"] / result["shards_local"], 2),
                    "s3_vs_local_shards_no_readahead": round(result["shards_s3_no_readahead"]
                                                             / result["shards_local"], 2),

@@ -5,7 +5,9 @@ resume at any world size.
 A loader worker fetches only the samples of its own micro-batches, by byte range (the manifest's per-sample
 offsets; one concurrent `cat_ranges` call a micro-batch, the next ones while it decodes), so an epoch reads
 each sample once over all ranks and loader workers. Shard sets built before offsets were recorded are read
-whole, a shuffle block at a time, by every loader worker that needs them.
+whole, a shuffle block at a time, by every loader worker that needs them. With a node cache
+(shards/node_cache.py), a remote shard is read whole once a node, in the background, and its samples by byte
+range from local disk from then on.
 
 The order is a pure function of the manifest's shard sizes and (seed, epoch, shuffle block), not of the
 ranks or loader workers that read it: global step g takes the next global batch of it, each rank its share,
@@ -34,7 +36,8 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from . import augment, order
 from .errors import BadInput, StorageFailure
 from .manifest import WITHHELD, ShardInfo, read_manifest, shard_infos
-from .storage import check_url, describe_error, filesystem, join, with_retries
+from .node_cache import NodeCache
+from .storage import check_url, describe_error, filesystem, join, local_path, with_retries
 from .tario import payload_crc32, tar_samples
 
 log = logging.getLogger("guidedmix.shards")
@@ -69,10 +72,17 @@ class StreamSpec:
     # or shards (shard sets without offsets)
     readahead: int = 1
     byte_ranges: bool = True  # where the manifest has offsets; else whole shards
+    # a folder on this node's disk for its copy of remote shards (None: none), and its size limit
+    node_cache: Optional[str] = None
+    node_cache_bytes: int = 0
 
     @property
     def train(self) -> bool:
         return self.split != "val"
+
+    @property
+    def remote(self) -> bool:
+        return local_path(self.url) is None and not self.url.startswith("memory://")
 
 
 class _ReadAhead:
@@ -117,6 +127,19 @@ class _Worker:
         self.cache = _ReadAhead(self._ranges_of if self.ranged else self._samples_of, self.spec.readahead + 1)
         self._blocks: tuple = (None, None)  # (epoch, its _Blocks)
         self._sizes: dict[str, int] = {}  # ranged reads: each shard's stored size, asked once
+        self.node_cache = self._open_node_cache() if self.spec.node_cache and self.spec.remote else None
+        self.downloads = ThreadPoolExecutor(2, thread_name_prefix="node-cache") if self.node_cache else None
+        self._downloading: set[str] = set()  # shards this worker asked the node cache for (failed ones stay)
+        self._cached_ahead_of: tuple = (None, None)  # (epoch, block) whose next block's shards were asked for
+
+    def _open_node_cache(self) -> Optional[NodeCache]:
+        try:
+            return NodeCache(self.spec.node_cache, self.spec.node_cache_bytes)
+        except OSError as e:  # the folder is on each node: the driver could not check it
+            if self.worker == 0:
+                log.warning("data.node_cache %s: unusable on this node (%s); shards are read from the store",
+                            self.spec.node_cache, e.strerror or e)
+            return None
 
     def _storage(self, name: str, operation: Callable[[object, str], object]):
         """`operation(fs, path)` on a shard, retried; a missing shard is bad input, not a storage outage."""
@@ -130,7 +153,50 @@ class _Worker:
             raise StorageFailure(describe_error(url, e)) from None
 
     def _shard_bytes(self, name: str) -> bytes:
+        info = self.by_name[name]
+        if self.node_cache is not None:
+            local = self.node_cache.find(name, info.sha256) or self.node_cache.fill(
+                name, info.sha256, lambda part: self._download(name, part))
+            if local is not None:
+                try:
+                    with open(local, "rb") as f:
+                        data = f.read()
+                    self.verified.add(name)  # checked once a node, as it was cached
+                    return data
+                except FileNotFoundError:  # removed from the cache meanwhile
+                    pass
         return self._storage(name, lambda fs, path: fs.cat_file(path))
+
+    def _download(self, name: str, local: str) -> None:
+        self._storage(name, lambda fs, path: fs.get_file(path, local))
+
+    def _cached(self, info: ShardInfo) -> Optional[str]:
+        """The node's copy of a shard; None while it has none, and then this worker starts downloading it in
+        the background (once: a download that failed is not tried again by this worker)."""
+        if self.node_cache is None:
+            return None
+        local = self.node_cache.find(info.name, info.sha256)
+        if local is None and info.name not in self._downloading:
+            self._downloading.add(info.name)
+            self.downloads.submit(self._cache_in_background, info)
+        return local
+
+    def _cache_ahead(self, epoch: int, position: int) -> None:
+        """Have the node download the shards of the block after the one `position` falls in, so that they are
+        on disk before any of its workers reaches them."""
+        blocks = self._epoch_blocks(epoch)
+        block = blocks.of(position)
+        if self._cached_ahead_of != (epoch, block):
+            self._cached_ahead_of = (epoch, block)
+            for name in blocks.ahead(block, self.spec.shuffle_block):
+                self._cached(self.by_name[name])
+
+    def _cache_in_background(self, info: ShardInfo) -> None:
+        try:
+            if self.node_cache.fill(info.name, info.sha256, lambda part: self._download(info.name, part)) is None:
+                self._downloading.discard(info.name)  # another process of the node has it: look again later
+        except Exception as e:  # reads go on from the store; a failing store fails them there
+            log.warning("shard %s: not cached on this node (%s)", info.name, str(e)[:200])
 
     def _stored_size(self, name: str) -> int:
         """A shard's size in storage: a sample whose range ends past it was cut off (not asked for)."""
@@ -148,6 +214,8 @@ class _Worker:
         call of byte ranges, one a run of neighbours (`sample_run`); a sample cut off or whose checksum differs
         from the manifest's is None."""
         epoch, start, stop = key
+        if self.node_cache is not None:
+            self._cache_ahead(epoch, start)
         found: list[tuple[str, Optional[dict]]] = []
         wanted = []
         for shard, index in self.plan.order(epoch)[start:stop]:
@@ -157,25 +225,46 @@ class _Worker:
                 wanted.append((len(found) - 1, info, int(index)))
         if not wanted:
             return found
-        shard_paths = {name: filesystem(join(self.spec.url, name), self.spec.storage_options)[1]
-                       for name in {info.name for _, info, _ in wanted}}  # a URL resolved once a shard, not a sample
         runs: list[list[tuple]] = []  # neighbours in the order and in their shard: one range
         for slot, info, index in wanted:
             if runs and runs[-1][-1][1] is info and runs[-1][-1][2] + 1 == index:
                 runs[-1].append((slot, info, index))
             else:
                 runs.append([(slot, info, index)])
-        paths = [shard_paths[run[0][1].name] for run in runs]
         starts = [run[0][1].offsets[run[0][2]] for run in runs]
         ends = [run[-1][1].offsets[run[-1][2] + 1] for run in runs]
-        names = list(dict.fromkeys(info.name for _, info, _ in wanted))  # a failure names every shard asked
-        pieces = self._storage(names[0] if len(names) == 1 else "{" + ",".join(names) + "}",
-                               lambda fs, _: fs.cat_ranges(paths, starts, ends, on_error="raise"))
+        pieces = self._fetch([run[0][1] for run in runs], starts, ends)
         for run, piece, first in zip(runs, pieces, starts):
             for slot, info, index in run:
                 found[slot] = (info.name, self._sample_in(piece[info.offsets[index] - first:
                                                                 info.offsets[index + 1] - first], info, index))
         return found
+
+    def _fetch(self, shards: list[ShardInfo], starts: list[int], ends: list[int]) -> list[bytes]:
+        """Byte ranges of shards: from the node's copies where it has them, the rest from the store in one
+        concurrent call."""
+        pieces: list[Optional[bytes]] = [None] * len(shards)
+        local = {info.name: self._cached(info) for info in shards}
+        for i, info in enumerate(shards):
+            if local[info.name] is not None:
+                try:
+                    with open(local[info.name], "rb") as f:
+                        f.seek(starts[i])
+                        pieces[i] = f.read(ends[i] - starts[i])
+                except FileNotFoundError:  # removed from the cache meanwhile
+                    local[info.name] = None
+        far = [i for i, piece in enumerate(pieces) if piece is None]
+        if far:
+            names = list(dict.fromkeys(shards[i].name for i in far))  # a failure names every shard asked
+            paths = {name: filesystem(join(self.spec.url, name), self.spec.storage_options)[1]
+                     for name in names}  # a URL resolved once a shard, not a sample
+            fetched = self._storage(names[0] if len(names) == 1 else "{" + ",".join(names) + "}",
+                                    lambda fs, _: fs.cat_ranges([paths[shards[i].name] for i in far],
+                                                                [starts[i] for i in far], [ends[i] for i in far],
+                                                                on_error="raise"))
+            for i, piece in zip(far, fetched):
+                pieces[i] = piece
+        return pieces
 
     @staticmethod
     def _sample_in(piece: bytes, info: ShardInfo, index: int) -> Optional[dict]:
@@ -257,10 +346,13 @@ class _Worker:
                 items.append(decoded)
         return items
 
-    def _whole_shard_samples(self, epoch: int, positions: range) -> list[tuple[str, Optional[dict]]]:
+    def _epoch_blocks(self, epoch: int) -> "_Blocks":
         if self._blocks[0] != epoch:
             self._blocks = (epoch, self.plan.blocks(epoch))
-        blocks = self._blocks[1]
+        return self._blocks[1]
+
+    def _whole_shard_samples(self, epoch: int, positions: range) -> list[tuple[str, Optional[dict]]]:
+        blocks = self._epoch_blocks(epoch)
         first, last = blocks.of(positions.start), blocks.of(positions.stop - 1)
         needed = [name for b in range(first, last + 1) for name in blocks.shards[b]]
         ahead = blocks.ahead(last, self.spec.readahead)
@@ -358,6 +450,8 @@ class _Worker:
 
     def close(self) -> None:
         self.cache.close()
+        if self.downloads is not None:
+            self.downloads.shutdown(wait=False, cancel_futures=True)
 
 
 @dataclass(frozen=True)

@@ -302,6 +302,13 @@ def test_rendered_overlay_validates_and_its_entrypoint_parses(overlay, rayjob_va
     if overlay != "cpu-demo":  # the README's sizing (What a GPU node needs): a core per loader worker, two more
         cpu = int(worker_group["template"]["spec"]["containers"][0]["resources"]["requests"]["cpu"])
         assert cpu >= 2 * cfg.data.loader_workers + 2, (overlay, cpu, cfg.data.loader_workers)
+        # the node cache lies on a volume of the worker pod large enough for its limit
+        pod = worker_group["template"]["spec"]
+        mount = next(m for m in pod["containers"][0]["volumeMounts"]
+                     if cfg.data.node_cache.startswith(m["mountPath"].rstrip("/") + "/"))
+        volume = next(v for v in pod["volumes"] if v["name"] == mount["name"])
+        assert "medium" not in volume["emptyDir"]  # disk, not the pod's memory
+        assert int(volume["emptyDir"]["sizeLimit"].removesuffix("Gi")) >= cfg.data.node_cache_gb
 
 
 def test_dockerfile_runs_as_non_root_and_installs_what_the_manifests_name():

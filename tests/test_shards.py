@@ -2,6 +2,7 @@
 import io
 import json
 import os
+import re
 import shutil
 import tarfile
 import time
@@ -17,6 +18,7 @@ from conftest import run_cli
 from shards import build, sources
 from shards.errors import BadInput, StorageFailure
 from shards.manifest import read_manifest, summary, verify
+from shards.node_cache import NodeCache
 from shards import order
 from shards.stream import ShardStream, StreamSpec
 from trainer.config import DataConfig
@@ -600,6 +602,78 @@ def test_s3_at_a_distance_streams_the_same_batches(s3, synthetic_url, tmp_path, 
     finally:
         front.stop()
         s3fs.S3FileSystem.clear_instance_cache()
+
+
+def shard_gets(moto_log: str) -> Counter:
+    """Whole-object (200) and byte-range (206) GETs of tar objects in the S3 server's request log."""
+    lines = re.findall(r'"GET /\S+\.tar HTTP/1\.1" (200|206)', open(moto_log).read())
+    return Counter(lines)
+
+
+def test_a_node_cache_reads_each_shard_once_a_node_and_streams_the_same_batches(s3, synthetic_url, tmp_path):
+    """Two ranks x 2 loader workers of one node share a node cache: each shard is read whole from S3 once
+    (however many processes want it), the samples stream exactly as from local shards, and once the node
+    holds the shards an epoch reads nothing from the store."""
+    fsspec.filesystem("s3").put(synthetic_url + "/", "test/cached/", recursive=True)
+    cache, moto_log = str(tmp_path / "node-cache"), str(tmp_path / "moto.log")
+    kw = dict(batch_size=4, global_batch=8, world_size=2, loader_workers=2, node_cache=cache,
+              node_cache_bytes=2**30)
+    here = [stream_all(synthetic_url, "unlabeled", batch_size=4, global_batch=8, world_size=2, rank=r)
+            for r in range(2)]
+    before = shard_gets(moto_log)
+    for warm in (False, True):
+        far = [stream_all("s3://test/cached", "unlabeled", rank=r, **kw) for r in range(2)]
+        assert [[b["keys"] for b in rank] for rank in far] == [[b["keys"] for b in rank] for rank in here]
+        assert all(torch.equal(a["image"], b["image"]) for r in range(2) for a, b in zip(far[r], here[r]))
+        gets = shard_gets(moto_log) - before
+        if not warm:
+            time.sleep(1)  # downloads still running when the streams stopped finish in the background
+            shards = read_manifest(synthetic_url, None, RETRIES)["splits"]["unlabeled"]["shards"]
+            cached = sorted(os.listdir(cache))
+            assert cached == sorted(f"{s['sha256'][:32]}-{s['name'].replace('/', '_')}" for s in shards)  # no .part
+            assert shard_gets(moto_log)["200"] - before["200"] == len(shards)  # each whole once, not once a worker
+            before = shard_gets(moto_log)
+        else:
+            assert not gets  # a warm node reads its shards from disk
+
+
+def test_a_node_cache_keeps_to_its_limit_and_leaves_a_download_to_the_process_that_claimed_it(
+        s3, synthetic_url, tmp_path):
+    """Past its limit the least recently used shards leave; a shard another process is downloading is read
+    from the store meanwhile (not downloaded twice), and a claim left by a dead process is taken over."""
+    fsspec.filesystem("s3").put(synthetic_url + "/", "test/cached/", recursive=True)
+    shards = read_manifest(synthetic_url, None, RETRIES)["splits"]["unlabeled"]["shards"]
+    sizes = [os.path.getsize(os.path.join(synthetic_url, s["name"])) for s in shards]
+    cache = tmp_path / "node-cache"
+    limit = max(sizes) * 2
+    claimed = NodeCache(str(cache), limit)
+    held, stale = shards[0], shards[1]
+    open(claimed.path(held["name"], held["sha256"]) + ".part", "wb").close()  # another process downloading
+    dead = claimed.path(stale["name"], stale["sha256"]) + ".part"
+    open(dead, "wb").close()
+    os.utime(dead, (time.time() - 3600, time.time() - 3600))
+    far = stream_all("s3://test/cached", "unlabeled", batch_size=4, loader_workers=0, node_cache=str(cache),
+                     node_cache_bytes=limit)
+    here = stream_all(synthetic_url, "unlabeled", batch_size=4)
+    assert [b["keys"] for b in far] == [b["keys"] for b in here]
+    assert all(torch.equal(a["image"], b["image"]) for a, b in zip(far, here))
+    time.sleep(1)
+    left = {e.name: e.stat().st_size for e in os.scandir(cache)}
+    assert sum(size for name, size in left.items() if not name.endswith(".part")) <= limit
+    assert 0 < len([n for n in left if not n.endswith(".part")]) < len(shards)
+    assert os.path.basename(claimed.path(held["name"], held["sha256"])) + ".part" in left  # left to its owner
+    assert os.path.basename(dead) not in left  # taken over and published (or since evicted)
+
+
+def test_a_node_cache_folder_that_cannot_be_made_is_a_warning_and_the_store_is_read(s3, synthetic_url, tmp_path,
+                                                                                   caplog):
+    fsspec.filesystem("s3").put(synthetic_url + "/", "test/cached/", recursive=True)
+    not_a_folder = tmp_path / "file"
+    not_a_folder.write_text("")
+    far = stream_all("s3://test/cached", "unlabeled", batch_size=4, node_cache=str(not_a_folder / "cache"),
+                     node_cache_bytes=2**30)
+    assert [b["keys"] for b in far] == [b["keys"] for b in stream_all(synthetic_url, "unlabeled", batch_size=4)]
+    assert "data.node_cache" in caplog.text and "unusable on this node" in caplog.text
 
 
 @pytest.mark.parametrize("preset,classes", [("textures", 7), ("textures-hard", 11)])

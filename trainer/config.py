@@ -60,6 +60,11 @@ class DataConfig(_Strict):
     # loader workers), or whole shards (every loader worker reads every shard of its blocks: fewer requests,
     # ranks x loader workers times the bytes)
     byte_ranges: bool = True
+    # a folder on each node's local disk for its copy of remote shards: each shard read whole once a node (in
+    # the background), checked once, and shared by the node's ranks and loader workers, which read their
+    # samples from it by byte range; least recently used shards leave past node_cache_gb. null: no copy
+    node_cache: Optional[str] = None
+    node_cache_gb: float = Field(20.0, gt=0)
 
     @model_validator(mode="after")
     def _scale_order(self):

@@ -59,7 +59,7 @@ def stream_spec(cfg: Config, split: str, ctx: WorkerContext) -> StreamSpec:
         photometric=d.photometric, shuffle_block=d.shuffle_block, sample_run=d.sample_run,
         storage_options=dict(d.storage_options),
         allow_pipe=d.allow_pipe, retries=d.retries, readahead=d.readahead,
-        byte_ranges=d.byte_ranges)
+        byte_ranges=d.byte_ranges, node_cache=d.node_cache, node_cache_bytes=int(d.node_cache_gb * 2**30))
 
 
 def micro_generator(seed: int, step: int, micro: int, device) -> torch.Generator:
