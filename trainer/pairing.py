@@ -268,6 +268,11 @@ def to_uint8(images: torch.Tensor) -> torch.Tensor:
     return (images.float() * std + mean).round().clamp(0, 255).to(torch.uint8)
 
 
+def mask_to_uint8(masks: torch.Tensor) -> torch.Tensor:
+    """Class-id masks as the bank stores them: one byte a pixel (255 stays the ignore index)."""
+    return masks.clamp(0, 255).to(torch.uint8)
+
+
 def from_uint8(images: np.ndarray, device, dtype) -> torch.Tensor:
     mean = torch.as_tensor(MEAN).view(1, 3, 1, 1)
     std = torch.as_tensor(STD).view(1, 3, 1, 1)
@@ -309,11 +314,11 @@ class PairingClient:
         `overlap`: to the local bank at the step's end (`end_step`), else with the next query (a step later; one
         waiting at most)."""
         if self.local is not None:
-            self.pending.append((embeddings.float(), to_uint8(images), masks.clamp(0, 255).to(torch.uint8),
+            self.pending.append((embeddings.float(), to_uint8(images), mask_to_uint8(masks),
                                  None if shares is None else shares.float(), None if overlap is None else overlap.float()))
             return
         batch = (embeddings.float().cpu().numpy(), to_uint8(images).cpu().numpy(),
-                 masks.clamp(0, 255).to(torch.uint8).cpu().numpy(), self.rank, step, _numpy(shares), _numpy(overlap))
+                 mask_to_uint8(masks).cpu().numpy(), self.rank, step, _numpy(shares), _numpy(overlap))
         if self.outbox is not None:
             self.dropped_pushes += 1  # no query went out since the last push: the older batch gives way
         self.outbox = batch
@@ -340,7 +345,7 @@ class PairingClient:
         """A resume's rebuild of the local bank: the stream's images and masks of samples `first` ... in push
         order, as `push` converts them."""
         self.local.bank.put_pixels(first, to_uint8(images).cpu().numpy(),
-                                   masks.clamp(0, 255).to(torch.uint8).cpu().numpy())
+                                   mask_to_uint8(masks).cpu().numpy())
 
     def query(self, embeddings: torch.Tensor, shares: Optional[torch.Tensor], step: int, device, dtype,
               generator: Optional[torch.Generator] = None):
