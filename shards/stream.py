@@ -155,8 +155,7 @@ class _Worker:
     def _shard_bytes(self, name: str) -> bytes:
         info = self.by_name[name]
         if self.node_cache is not None:
-            local = self.node_cache.find(name, info.sha256) or self.node_cache.fill(
-                name, info.sha256, lambda part: self._download(name, part))
+            local = self.node_cache.find(name, info.sha256) or self._fill(info)
             if local is not None:
                 try:
                     with open(local, "rb") as f:
@@ -167,8 +166,10 @@ class _Worker:
                     pass
         return self._storage(name, lambda fs, path: fs.cat_file(path))
 
-    def _download(self, name: str, local: str) -> None:
-        self._storage(name, lambda fs, path: fs.get_file(path, local))
+    def _fill(self, info: ShardInfo) -> Optional[str]:
+        """The shard downloaded into the node cache (see NodeCache.fill)."""
+        return self.node_cache.fill(info.name, info.sha256,
+                                    lambda part: self._storage(info.name, lambda fs, path: fs.get_file(path, part)))
 
     def _cached(self, info: ShardInfo) -> Optional[str]:
         """The node's copy of a shard; None while it has none, and then this worker starts downloading it in
@@ -193,7 +194,7 @@ class _Worker:
 
     def _cache_in_background(self, info: ShardInfo) -> None:
         try:
-            if self.node_cache.fill(info.name, info.sha256, lambda part: self._download(info.name, part)) is None:
+            if self._fill(info) is None:
                 self._downloading.discard(info.name)  # another process of the node has it: look again later
         except Exception as e:  # reads go on from the store; a failing store fails them there
             log.warning("shard %s: not cached on this node (%s)", info.name, str(e)[:200])
@@ -244,15 +245,17 @@ class _Worker:
         """Byte ranges of shards: from the node's copies where it has them, the rest from the store in one
         concurrent call."""
         pieces: list[Optional[bytes]] = [None] * len(shards)
-        local = {info.name: self._cached(info) for info in shards}
-        for i, info in enumerate(shards):
-            if local[info.name] is not None:
-                try:
-                    with open(local[info.name], "rb") as f:
+        for name in dict.fromkeys(info.name for info in shards):  # each shard looked up and opened once
+            local = self._cached(self.by_name[name])
+            if local is None:
+                continue
+            try:
+                with open(local, "rb") as f:
+                    for i in (i for i, info in enumerate(shards) if info.name == name):
                         f.seek(starts[i])
                         pieces[i] = f.read(ends[i] - starts[i])
-                except FileNotFoundError:  # removed from the cache meanwhile
-                    local[info.name] = None
+            except FileNotFoundError:  # removed from the cache between the look and the open
+                pass
         far = [i for i, piece in enumerate(pieces) if piece is None]
         if far:
             names = list(dict.fromkeys(shards[i].name for i in far))  # a failure names every shard asked

@@ -19,6 +19,8 @@ from trainer.loop import WorkerContext, train
     (["guidedmix.lam_max=1.5"], "guidedmix.lam_max"),
     (["model.output_stride=4"], "model.output_stride"),
     (["data.scale_min=3"], "scale_min"),
+    (["data.node_cache=s3://bucket/cache"], "data.node_cache"),
+    (["data.node_cache=cache"], "data.node_cache"),
     (["guidedmix.teacher=ema", "train.zero_stage=3"], "zero_stage"),
     (["nodot"], "dotted.key=value"),
 ])

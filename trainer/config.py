@@ -66,6 +66,15 @@ class DataConfig(_Strict):
     node_cache: Optional[str] = None
     node_cache_gb: float = Field(20.0, gt=0)
 
+    @field_validator("node_cache")
+    @classmethod
+    def _node_cache_is_a_local_folder(cls, value):
+        # each worker makes it on its own node: a URL or a path relative to a worker's working directory
+        # would make a folder nobody meant
+        if value is not None and ("://" in value or not value.startswith("/")):
+            raise ValueError("expected an absolute path on each node's local disk, not a URL or relative path")
+        return value
+
     @model_validator(mode="after")
     def _scale_order(self):
         if self.scale_min > self.scale_max:
