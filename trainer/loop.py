@@ -28,7 +28,7 @@ from . import checkpoint, evaluate, guidedmix, outputs
 from .collectives import all_reduce, average_buffers
 from .config import Config
 from .engine import build_engine
-from .metrics import for_this_process
+from .metrics import for_this_process, run_label
 from .model import build_model, load_backbone_weights
 from .pairing import PairingClient
 from .tracking import Tracker
@@ -85,9 +85,10 @@ def load_model(cfg: Config, num_classes: int):
     return model
 
 
-def evaluate_model(module, cfg: Config, ctx: WorkerContext, manifest: dict, dtype,
-                   keep: int = 0) -> tuple[float, list[float], list]:
-    """mIoU over the whole val split: each rank its share, confusion matrices all-reduced."""
+def evaluate_model(module, cfg: Config, ctx: WorkerContext, manifest: dict, dtype, keep: int = 0,
+                   on_batch: Callable[[], None] = lambda: None) -> tuple[float, list[float], list]:
+    """mIoU over the whole val split: each rank its share, confusion matrices all-reduced; `on_batch` after
+    each batch (a long evaluation is progress)."""
     num_classes = len(manifest["classes"])
     stream = ShardStream(stream_spec(cfg, "val", ctx), manifest)
     confusion = torch.zeros(num_classes, num_classes, dtype=torch.long)
@@ -105,6 +106,7 @@ def evaluate_model(module, cfg: Config, ctx: WorkerContext, manifest: dict, dtyp
         for j in range(min(len(batch["keys"]), keep - len(kept))):
             kept.append(outputs.overlay(outputs.denormalize(batch["image"][j]), pred[j].numpy().astype("uint8"),
                                         batch["mask"][j].numpy().astype("uint8")))
+        on_batch()
     module.train(was_training)
     all_reduce(confusion)
     miou, per_class = evaluate.iou(confusion)
@@ -163,8 +165,8 @@ class Trainer:
             self.teacher.to(self.engine.dtype)  # teaches from the student's views, in the student's precision
         self.generator = torch.Generator(device=ctx.device).manual_seed(cfg.train.seed * 1000 + ctx.rank)
         self.metrics = for_this_process(ctx.in_ray, cfg.train.metrics_port if ctx.rank == 0 else 0,
-                                        cfg.train.metrics_host, rank=ctx.rank)
-        self.metrics.set("run_info", 1, run=cfg.out.rstrip("/").rsplit("/", 1)[-1], config_hash=cfg.digest())
+                                        cfg.train.metrics_host, rank=ctx.rank, run=run_label(cfg.out))
+        self._declare_metrics(splits)
         self.pairing = None
         if cfg.train.method == "guidedmix" and gm.pairing.mode in ("service", "worker"):
             self.pairing = PairingClient(gm.pairing, cfg.out, ctx.rank, ctx.in_ray, self.metrics, cfg.train.seed)
@@ -184,6 +186,22 @@ class Trainer:
         self.counted_skipped = 0
         self.data_wait = 0.0
         self.progress = _Progress(cfg.train.steps, 0, self.images_per_step)
+
+    def _declare_metrics(self, splits) -> None:
+        """Every series the run will record, from its start: what the alert rules compare against."""
+        m, train = self.metrics, self.cfg.train
+        m.set("run_info", 1, config_hash=self.cfg.digest())
+        m.set("steps_target", train.steps)
+        m.set("checkpoint_every_steps", train.ckpt_every)
+        for split in splits:
+            m.declare("samples_total", split=split)
+        for name in ("corrupt_samples_total", "step_duration_seconds", "data_wait_seconds",
+                     "checkpoint_duration_seconds"):
+            m.declare(name)
+        self._progress()
+
+    def _progress(self) -> None:
+        self.metrics.set("progress_timestamp_seconds", time.time())
 
     def elapsed(self) -> float:
         """Training seconds of this run, earlier attempts included."""
@@ -223,6 +241,12 @@ class Trainer:
                          f", {before} -> {self.ctx.world_size} workers" if before != self.ctx.world_size else "")
         self.counted_skipped = sum(s.skipped for s in self.streams.values())
         self.progress = _Progress(self.cfg.train.steps, self.step, self.images_per_step)  # rate from here on
+        self.metrics.set("step", self.step)
+        self.metrics.set("checkpoint_last_step", self.step)  # the checkpoint resumed from, or 0: none yet
+        mious = [h["miou"] for h in self.history if "miou" in h]
+        if mious:
+            self.metrics.set("eval_miou_best", max(mious))
+        self._progress()
         self.tracker = Tracker(self.cfg, self.classes, self.step) if self.ctx.rank == 0 else None
         self.module.train()
 
@@ -273,6 +297,8 @@ class Trainer:
         self.data_wait = waited
         self.metrics.observe("step_duration_seconds", time.monotonic() - t_step - waited)
         self.metrics.observe("data_wait_seconds", waited)
+        self.metrics.set("step", self.step)
+        self._progress()
         return guidedmix.StepOutput(sum(o.loss.detach() for o in outs) / len(outs),
                                     {k: sum(o.parts[k] for o in outs) / len(outs) for k in outs[0].parts})
 
@@ -331,6 +357,10 @@ class Trainer:
         for name in ("coverage", "accuracy"):
             if f"pseudo_{name}" in record:
                 m.set(f"pseudo_mask_{name}", record[f"pseudo_{name}"])
+        if record.get("pseudo_coverage"):  # shares of nothing claimed are no shares
+            for key, metric in (("pseudo_class_freq", "pseudo_class_share"), ("true_class_freq", "true_class_share")):
+                for name, share in zip(self.classes, record.get(key, ())):
+                    m.set(metric, share, **{"class": name})
         self.history.append(record)
         self.ctx.report({k: v for k, v in record.items() if isinstance(v, (int, float))})
         if self.tracker:
@@ -343,10 +373,11 @@ class Trainer:
         average_buffers(self.module)
         keep = self.cfg.train.overlays if self.tracker else 0
         miou, per_class, overlays = evaluate_model(self.module, self.cfg, self.ctx, self.manifest,
-                                                   self.engine.dtype, keep)
-        self.metrics.set("eval_miou", miou)
+                                                   self.engine.dtype, keep, on_batch=self._progress)
         if not self.history or self.history[-1].get("step") != self.step or "miou" not in self.history[-1]:
             self.history.append({"step": self.step, "miou": miou})
+        self.metrics.set("eval_miou", miou)
+        self.metrics.set("eval_miou_best", max(h["miou"] for h in self.history if "miou" in h))
         if self.tracker:
             self.tracker.evaluation(self.step, miou, per_class, overlays)
             log.info("step %d | val mIoU %.4f", self.step, miou)
@@ -377,6 +408,7 @@ class Trainer:
             self.tracker.sync()
         self.metrics.observe("checkpoint_duration_seconds", time.monotonic() - t0)
         self.metrics.set("checkpoint_last_step", self.step)
+        self._progress()
 
     def finish(self) -> Optional[dict]:
         """The final evaluation and, on rank 0, the run's outputs; returns the summary there."""

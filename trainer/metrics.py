@@ -5,9 +5,19 @@ metrics agent, which serves them on the node's metrics export port (8080 under K
 `ray_` prefix; the PodMonitor in k8s/ strips that prefix, so dashboards see the `guidedmix_*` names
 below wherever the code ran. Outside Ray a `prometheus_client` endpoint serves the same names
 (`train.metrics_port`). Values are recorded as they happen; nothing here reads them back.
+
+Every series holds from the run's start to its end, so that a dashboard and the alert rules
+(k8s/base/prometheusrule.yaml) never see a gap in a healthy run:
+- counters and histograms are declared at zero for every label set the run will use (`declare`), so a clean
+  run exports `corrupt_samples_total 0` and `increase()` counts the first increment. Ray's API has no empty
+  histogram: on Ray a histogram appears at its first observation.
+- Ray's OpenTelemetry recorder drops a gauge that was not recorded again within about two report intervals
+  (`RAY_metrics_report_interval_ms`, 10 s by default): a thread records every gauge's last value again twice
+  an interval, through evaluations, checkpoints and any other long pause of the training loop.
 """
 from __future__ import annotations
 
+import os
 import threading
 from dataclasses import dataclass
 from wsgiref.simple_server import WSGIRequestHandler, make_server
@@ -32,33 +42,46 @@ class Spec:
     buckets: tuple = ()
 
 
-# name (without the prefix) -> what it is; counters carry `_total` here, as Prometheus shows them
+# name (without the prefix) -> what it is; counters carry `_total` here, as Prometheus shows them. Every
+# series of a training worker carries its rank and the run's name (the alert rules group by run).
+WORKER = ("rank", "run")
 SPECS = {
     "run_info": Spec("gauge", "1 for the running run; labels name it and the hash of its resolved config",
                      ("run", "config_hash")),
+    "step": Spec("gauge", "The last completed training step", WORKER),
+    "steps_target": Spec("gauge", "The step the run trains to (train.steps)", WORKER),
+    "progress_timestamp_seconds": Spec("gauge", "Unix time of the worker's last progress: a training step, an "
+                                       "evaluation batch, a checkpoint written, a resume", WORKER),
     "step_duration_seconds": Spec("histogram", "Wall time of one training step (data wait excluded)",
-                                  ("rank",), STEP_BUCKETS),
-    "samples_total": Spec("counter", "Samples consumed by training, by split", ("rank", "split")),
-    "loss": Spec("gauge", "Latest loss by part: sup, unsup, mix, and total", ("rank", "part")),
-    "learning_rate": Spec("gauge", "Current learning rate", ("rank",)),
-    "data_wait_seconds": Spec("histogram", "Time a step waited for its batches", ("rank",), FAST_BUCKETS),
-    "corrupt_samples_total": Spec("counter", "Samples skipped as corrupt or undecodable", ("rank",)),
+                                  WORKER, STEP_BUCKETS),
+    "samples_total": Spec("counter", "Samples consumed by training, by split", (*WORKER, "split")),
+    "loss": Spec("gauge", "Latest loss by part: sup, unsup, mix, and total", (*WORKER, "part")),
+    "learning_rate": Spec("gauge", "Current learning rate", WORKER),
+    "data_wait_seconds": Spec("histogram", "Time a step waited for its batches", WORKER, FAST_BUCKETS),
+    "corrupt_samples_total": Spec("counter", "Samples skipped as corrupt or undecodable", WORKER),
     "checkpoint_duration_seconds": Spec("histogram", "Time to write and commit one checkpoint (this rank)",
-                                        ("rank",), SLOW_BUCKETS),
-    "checkpoint_last_step": Spec("gauge", "Step of the last committed checkpoint", ("rank",)),
-    "eval_miou": Spec("gauge", "Validation mIoU (0-1) at the last evaluation", ("rank",)),
+                                        WORKER, SLOW_BUCKETS),
+    "checkpoint_last_step": Spec("gauge", "Step of the last committed checkpoint (0: none yet)", WORKER),
+    "checkpoint_every_steps": Spec("gauge", "Steps between checkpoints (train.ckpt_every)", WORKER),
+    "eval_miou": Spec("gauge", "Validation mIoU (0-1) at the last evaluation", WORKER),
+    "eval_miou_best": Spec("gauge", "Best validation mIoU (0-1) of the run so far, its resumes included", WORKER),
     "pseudo_mask_coverage": Spec("gauge", "Share of unlabeled pixels given a pseudo label over the last log interval",
-                                 ("rank",)),
+                                 WORKER),
     "pseudo_mask_accuracy": Spec("gauge", "Share of pseudo-labelled pixels that match the withheld true mask "
-                                 "(shard sets built with --withhold-masks) over the last log interval", ("rank",)),
+                                 "(shard sets built with --withhold-masks) over the last log interval", WORKER),
+    "pseudo_class_share": Spec("gauge", "Share of the pseudo-labelled pixels that each class claims over the last "
+                               "log interval", (*WORKER, "class")),
+    "true_class_share": Spec("gauge", "Share of each class in the withheld true masks of the same unlabeled pixels "
+                             "(--withhold-masks shard sets)", (*WORKER, "class")),
     "pairing_query_seconds": Spec("histogram", "Round trip of a worker's query to the pairing service",
-                                  ("rank",), FAST_BUCKETS),
+                                  WORKER, FAST_BUCKETS),
     "pairing_fallbacks_total": Spec("counter", "Steps that paired in-batch because the service was late or failed",
-                                    ("rank",)),
-    "pairing_bank_size": Spec("gauge", "Labeled samples in the pairing service's bank"),
-    "pairing_staleness_steps": Spec("gauge", "Mean steps since insert of the bank entries in the last answer"),
+                                    WORKER),
+    "pairing_bank_size": Spec("gauge", "Labeled samples in the pairing service's bank", ("run",)),
+    "pairing_staleness_steps": Spec("gauge", "Mean steps since insert of the bank entries in the last answer",
+                                    ("run",)),
     "pairing_class_iou": Spec("gauge", "Running IoU (0-1) of each class on the labeled batches the workers report "
-                              "to the pairing service: what `pairing.similarity: need` pairs by", ("class",)),
+                              "to the pairing service: what `pairing.similarity: need` pairs by", ("run", "class")),
 }
 
 
@@ -69,16 +92,22 @@ def family_name(name: str) -> str:
 
 
 class Metrics:
-    """Record by name: `metrics.inc("samples_total", 8, split="labeled")`. Default labels (rank) are
+    """Record by name: `metrics.inc("samples_total", 8, split="labeled")`. Default labels (rank, run) are
     added to every metric that declares them."""
 
     def __init__(self, backend: str = "none", port: int = 0, host: str = "127.0.0.1", **default_labels):
         self.backend, self.defaults, self._instruments = backend, default_labels, {}
         self.registry = None
+        self._gauges: dict[tuple, float] = {}  # (name, tags) -> last value, recorded again by the keeper
+        self._lock = threading.Lock()
+        self._closed = threading.Event()
         if backend == "prometheus":
             self.registry = prometheus_client.CollectorRegistry()  # this run's, not the process-global one
             self.server = _serve_metrics_only(self.registry, port, host)
-        elif backend not in ("ray", "none"):
+        elif backend == "ray":
+            threading.Thread(target=self._keep_gauges, args=(ray_report_interval_s() / 2,), daemon=True,
+                             name="metrics-gauges").start()
+        elif backend != "none":
             raise ValueError(f"metrics backend: {backend}")
 
     def _instrument(self, name: str):
@@ -102,32 +131,79 @@ class Metrics:
         kind = pc.Counter if spec.kind == "counter" else pc.Gauge
         return kind(full, spec.help, spec.labels, registry=self.registry)
 
-    def _record(self, name: str, method: str, value: float, labels: dict) -> None:
-        if self.backend == "none":
-            return
-        spec = SPECS[name]
-        tags = {k: str(v) for k, v in {**self.defaults, **labels}.items() if k in spec.labels}
+    def __reduce__(self):
+        """Ray's metrics travel to an actor as their backend and labels (the actor records through its own
+        process); a served registry stays in its process."""
+        if self.backend == "prometheus":
+            raise TypeError("a Metrics that serves /metrics cannot leave its process")
+        return _rebuilt, (self.backend, self.defaults)
+
+    def _tags(self, name: str, labels: dict) -> dict:
+        keys = SPECS[name].labels
+        return {k: str(v) for k, v in {**self.defaults, **labels}.items() if k in keys}
+
+    def _record(self, name: str, method: str, value: float, tags: dict) -> None:
         instrument = self._instrument(name)
         if self.backend == "ray":
-            getattr(instrument, {"inc": "inc", "set": "set", "observe": "observe"}[method])(value, tags=tags or None)
+            getattr(instrument, method)(value, tags=tags or None)
         else:
-            target = instrument.labels(**tags) if spec.labels else instrument
+            target = instrument.labels(**tags) if SPECS[name].labels else instrument
             getattr(target, method)(value)
 
+    def declare(self, name: str, **labels) -> None:
+        """A counter's or histogram's series at zero from now on, before its first increment or observation
+        (on Ray, counters only: its API has no empty histogram)."""
+        if self.backend == "none":
+            return
+        tags, instrument = self._tags(name, labels), self._instrument(name)
+        if self.backend == "prometheus":
+            if SPECS[name].labels:
+                instrument.labels(**tags)  # a labelled child exists, at zero, once named
+        elif SPECS[name].kind == "counter":
+            instrument._record(0.0, tags)  # Counter.inc refuses 0; the recorder exports the series at 0
+
     def inc(self, name: str, value: float = 1.0, **labels) -> None:
-        if value > 0:
-            self._record(name, "inc", value, labels)
+        if value > 0 and self.backend != "none":
+            self._record(name, "inc", value, self._tags(name, labels))
 
     def set(self, name: str, value: float, **labels) -> None:
-        self._record(name, "set", value, labels)
+        if self.backend == "none":
+            return
+        tags = self._tags(name, labels)
+        with self._lock:  # recorded under the lock: the keeper never records an older value after this one
+            self._gauges[(name, tuple(sorted(tags.items())))] = value
+            self._record(name, "set", value, tags)
 
     def observe(self, name: str, value: float, **labels) -> None:
-        self._record(name, "observe", value, labels)
+        if self.backend != "none":
+            self._record(name, "observe", value, self._tags(name, labels))
+
+    def _keep_gauges(self, period_s: float) -> None:
+        while not self._closed.wait(period_s):
+            with self._lock:
+                for (name, tags), value in self._gauges.items():
+                    self._record(name, "set", value, dict(tags))
 
     def close(self) -> None:
+        self._closed.set()
         if self.registry is not None:
             self.server.shutdown()
             self.server.server_close()
+
+
+def _rebuilt(backend: str, defaults: dict) -> Metrics:
+    return Metrics(backend, **defaults)
+
+
+def ray_report_interval_s() -> float:
+    """How often a Ray node's metrics agent takes this process's values (Ray's own setting, inherited from
+    `ray start`)."""
+    return float(os.environ.get("RAY_metrics_report_interval_ms", 10000)) / 1000
+
+
+def run_label(out: str) -> str:
+    """The `run` label of a run's series: the last part of its output folder."""
+    return out.rstrip("/").rsplit("/", 1)[-1]
 
 
 def _serve_metrics_only(registry, port: int, host: str):

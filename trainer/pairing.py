@@ -29,7 +29,7 @@ from shards.augment import MEAN, STD
 from .collectives import all_gather, all_reduce
 from .config import PairingConfig
 from .guidedmix import CLASS_CRITERIA, class_need, pair
-from .metrics import Metrics
+from .metrics import Metrics, run_label
 
 log = logging.getLogger("guidedmix.pairing")
 
@@ -256,7 +256,7 @@ def start_service(pairing_cfg, out: str, seed: int = 0):
     actor = ray.remote(PairingService).options(
         name=service_name(out), namespace=NAMESPACE, get_if_exists=True, num_cpus=0,
         max_restarts=pairing_cfg.max_restarts, lifetime=None,
-    ).remote(pairing_cfg, Metrics("ray"), seed)
+    ).remote(pairing_cfg, Metrics("ray", run=run_label(out)), seed)
     ray.get(actor.ready.remote(), timeout=120)
     return actor
 
@@ -297,6 +297,8 @@ class PairingClient:
         self.pending: list[tuple] = []  # this step's labeled micro-batches, for the local bank at its end
         self.queries = self.answered = self.fallbacks = self.dropped_pushes = 0
         self._next_lookup = 0.0
+        for name in ("pairing_fallbacks_total", "pairing_query_seconds"):
+            metrics.declare(name)
 
     def _handle(self):
         """The actor's handle, looked up by name (at most once a second while it cannot be found)."""
