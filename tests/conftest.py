@@ -128,6 +128,62 @@ class TcpFront(LocalServer):
                 "--latency-ms", str(self.latency_ms), "--bandwidth-mbps", str(self.bandwidth_mbps)]
 
 
+def prometheus_binary(name: str = "prometheus") -> str:
+    """Debian's `prometheus` package (the server and promtool). In CI it must be there (.ci/run installs it):
+    the test fails; elsewhere the test is skipped with the one line that says how to get it."""
+    path = shutil.which(name)
+    if path is None:
+        message = f"{name} is not installed: apt-get install prometheus (Debian) brings the server and promtool"
+        if os.environ.get("CI") == "true":
+            pytest.fail(message)
+        pytest.skip(message)
+    return path
+
+
+def rule_groups() -> list[dict]:
+    """The groups of the PrometheusRule that k8s/base ships."""
+    import yaml
+
+    return yaml.safe_load(open(os.path.join(REPO, "k8s", "base", "prometheusrule.yaml")))["spec"]["groups"]
+
+
+def alert_rules(groups=None) -> list[dict]:
+    return [r for g in (groups or rule_groups()) for r in g["rules"] if "alert" in r]
+
+
+def write_rules(path, groups) -> None:
+    """Rule groups as the plain rule file that the Prometheus Operator hands its server."""
+    import yaml
+
+    with open(path, "w") as f:
+        yaml.safe_dump({"groups": groups}, f)
+
+
+class PrometheusServer(LocalServer):
+    """A real Prometheus on a loopback port: `config` is its prometheus.yml as a dict (written beside its data)."""
+
+    def __init__(self, tmp: str, config: dict):
+        super().__init__(free_port(), os.path.join(tmp, "prometheus.log"))
+        self.config_path, self.data = os.path.join(tmp, "prometheus.yml"), os.path.join(tmp, "prometheus-data")
+        import yaml
+
+        with open(self.config_path, "w") as f:
+            yaml.safe_dump(config, f)
+        self.url = f"http://127.0.0.1:{self.port}"
+
+    def command(self):
+        return [prometheus_binary(), f"--config.file={self.config_path}", f"--storage.tsdb.path={self.data}",
+                f"--web.listen-address=127.0.0.1:{self.port}"]
+
+    def api(self, path: str, **params) -> dict:
+        from urllib.parse import urlencode
+
+        with urllib.request.urlopen(f"{self.url}/api/v1/{path}?{urlencode(params)}", timeout=30) as r:
+            body = json.load(r)
+        assert body["status"] == "success", body
+        return body["data"]
+
+
 # A multi-node cluster on one machine lives on 127.0.0.2: still loopback, but not an address Ray rewrites to
 # the machine's interface address once multi-node clusters are enabled (which `ray start` needs to join).
 CLUSTER_IP = "127.0.0.2"

@@ -1,5 +1,7 @@
 """Operations: the Prometheus metrics scraped for real over HTTP during training (through a Ray node's
-metrics agent, and from the endpoint a run outside Ray serves), the Grafana dashboard against those
+metrics agent, and from the endpoint a run outside Ray serves), a real Prometheus server scraping a run with the
+PodMonitor's relabelling (every dashboard query has data, the alert rules stay quiet on a healthy run and page on
+a stalled one), the Grafana dashboard against those
 names, and the Kubernetes manifests validated strictly, plain and as kustomize renders them."""
 import copy
 import glob
@@ -8,20 +10,25 @@ import os
 import re
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
 import tarfile
+import tempfile
 import time
 import urllib.error
 import urllib.request
 import uuid
 
 import kubernetes_validate
+import psutil
 import pytest
 import yaml
 from jsonschema import Draft7Validator
 
-from conftest import REPO, SMALL, VENV_BIN, RayHead, free_port, rewrite_tar, run_cli, scrape, stop_tree, total
+from conftest import (REPO, SMALL, VENV_BIN, PrometheusServer, RayHead, alert_rules, free_port, prometheus_binary,
+                      rewrite_tar, rule_groups, run_cli, scrape, stop_tree, total, train_cmd, train_workers, wait_for,
+                      write_rules)
 from launch.cli import build_parser
 from trainer.config import load_config
 from trainer.metrics import PREFIX, SPECS
@@ -84,7 +91,24 @@ def check_scrapes(scrapes):
     assert total(last, PREFIX + "corrupt_samples_total") >= 1  # the one image that does not decode
     mious = [v for s, _ in scrapes for _, v in s.get(PREFIX + "eval_miou", [])]
     assert mious and all(0 <= v <= 1 for v in mious)
+    check_gauges_hold(scrapes)
     return seen
+
+
+def check_gauges_hold(scrapes):
+    """Once exported, every gauge series is in every later scrape while the run trains (up to the last scrape
+    holding `step`, set at every step): a gauge set once, at an evaluation or a checkpoint, must not vanish."""
+    def gauges(samples):
+        return {(name, tuple(sorted(labels.items()))) for name, spec in SPECS.items() if spec.kind == "gauge"
+                for labels, _ in samples.get(PREFIX + name, [])}
+
+    last = max(i for i, (s, _) in enumerate(scrapes) if PREFIX + "step" in s)
+    seen = set()
+    for samples, _ in scrapes[:last + 1]:
+        now = gauges(samples)
+        assert seen <= now, f"gauges gone from the export: {sorted(seen - now)[:5]}"
+        seen |= now
+    assert {n for n, _ in seen} >= {"eval_miou", "checkpoint_last_step", "run_info"}
 
 
 def podmonitor_rename():
@@ -150,15 +174,141 @@ def test_metrics_endpoint_outside_ray(synthetic_url, tmp_path):
     assert info["run"] == "run" and len(info["config_hash"]) == 12
 
 
+def dashboard_queries() -> list[tuple[str, str]]:
+    dashboard = json.load(open(os.path.join(K8S, "base", "grafana-dashboard.json")))
+    return [(p["title"], t["expr"]) for p in dashboard["panels"] for t in p["targets"]]
+
+
+def scrape_config(metrics_port: int) -> dict:
+    """The PodMonitor's scrape as a plain Prometheus job: its relabelling, at a 1 s interval (15 s there)."""
+    monitor = yaml.safe_load(open(os.path.join(K8S, "base", "podmonitor.yaml")))
+    relabel = [{"source_labels": r["sourceLabels"], "regex": r["regex"], "target_label": r["targetLabel"],
+                "replacement": r["replacement"]} for r in monitor["spec"]["podMetricsEndpoints"][0]["metricRelabelings"]]
+    return {"job_name": "ray", "static_configs": [{"targets": [f"127.0.0.1:{metrics_port}"]}],
+            "metric_relabel_configs": relabel}
+
+
+def coverage(prom: PrometheusServer, query: str, start: float, end: float, step: float = 2.0) -> float:
+    """Share of the instants in [start, end] at which the query returns a value (NaN is no value)."""
+    result = prom.api("query_range", query=query, start=start, end=end, step=step)["result"]
+    instants = {round(float(t), 3) for series in result for t, v in series["values"] if v.lower() != "nan"}
+    return len(instants) / (int((end - start) // step) + 1)
+
+
+def firing(prom: PrometheusServer) -> set:
+    return {(a["labels"]["alertname"], a["labels"].get("run")) for a in prom.api("alerts")["alerts"]
+            if a["state"] == "firing"}
+
+
+def signal_all(processes, sig) -> None:
+    for p in processes:
+        try:
+            p.send_signal(sig)
+        except psutil.NoSuchProcess:
+            pass
+
+
+# the quantity each alert compares with its threshold (k8s/base/prometheusrule.yaml)
+HEALTHY_QUANTITIES = {
+    "seconds since progress (stalled: 20 mean steps, >= 60 s)":
+        "time() - max by (run) (guidedmix_progress_timestamp_seconds)",
+    "data wait share (input-bound: 0.25)":
+        "sum by (run) (rate(guidedmix_data_wait_seconds_sum[10m])) / (sum by (run) (rate(guidedmix_data_wait_seconds_sum"
+        "[10m])) + sum by (run) (rate(guidedmix_step_duration_seconds_sum[10m])))",
+    "in-batch share of pairing queries (falling back: 0.1)":
+        "sum by (run) (rate(guidedmix_pairing_fallbacks_total[10m])) / sum by (run) "
+        "(rate(guidedmix_pairing_query_seconds_count[10m]))",
+    "steps since the last checkpoint (overdue: 2 intervals)":
+        "max by (run) (guidedmix_step) - max by (run) (guidedmix_checkpoint_last_step)",
+    "corrupt samples in 15 min (rising: > 0 for 15 min)": "sum by (run) (increase(guidedmix_corrupt_samples_total[15m]))",
+    "class share above its last hour's mean (collapse: 0.3)":
+        "max by (run, class) (guidedmix_pseudo_class_share - avg_over_time(guidedmix_pseudo_class_share[1h]))",
+    "class share above the withheld truth (collapse: 0.4)":
+        "max by (run, class) (guidedmix_pseudo_class_share - guidedmix_true_class_share)",
+    "mIoU under the run's best (dropped: 0.1)":
+        "max by (run) (guidedmix_eval_miou_best) - max by (run) (guidedmix_eval_miou)",
+}
+
+STALL_RUN_STEPS = 1000  # on 2 cores about 10 steps a second: paused 100 s after submission, with steps left
+
+
+@pytest.mark.slow
+def test_a_real_prometheus_charts_every_panel_and_pages_on_a_stall(ray_head, synthetic_url, tmp_path):
+    write_rules(tmp_path / "rules.yaml", rule_groups())
+    prom = PrometheusServer(str(tmp_path), {
+        "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
+        "rule_files": [str(tmp_path / "rules.yaml")], "scrape_configs": [scrape_config(ray_head.metrics_port)]})
+    prom.start()
+    try:
+        assert len(prom.api("rules")["groups"][0]["rules"]) == len(alert_rules())  # the rules loaded
+        out = str(tmp_path / "run")
+        submitted = time.time()
+        proc = subprocess.Popen(
+            train_cmd(ray_head.address, out, synthetic_url, STALL_RUN_STEPS, "--set", "train.eval_every=50",
+                      "--set", "train.ckpt_every=50", "--set", "train.log_every=10"),
+            cwd=REPO, stdout=open(tmp_path / "driver.log", "w"), stderr=subprocess.STDOUT)
+        paused = []
+        try:
+            def evaluated_and_100_s_in():
+                assert proc.poll() is None, open(tmp_path / "driver.log").read()[-3000:]
+                steps = prom.api("query", query="max(guidedmix_step)")["result"]
+                return time.time() > submitted + 100 and steps and float(steps[0]["value"][1]) >= 100
+
+            wait_for(evaluated_and_100_s_in, 600, "the run did not reach step 100")
+            healthy_until = time.time()
+            workers = train_workers([ray_head.proc.pid], proc.pid)
+            assert len(workers) == 2
+            paused = [q for w in workers for q in [w, *w.children(recursive=True)]]
+            signal_all(paused, signal.SIGSTOP)
+            wait_for(lambda: ("GuidedMixTrainingStalled", "run") in firing(prom), 240, "the stall did not page")
+            stall_s = time.time() - healthy_until
+            signal_all(paused, signal.SIGCONT)
+            continued = time.time()
+            wait_for(lambda: not firing(prom), 60, "the stall alert did not clear")
+            cleared_s = time.time() - continued
+            assert proc.wait(timeout=600) == 0, open(tmp_path / "driver.log").read()[-3000:]
+            finished = time.time()
+        finally:
+            signal_all(paused, signal.SIGCONT)
+            stop_tree(proc.pid)
+        figures = {"stall_paged_after_s": round(stall_s, 1), "cleared_after_s": round(cleared_s, 1)}
+        # every dashboard query has data at 90% or more of the instants of the healthy run, before and after
+        # the pause (its end: the workers' series leave with them)
+        for title, query in dashboard_queries():
+            before = coverage(prom, query, submitted + 70, healthy_until)
+            after = coverage(prom, query, continued + 10, finished - 5)
+            figures[f"{title}: {query}"] = [round(before, 3), round(after, 3)]
+            assert before >= 0.9 and after >= 0.9, (title, query, before, after)
+        # what each alert compares, at its worst over the healthy stretch: the margin its threshold leaves
+        window = int(healthy_until - submitted - 70)
+        for name, query in HEALTHY_QUANTITIES.items():
+            worst = prom.api("query", query=f"max(max_over_time(({query})[{window}s:1s]))", time=healthy_until)["result"]
+            figures[name] = round(float(worst[0]["value"][1]), 4) if worst else None
+        staleness = [prom.api("query", query=f"{f}_over_time(max(guidedmix_pairing_staleness_steps)[{window}s:1s])",
+                              time=healthy_until)["result"] for f in ("min", "max")]
+        figures["pairing staleness, steps (min, max)"] = [round(float(s[0]["value"][1]), 1) for s in staleness]
+        # nothing else fired, and nothing fired on the healthy stretches
+        fired = prom.api("query_range", query='ALERTS{alertstate="firing"}', start=submitted, end=finished,
+                         step=1)["result"]
+        assert {s["metric"]["alertname"] for s in fired} <= {"GuidedMixTrainingStalled"}, fired
+        during = [float(t) for s in fired for t, _ in s["values"]]
+        assert during and min(during) > healthy_until and max(during) < continued + cleared_s + 2
+        print(json.dumps(figures, indent=1))
+    finally:
+        prom.stop()
+
+
 def test_the_metrics_endpoint_serves_metrics_only():
     from trainer.metrics import Metrics
 
     port = free_port()
-    metrics = Metrics("prometheus", port, rank=0)
+    metrics = Metrics("prometheus", port, rank=0, run="r")
     try:
+        metrics.declare("corrupt_samples_total")
         metrics.inc("samples_total", 8, split="labeled")
         samples = scrape(f"http://127.0.0.1:{port}/metrics")[0]
-        assert samples[PREFIX + "samples_total"] == [({"rank": "0", "split": "labeled"}, 8.0)]
+        assert samples[PREFIX + "samples_total"] == [({"rank": "0", "run": "r", "split": "labeled"}, 8.0)]
+        assert samples[PREFIX + "corrupt_samples_total"] == [({"rank": "0", "run": "r"}, 0.0)]  # declared at zero
         refused = []
         for path, method in (("/", "GET"), ("/favicon.ico", "GET"), ("/metrics/../x", "GET"), ("/metrics", "POST"),
                              ("/metrics", "PUT")):
@@ -220,6 +370,13 @@ def validate(doc, rayjob_validator):
         assert not errors, f"{doc['metadata']['name']}: {errors[0].json_path}: {errors[0].message}"
     elif doc["kind"] == "PodMonitor":  # no schema offline: check that it selects the run's pods
         assert doc["spec"]["podMetricsEndpoints"][0]["port"] == "metrics"
+    elif doc["kind"] == "PrometheusRule":  # the Prometheus Operator's group format, checked by promtool
+        assert doc["apiVersion"] == "monitoring.coreos.com/v1" and set(doc["spec"]) == {"groups"}
+        with tempfile.NamedTemporaryFile("w", suffix=".yaml") as f:
+            yaml.safe_dump({"groups": doc["spec"]["groups"]}, f)
+            r = subprocess.run([prometheus_binary("promtool"), "check", "rules", f.name], capture_output=True,
+                               text=True, timeout=60)
+        assert r.returncode == 0, r.stdout + r.stderr
     else:
         kubernetes_validate.validate(doc, "1.31", strict=True)
 
@@ -237,7 +394,7 @@ def rendered(overlay):
 def test_plain_manifests_validate_strictly(rayjob_validator):
     docs = [d for path in glob.glob(os.path.join(K8S, "base", "*.yaml"))
             for d in yaml.safe_load_all(open(path)) if d and d.get("kind") != "Kustomization"]
-    assert {d["kind"] for d in docs} == {"RayJob", "PodMonitor"}
+    assert {d["kind"] for d in docs} == {"RayJob", "PodMonitor", "PrometheusRule"}
     for doc in docs:
         validate(doc, rayjob_validator)
 
@@ -257,7 +414,7 @@ def test_strict_validation_catches_a_misspelt_field(rayjob_validator):
 def test_rendered_overlay_validates_and_its_entrypoint_parses(overlay, rayjob_validator):
     docs = rendered(overlay)
     kinds = sorted(d["kind"] for d in docs)
-    assert kinds == ["ConfigMap", "PodMonitor", "RayJob"]
+    assert kinds == ["ConfigMap", "PodMonitor", "PrometheusRule", "RayJob"]
     for doc in docs:
         validate(doc, rayjob_validator)
     job = next(d for d in docs if d["kind"] == "RayJob")
