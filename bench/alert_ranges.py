@@ -48,6 +48,7 @@ def ranges(history: list[dict], runaway: float, off_truth: float) -> dict:
     return {"log_points": len(logs), "evaluations": len(mious),
             "data_wait_share_max": round(max(wait_share, default=0.0), 3),
             "data_wait_share_median": round(sorted(wait_share)[len(wait_share) // 2], 3) if wait_share else None,
+            "data_wait_share_mean": round(sum(wait_share) / len(wait_share), 3) if wait_share else None,
             "in_batch_share": round(last.get("pairing_fallbacks", 0) / queries, 4) if queries else None,
             "class_share_above_hour_mean_max": round(max((v for _, v in above_mean), default=0.0), 3),
             "class_share_above_hour_mean_longest_over_threshold_s": longest([(t, v > runaway) for t, v in above_mean]),
