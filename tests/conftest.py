@@ -17,6 +17,7 @@ from collections import Counter
 
 import psutil
 import pytest
+import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 VENV_BIN = os.path.dirname(sys.executable)
@@ -142,8 +143,6 @@ def prometheus_binary(name: str = "prometheus") -> str:
 
 def rule_groups() -> list[dict]:
     """The groups of the PrometheusRule that k8s/base ships."""
-    import yaml
-
     return yaml.safe_load(open(os.path.join(REPO, "k8s", "base", "prometheusrule.yaml")))["spec"]["groups"]
 
 
@@ -153,8 +152,6 @@ def alert_rules(groups=None) -> list[dict]:
 
 def write_rules(path, groups) -> None:
     """Rule groups as the plain rule file that the Prometheus Operator hands its server."""
-    import yaml
-
     with open(path, "w") as f:
         yaml.safe_dump({"groups": groups}, f)
 
@@ -165,8 +162,6 @@ class PrometheusServer(LocalServer):
     def __init__(self, tmp: str, config: dict):
         super().__init__(free_port(), os.path.join(tmp, "prometheus.log"))
         self.config_path, self.data = os.path.join(tmp, "prometheus.yml"), os.path.join(tmp, "prometheus-data")
-        import yaml
-
         with open(self.config_path, "w") as f:
             yaml.safe_dump(config, f)
         self.url = f"http://127.0.0.1:{self.port}"

@@ -26,7 +26,7 @@ import pytest
 import yaml
 from jsonschema import Draft7Validator
 
-from conftest import (REPO, SMALL, VENV_BIN, PrometheusServer, RayHead, alert_rules, free_port, prometheus_binary,
+from conftest import (REPO, SMALL, VENV_BIN, PrometheusServer, RayHead, free_port, prometheus_binary,
                       rewrite_tar, rule_groups, run_cli, scrape, stop_tree, total, train_cmd, train_workers, wait_for,
                       write_rules)
 from launch.cli import build_parser
@@ -208,27 +208,6 @@ def signal_all(processes, sig) -> None:
             pass
 
 
-# the quantity each alert compares with its threshold (k8s/base/prometheusrule.yaml)
-HEALTHY_QUANTITIES = {
-    "seconds since progress (stalled: 20 mean steps, >= 60 s)":
-        "time() - max by (run) (guidedmix_progress_timestamp_seconds)",
-    "data wait share (input-bound: 0.25)":
-        "sum by (run) (rate(guidedmix_data_wait_seconds_sum[10m])) / (sum by (run) (rate(guidedmix_data_wait_seconds_sum"
-        "[10m])) + sum by (run) (rate(guidedmix_step_duration_seconds_sum[10m])))",
-    "in-batch share of pairing queries (falling back: 0.1)":
-        "sum by (run) (rate(guidedmix_pairing_fallbacks_total[10m])) / sum by (run) "
-        "(rate(guidedmix_pairing_query_seconds_count[10m]))",
-    "steps since the last checkpoint (overdue: 2 intervals)":
-        "max by (run) (guidedmix_step) - max by (run) (guidedmix_checkpoint_last_step)",
-    "corrupt samples in 15 min (rising: > 0 for 15 min)": "sum by (run) (increase(guidedmix_corrupt_samples_total[15m]))",
-    "class share above its last hour's mean (collapse: 0.3)":
-        "max by (run, class) (guidedmix_pseudo_class_share - avg_over_time(guidedmix_pseudo_class_share[1h]))",
-    "class share above the withheld truth (collapse: 0.4)":
-        "max by (run, class) (guidedmix_pseudo_class_share - guidedmix_true_class_share)",
-    "mIoU under the run's best (dropped: 0.1)":
-        "max by (run) (guidedmix_eval_miou_best) - max by (run) (guidedmix_eval_miou)",
-}
-
 STALL_RUN_STEPS = 1000  # on 2 cores about 10 steps a second: paused 100 s after submission, with steps left
 
 
@@ -240,7 +219,7 @@ def test_a_real_prometheus_charts_every_panel_and_pages_on_a_stall(ray_head, syn
         "rule_files": [str(tmp_path / "rules.yaml")], "scrape_configs": [scrape_config(ray_head.metrics_port)]})
     prom.start()
     try:
-        assert len(prom.api("rules")["groups"][0]["rules"]) == len(alert_rules())  # the rules loaded
+        assert len(prom.api("rules")["groups"][0]["rules"]) == len(rule_groups()[0]["rules"])  # the rules loaded
         out = str(tmp_path / "run")
         submitted = time.time()
         proc = subprocess.Popen(
@@ -285,11 +264,14 @@ def test_a_real_prometheus_charts_every_panel_and_pages_on_a_stall(ray_head, syn
             after = coverage(prom, query, continued + 10, last_step_at) if last_step_at > continued + 20 else 1.0
             figures[f"{title}: {query}"] = [round(before, 3), round(after, 3)]
             assert before >= 0.9 and after >= 0.9, (title, query, before, after)
-        # what each alert compares, at its worst over the healthy stretch: the margin its threshold leaves
+        # what each alert compares (the rules' recorded series), at its worst over the healthy stretch: the
+        # margin its threshold leaves
         window = int(healthy_until - submitted - 70)
-        for name, query in HEALTHY_QUANTITIES.items():
-            worst = prom.api("query", query=f"max(max_over_time(({query})[{window}s:1s]))", time=healthy_until)["result"]
-            figures[name] = round(float(worst[0]["value"][1]), 4) if worst else None
+        for rule in rule_groups()[0]["rules"]:
+            if "record" in rule:
+                worst = prom.api("query", query=f"max(max_over_time({rule['record']}[{window}s]))",
+                                 time=healthy_until)["result"]
+                figures[rule["record"]] = round(float(worst[0]["value"][1]), 4) if worst else None
         staleness = [prom.api("query", query=f"{f}_over_time(max(guidedmix_pairing_staleness_steps)[{window}s:1s])",
                               time=healthy_until)["result"] for f in ("min", "max")]
         figures["pairing staleness, steps (min, max)"] = [round(float(s[0]["value"][1]), 1) for s in staleness]
