@@ -67,8 +67,12 @@ def main():
     records = []
     for folder in args.runs:
         for path in sorted(glob.glob(os.path.join(folder, "**", "history.json"), recursive=True)):
-            with open(path) as f:
-                records.append({"run": os.path.dirname(path), **ranges(json.load(f)["history"], args.runaway, args.off_truth)})
+            try:
+                with open(path) as f:
+                    history = json.load(f)["history"]
+                records.append({"run": os.path.dirname(path), **ranges(history, args.runaway, args.off_truth)})
+            except (ValueError, KeyError, TypeError, ZeroDivisionError) as e:
+                parser.exit(2, f"alert_ranges.py: {path}: not a run's history ({type(e).__name__}: {e})\n")
     if not records:
         parser.exit(2, "alert_ranges.py: no history.json under the folders given\n")
     for record in records:
