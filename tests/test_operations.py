@@ -96,17 +96,24 @@ def check_scrapes(scrapes):
 
 
 def check_gauges_hold(scrapes):
-    """Once exported, every gauge series is in every later scrape while the run trains (up to the last scrape
-    holding `step`, set at every step): a gauge set once, at an evaluation or a checkpoint, must not vanish."""
+    """Once exported, every gauge series is in every later scrape while its process trains (up to the last scrape
+    holding that process's `step`, set at every step; the run's last for a process without steps, the pairing
+    service): a gauge set once, at an evaluation or a checkpoint, must not vanish. A worker that has finished
+    leaves the export whole, its `step` with it, and that is not a vanished gauge."""
     def gauges(samples):
         return {(name, tuple(sorted(labels.items()))) for name, spec in SPECS.items() if spec.kind == "gauge"
                 for labels, _ in samples.get(PREFIX + name, [])}
 
-    last = max(i for i, (s, _) in enumerate(scrapes) if PREFIX + "step" in s)
+    def process(series):
+        return dict(series[1]).get("WorkerId")  # Ray's label for the process; None outside Ray
+
+    last_step = {labels.get("WorkerId"): i for i, (s, _) in enumerate(scrapes) for labels, _ in s.get(PREFIX + "step", [])}
+    run_last = max(last_step.values())
     seen = set()
-    for samples, _ in scrapes[:last + 1]:
+    for i, (samples, _) in enumerate(scrapes[:run_last + 1]):
         now = gauges(samples)
-        assert seen <= now, f"gauges gone from the export: {sorted(seen - now)[:5]}"
+        gone = {g for g in seen - now if i <= last_step.get(process(g), run_last)}
+        assert not gone, f"gauges gone from the export at scrape {i}: {sorted(gone)[:5]}"
         seen |= now
     assert {n for n, _ in seen} >= {"eval_miou", "checkpoint_last_step", "run_info"}
 
