@@ -1,19 +1,27 @@
-"""Cost of a GuidedMix step against a supervised step (same labeled batch; unlabeled batch equal to it).
+"""Cost of a training step, two ways of doing the same work timed in turns in one run.
 
-Prints as its last line {"ratio": guidedmix step / supervised step, "images_per_s": {...}, "parts":
-{...seconds...}}, medians over repeated steps after warm-up, the two steps timed in turns. Three
-forward/backward passes make the floor about 3x. images_per_s counts the images a step consumes (the labeled
-batch; GuidedMix: labeled and unlabeled), what a GPU asks of its loaders.
+- `ratio`: a GuidedMix step / a supervised step (same labeled batch; unlabeled batch equal to it), through the
+  plain engine, with the GuidedMix-specific parts each timed on tensors of the step's shapes. Three
+  forward/backward passes make the floor about 3x.
+- `deepspeed_vs_plain`: the plain engine's step time / the DeepSpeed engine's (ZeRO `train.zero_stage`, one
+  rank), supervised and GuidedMix, in the same precision (goal: at least 0.9). In bf16 also
+  `deepspeed_bf16_mode_vs_plain`: DeepSpeed's own `bf16` section (the whole model cast, fp32 master copies),
+  the way the engine ran before, beside the same plain step.
+
+Medians over repeated steps after warm-up. images_per_s counts the images a step consumes (the labeled batch;
+GuidedMix: labeled and unlabeled), what a GPU asks of its loaders. Prints one JSON line.
 
     .venv/bin/python bench/step_cost.py [--batch 8] [--size 64] [--repeats 40] [--config configs/cpu-small.yaml]
-        [--device cpu|cuda] [--precision fp32|bf16] [--engine plain|deepspeed] [--classes 7]
+        [--device cpu|cuda] [--precision fp32|bf16] [--classes 7]
 
 On a GPU, as a worker trains: `--config configs/voc-r101.yaml --batch 4 --size 512 --classes 21 --device cuda
---precision bf16 --engine deepspeed` (the whole model in bf16, as the DeepSpeed engine casts it).
+--precision bf16`.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
+import copy
 import json
 import os
 import statistics
@@ -54,6 +62,25 @@ def single_process_group(device: torch.device) -> None:
     torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
 
 
+def deepspeed_bf16_mode(model, cfg, device, micro_batch: int):
+    """The DeepSpeed engine as it ran before autocast: its `bf16` section, the whole model cast to bf16."""
+    import deepspeed
+
+    from trainer.engine import build_optimizer, poly_schedule
+
+    model = model.to(device, torch.bfloat16)
+    optimizer = build_optimizer(model, cfg.optim)
+    engine, *_ = deepspeed.initialize(
+        model=model, optimizer=optimizer, lr_scheduler=poly_schedule(optimizer, cfg.train.steps, cfg.optim.poly_power),
+        config={"train_micro_batch_size_per_gpu": micro_batch, "zero_optimization": {"stage": cfg.train.zero_stage},
+                "zero_allow_untested_optimizer": True, "bf16": {"enabled": True}, "steps_per_print": 10**9})
+
+    def micro_step(loss):
+        engine.backward(loss)
+        engine.step()
+    return engine.module, micro_step
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default=os.path.join(ROOT, "configs", "cpu-small.yaml"))
@@ -63,34 +90,47 @@ def main():
     parser.add_argument("--classes", type=int, default=7)
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
-    parser.add_argument("--engine", default="plain", choices=["plain", "deepspeed"])
     parser.add_argument("--set", dest="overrides", action="append", default=[])
     args = parser.parse_args()
     device, bf16, classes = torch.device(args.device), args.precision == "bf16", args.classes
-    dtype = torch.bfloat16 if bf16 else torch.float32
-    cfg = load_config(args.config, [*args.overrides, f"train.engine={args.engine}"])
+    cfg = load_config(args.config, args.overrides)
     torch.manual_seed(0)
     model = build_model(cfg.model, classes, cfg.guidedmix.mitrans.reduction).train()
-    if args.engine == "deepspeed":
-        single_process_group(device)
-    # the plain engine keeps the model's dtype: cast here as DeepSpeed's engine casts it
-    engine = build_engine(model.to(device, dtype), cfg, device, bf16, args.batch, 1)
-    model = engine.module
+    single_process_group(device)
+    engines = {name: build_engine(copy.deepcopy(model), cfg.model_copy(update={"train": cfg.train.model_copy(
+        update={"engine": name})}), device, bf16, args.batch, 1) for name in ("plain", "deepspeed")}
     b, s = args.batch, args.size
-    x_l, x_u = torch.randn(b, 3, s, s, device=device, dtype=dtype), torch.randn(b, 3, s, s, device=device, dtype=dtype)
+    x_l, x_u = torch.randn(b, 3, s, s, device=device), torch.randn(b, 3, s, s, device=device)
     y_l = torch.randint(0, classes, (b, s, s), device=device)
     gen = torch.Generator(device=device).manual_seed(0)
     sync = torch.cuda.synchronize if device.type == "cuda" else lambda: None
 
-    def step(compute):
-        return lambda: engine.micro_step(compute().loss)
+    def steps(module, micro_step, autocast, x_l, x_u):
+        def step(loss_of):
+            def run():
+                with autocast():
+                    loss = loss_of().loss
+                micro_step(loss)
+            return run
+        return (step(lambda: guidedmix.supervised_loss(module, x_l, y_l)),
+                step(lambda: guidedmix.guidedmix_loss(module, x_l, y_l, x_u, 10**6, cfg.guidedmix, classes, None, None,
+                                                      gen)))
 
-    supervised, mixed = median_seconds(
-        step(lambda: guidedmix.supervised_loss(model, x_l, y_l)),
-        step(lambda: guidedmix.guidedmix_loss(model, x_l, y_l, x_u, 10**6, cfg.guidedmix, classes, None, None, gen)),
-        repeats=args.repeats, sync=sync)
+    ways = {name: steps(e.module, e.micro_step, e.autocast, x_l, x_u) for name, e in engines.items()}
+    if bf16:
+        module, micro_step = deepspeed_bf16_mode(copy.deepcopy(model), cfg, device, b)
+        ways["deepspeed_bf16_mode"] = steps(module, micro_step, contextlib.nullcontext,
+                                            x_l.to(torch.bfloat16), x_u.to(torch.bfloat16))
+    timed = median_seconds(*(fn for pair in ways.values() for fn in pair), repeats=args.repeats, sync=sync)
+    step_times = {name: {"supervised": timed[2 * i], "guidedmix": timed[2 * i + 1]} for i, name in enumerate(ways)}
+    plain = step_times["plain"]
+
+    def vs_plain(name):
+        return {k: round(plain[k] / step_times[name][k], 3) for k in plain}
+
     # the GuidedMix-specific parts, each timed on tensors of the step's shapes
-    with torch.no_grad():
+    model = engines["plain"].module
+    with torch.no_grad(), engines["plain"].autocast():
         low, high = model.encode(torch.cat([x_l, x_u]))
         emb = model.embed(high)
         features = model.decode(low[:b], high[:b]).detach()
@@ -101,7 +141,9 @@ def main():
     feats = features.clone().requires_grad_()
 
     def mitrans():
-        model.mitrans(feats).sum().backward()
+        with engines["plain"].autocast():
+            out = model.mitrans(feats).sum()
+        out.backward()
 
     pairing, mixing, strong_aug, mitrans_time, mask_generation, class_balanced = median_seconds(
         lambda: guidedmix.pair(emb[b:], emb[:b]),
@@ -116,13 +158,18 @@ def main():
     parts = {
         "pairing": pairing, "mixing": mixing, "strong_aug": strong_aug, "mitrans": mitrans_time,
         "mask_generation": mask_generation, "class_balanced": class_balanced,
-        "supervised_step": supervised,
-        "guidedmix_step": mixed,
+        "supervised_step": plain["supervised"], "guidedmix_step": plain["guidedmix"],
     }
-    print(json.dumps({"ratio": round(mixed / supervised, 3), "batch": b, "size": s, "device": str(device),
+    print(json.dumps({"ratio": round(plain["guidedmix"] / plain["supervised"], 3),
+                      "deepspeed_vs_plain": vs_plain("deepspeed"),
+                      **({"deepspeed_bf16_mode_vs_plain": vs_plain("deepspeed_bf16_mode")} if bf16 else {}),
+                      "batch": b, "size": s, "device": str(device),
                       "gpu": torch.cuda.get_device_name() if device.type == "cuda" else None,
-                      "precision": args.precision, "engine": args.engine, "threads": torch.get_num_threads(),
-                      "images_per_s": {"supervised": round(b / supervised, 1), "guidedmix": round(2 * b / mixed, 1)},
+                      "precision": args.precision, "zero_stage": cfg.train.zero_stage,
+                      "threads": torch.get_num_threads(),
+                      "images_per_s": {"supervised": round(b / plain["supervised"], 1),
+                                       "guidedmix": round(2 * b / plain["guidedmix"], 1)},
+                      "step_seconds": {name: {k: round(v, 5) for k, v in t.items()} for name, t in step_times.items()},
                       "parts": {k: round(v, 5) for k, v in parts.items()}}))
 
 

@@ -8,7 +8,6 @@ import os
 
 import fsspec
 import numpy as np
-import torch
 from PIL import Image
 
 from shards import build, sources
@@ -86,7 +85,7 @@ def _eval(args) -> int:
     manifest = read_manifest(cfg.data.url, cfg.data.storage_options, cfg.data.retries)
     if manifest["classes"] != classes:
         raise BadInput(f"--data {args.data}: its classes differ from the checkpoint's")
-    miou, per_class, _ = evaluate_model(model, cfg, WorkerContext(), manifest, torch.float32)
+    miou, per_class, _ = evaluate_model(model, cfg, WorkerContext(), manifest)
     print(json.dumps({"miou": miou, "per_class_iou": dict(zip(classes, per_class))}))
     return 0
 

@@ -13,7 +13,6 @@ import sys
 import tarfile
 import time
 import urllib.request
-from collections import Counter
 
 import psutil
 import pytest

@@ -496,30 +496,34 @@ OBJECTIVES = {
 }
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("bf16", [False, True], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("device", DEVICES)
-def test_every_objective_runs_where_the_model_is(device, dtype):
+def test_every_objective_runs_where_the_model_is(device, bf16):
     """The loop's generator lives on the worker's device (a CUDA generator draws only CUDA tensors) and a GPU
-    worker trains in bf16: every objective path takes its draws there and keeps its tensors on the device."""
+    worker trains in bf16 (fp32 weights, the forward under autocast): every objective path takes its draws
+    there, keeps its tensors on the device and mixes autocast's bf16 outputs with its own fp32 tensors."""
     from trainer import unimatch
 
     cfg = Config()
     torch.manual_seed(0)
-    model = small_model().to(device, dtype)
-    x_l, x_u = torch.randn(4, 3, 32, 32, device=device, dtype=dtype), torch.randn(4, 3, 32, 32, device=device, dtype=dtype)
+    model = small_model().to(device)
+    x_l, x_u = torch.randn(4, 3, 32, 32, device=device), torch.randn(4, 3, 32, 32, device=device)
     y_l = torch.randint(0, 5, (4, 32, 32), device=device)
     y_l[0, :4] = 255
+    autocast = lambda: torch.autocast(device, dtype=torch.bfloat16, enabled=bf16)  # noqa: E731
     for name, update in OBJECTIVES.items():
         gm = Config.model_validate({"guidedmix": {"rampup_steps": 0, "tau": 0.0, **update}}).guidedmix
-        teacher = small_model().to(device, dtype).eval() if gm.teacher == "ema" else None
-        out = guidedmix.guidedmix_loss(model, x_l, y_l, x_u, 10, gm, 5, teacher,
-                                       generator=torch.Generator(device=device).manual_seed(1))
+        teacher = small_model().to(device).eval() if gm.teacher == "ema" else None
+        with autocast():
+            out = guidedmix.guidedmix_loss(model, x_l, y_l, x_u, 10, gm, 5, teacher,
+                                           generator=torch.Generator(device=device).manual_seed(1))
         out.loss.backward()
         assert torch.isfinite(out.loss) and out.loss.device.type == device, name
         assert out.pseudo.device.type == device and float(out.parts["taught"]) > 0, name
         assert model.classifier.weight.grad.abs().sum() > 0, name
         model.zero_grad()
-    out = unimatch.unimatch_loss(model, x_l, y_l, x_u, 10, cfg.unimatch.model_copy(update={"tau": 0.0}),
-                                 cfg.guidedmix, torch.Generator(device=device).manual_seed(1))
+    with autocast():
+        out = unimatch.unimatch_loss(model, x_l, y_l, x_u, 10, cfg.unimatch.model_copy(update={"tau": 0.0}),
+                                     cfg.guidedmix, torch.Generator(device=device).manual_seed(1))
     out.loss.backward()
     assert torch.isfinite(out.loss) and out.pseudo.device.type == device

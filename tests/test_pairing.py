@@ -109,19 +109,19 @@ def test_bank_size_zero_in_the_config_is_refused_with_one_line(tmp_path):
 
 def test_images_survive_the_uint8_round_trip():
     pixels = torch.rand(2, 3, 8, 8) * 255  # any image a loader can produce, between grey levels
-    x = pairing.from_uint8(pixels.numpy(), "cpu", torch.float32)
-    back = pairing.from_uint8(pairing.to_uint8(x).numpy(), "cpu", torch.float32)
+    x = pairing.from_uint8(pixels.numpy(), "cpu")
+    back = pairing.from_uint8(pairing.to_uint8(x).numpy(), "cpu")
     assert (back - x).abs().max() < 0.5 / (0.224 * 255)  # half a grey level over the normalising std
 
 
 def test_outside_ray_the_bank_lives_in_the_process():
     cfg = Config().guidedmix.pairing.model_copy(update={"mode": "service", "bank_size": 32, "similarity": "random"})
     client = pairing.PairingClient(cfg, "runs/x", rank=0, in_ray=False, metrics=Metrics())
-    assert client.query(torch.randn(2, 16), None, 0, "cpu", torch.float32) is None and client.fallbacks == 1
+    assert client.query(torch.randn(2, 16), None, 0, "cpu") is None and client.fallbacks == 1
     emb, _, _ = batch(4)
     client.push(torch.from_numpy(emb), torch.randn(4, 3, 8, 8), torch.randint(0, 7, (4, 8, 8)), step=0)
     client.end_step(0)
-    images, masks = client.query(torch.from_numpy(emb[:2]), None, 1, "cpu", torch.float32)
+    images, masks = client.query(torch.from_numpy(emb[:2]), None, 1, "cpu")
     assert images.shape == (2, 3, 8, 8) and masks.shape == (2, 8, 8) and client.answered == 1
 
 
@@ -132,9 +132,9 @@ def test_a_worker_bank_lives_in_the_process_even_inside_ray():
     client = pairing.PairingClient(cfg, "runs/x", rank=0, in_ray=True, metrics=Metrics())
     emb, _, _ = batch(4)
     client.push(torch.from_numpy(emb), torch.randn(4, 3, 8, 8), torch.randint(0, 7, (4, 8, 8)), step=0)
-    assert client.query(torch.from_numpy(emb[:2]), None, 0, "cpu", torch.float32) is None  # until the step ends
+    assert client.query(torch.from_numpy(emb[:2]), None, 0, "cpu") is None  # until the step ends
     client.end_step(0)
-    images, masks = client.query(torch.from_numpy(emb[:2]), None, 1, "cpu", torch.float32)
+    images, masks = client.query(torch.from_numpy(emb[:2]), None, 1, "cpu")
     assert images.shape == (2, 3, 8, 8) and client.answered == 1 and client.actor is None
     assert client.local.bank.size == 4
 
@@ -157,7 +157,7 @@ def _worker_bank_draws(rank: int, world: int, port: int, results) -> None:
             g = torch.Generator().manual_seed(100 * step + place)
             images, masks = torch.randn(4, 3, 8, 8, generator=g), torch.randint(0, classes, (4, 8, 8), generator=g)
             overlap = torch.rand(2, classes, generator=g) * torch.tensor([[1.0], [0.0]]) + torch.tensor([[0.0], [1.0]])
-            found = client.query(torch.randn(4, 16), None, step, "cpu", torch.float32,
+            found = client.query(torch.randn(4, 16), None, step, "cpu",
                                  micro_generator(0, step, place, "cpu"))
             draws.append(None if found is None else found[1].tolist())
             client.push(torch.randn(4, 16, generator=g), images, masks, step,
@@ -245,16 +245,16 @@ def test_late_calls_never_queue_up_behind_a_busy_service(ray_client, tmp_path):
     actor = pairing.start_service(cfg, out)
     try:
         emb, images, masks = batch(4)
-        x, y = pairing.from_uint8(images, "cpu", torch.float32), torch.from_numpy(masks).long()
+        x, y = pairing.from_uint8(images, "cpu"), torch.from_numpy(masks).long()
         client = pairing.PairingClient(cfg, out, rank=0, in_ray=True, metrics=Metrics())
         # a step while the service is idle: it learns how long this worker's calls take at best
-        assert client.query(torch.from_numpy(emb[:2]), None, 0, "cpu", torch.float32) is None  # empty bank
+        assert client.query(torch.from_numpy(emb[:2]), None, 0, "cpu") is None  # empty bank
         ray.get(actor.inject_delay.remote(5.0))
         busy = actor.query.remote(emb, 0)  # the actor answers one call at a time: it is busy for 5 s
         started = time.monotonic()
         for step in range(10):
             client.push(torch.from_numpy(emb), x, y, step)
-            assert client.query(torch.from_numpy(emb[:2]), None, step, "cpu", torch.float32) is None
+            assert client.query(torch.from_numpy(emb[:2]), None, step, "cpu") is None
         assert time.monotonic() - started < 3.0 and client.fallbacks == 11
         ray.get(busy, timeout=30)
         ray.get(actor.inject_delay.remote(0.0))
@@ -262,7 +262,7 @@ def test_late_calls_never_queue_up_behind_a_busy_service(ray_client, tmp_path):
         # none of the ten late calls was worked on
         assert stats["queries"] == 2 and stats["pushes"] == 0 and stats["late_calls"] == 10
         client.push(torch.from_numpy(emb), x, y, 10)
-        images_back, masks_back = client.query(torch.from_numpy(emb[:2]), None, 10, "cpu", torch.float32)
+        images_back, masks_back = client.query(torch.from_numpy(emb[:2]), None, 10, "cpu")
         assert images_back.shape == (2, 3, 8, 8) and masks_back.shape == (2, 8, 8)
         assert ray.get(actor.stats.remote())["pushes"] == 1 and client.dropped_pushes == 0
     finally:

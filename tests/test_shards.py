@@ -1,5 +1,4 @@
 """The data layer end to end: dataset trees written here -> shards on disk and on S3 -> streams back."""
-import io
 import json
 import os
 import re

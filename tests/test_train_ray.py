@@ -148,8 +148,8 @@ def test_a_sweep_runs_its_grid_on_ray_tune_and_reruns_nothing_finished(synthetic
 
 
 def test_bf16_on_cpu_workers_through_a_checkpoint_and_a_resume(synthetic_url, tmp_path):
-    """The bf16 path a GPU run takes (DeepSpeed's bf16 engine), on CPU workers: dtype faults in mask
-    generation, losses, metrics and the pairing service's float32 bank show here first."""
+    """The bf16 path a GPU run takes (DeepSpeed with fp32 weights, the forward under autocast), on CPU workers:
+    dtype faults in mask generation, losses, metrics and the pairing service's float32 bank show here first."""
     out = str(tmp_path / "run")
     bf16 = ["--set", "train.precision=bf16", "--set", "train.ckpt_every=3", "--set", "guidedmix.pairing.mode=service",
             "--set", "guidedmix.rampup_steps=0", "--set", "guidedmix.tau=0"]  # every unlabeled pixel taught

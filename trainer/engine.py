@@ -1,9 +1,15 @@
-"""The optimisation engine behind the loop: DeepSpeed (ZeRO 0-3, bf16 on GPU) or plain PyTorch for one
-process. Both take the same SGD/AdamW with poly decay and expose the same small interface, and this module
-alone knows their checkpoint files: `save`/`load` resume training, `load_model_weights` reads the model's
-weights back for eval and predict."""
+"""The optimisation engine behind the loop: DeepSpeed (ZeRO 0-3) or plain PyTorch for one process. Both take
+the same SGD/AdamW with poly decay and expose the same small interface, and this module alone knows their
+checkpoint files: `save`/`load` resume training, `load_model_weights` reads the model's weights back for eval
+and predict.
+
+bf16 is mixed precision in both: fp32 weights and optimiser, the forward under `torch.autocast` (`autocast()`),
+which runs convolutions and matrix products in bf16 and keeps batch norm, softmax and reductions in fp32.
+DeepSpeed's own `bf16` mode casts the whole model and keeps fp32 master copies beside it: a copy of every
+weight and gradient each step, twice the step of its fp32 one (bench/step_cost.py)."""
 from __future__ import annotations
 
+import contextlib
 import glob
 import os
 import sys
@@ -33,15 +39,27 @@ def build_engine(model, cfg, device, bf16: bool, micro_batch: int, micro_steps: 
     """`micro_steps` micro-batches of `micro_batch` labeled images make one optimiser step of this worker."""
     if cfg.train.engine == "deepspeed":
         return DeepSpeedEngine(model, cfg, device, bf16, micro_batch, micro_steps)
-    return PlainEngine(model, cfg, device, micro_steps)
+    return PlainEngine(model, cfg, device, bf16, micro_steps)
 
 
-class PlainEngine:
-    def __init__(self, model, cfg, device, micro_steps: int):
+class MixedPrecision:
+    """`autocast()`: the context a forward runs in, bf16 mixed precision or nothing."""
+
+    def __init__(self, device, bf16: bool):
+        self.device_type, self.bf16 = torch.device(device).type, bf16
+
+    def autocast(self):
+        if not self.bf16:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device_type, dtype=torch.bfloat16)
+
+
+class PlainEngine(MixedPrecision):
+    def __init__(self, model, cfg, device, bf16: bool, micro_steps: int):
+        super().__init__(device, bf16)
         self.module = model.to(device)
         self.optimizer = build_optimizer(model, cfg.optim)
         self.scheduler = poly_schedule(self.optimizer, cfg.train.steps, cfg.optim.poly_power)
-        self.dtype = torch.float32
         self.micro_steps, self.micros = micro_steps, 0
 
     def micro_step(self, loss):
@@ -70,10 +88,11 @@ class PlainEngine:
         return state["client"]
 
 
-class DeepSpeedEngine:
+class DeepSpeedEngine(MixedPrecision):
     TAG = "engine"
 
     def __init__(self, model, cfg, device, bf16: bool, micro_batch: int, micro_steps: int):
+        super().__init__(device, bf16)
         # DeepSpeed JIT-builds its CPU ops with the first `ninja` on PATH, and ninja versions hash build
         # commands differently, so two of them rebuild each other's output every run: this environment's own
         # (a dependency of deepspeed) first, as `make venv` builds them
@@ -88,17 +107,16 @@ class DeepSpeedEngine:
             "gradient_accumulation_steps": micro_steps,
             "zero_optimization": {"stage": cfg.train.zero_stage},
             "zero_allow_untested_optimizer": True,  # SGD as the paper uses; DeepSpeed's list is Adam-centric
-            "bf16": {"enabled": bf16},
+            # fp32 weights, the forward under autocast (see the module's docstring); DeepSpeed then all-reduces
+            # the gradients of convolutions and linear layers in bf16, as its `bf16` mode would
+            "torch_autocast": {"enabled": bf16, "dtype": "bfloat16"},
             "steps_per_print": 10**9,
         }
-        # DeepSpeed's bf16 casts parameters only: batch norm's running statistics stay float32, and CPU batch
-        # norm refuses the mix; the whole model in bf16 (the statistics are averages: bf16 holds them)
-        model = model.to(device, torch.bfloat16 if bf16 else torch.float32)
+        model = model.to(device)
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=model, optimizer=optimizer, config=ds_config,
             lr_scheduler=poly_schedule(optimizer, cfg.train.steps, cfg.optim.poly_power))
         self.module = self.engine.module
-        self.dtype = torch.bfloat16 if bf16 else torch.float32
 
     def micro_step(self, loss):
         self.engine.backward(loss)  # scaled by 1 / gradient_accumulation_steps

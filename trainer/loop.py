@@ -85,7 +85,7 @@ def load_model(cfg: Config, num_classes: int):
     return model
 
 
-def evaluate_model(module, cfg: Config, ctx: WorkerContext, manifest: dict, dtype, keep: int = 0,
+def evaluate_model(module, cfg: Config, ctx: WorkerContext, manifest: dict, keep: int = 0,
                    on_batch: Callable[[], None] = lambda: None) -> tuple[float, list[float], list]:
     """mIoU over the whole val split: each rank its share, confusion matrices all-reduced; `on_batch` after
     each batch (a long evaluation is progress)."""
@@ -98,7 +98,7 @@ def evaluate_model(module, cfg: Config, ctx: WorkerContext, manifest: dict, dtyp
     for i, batch in enumerate(stream):
         if cfg.eval.max_batches and i >= cfg.eval.max_batches:
             break
-        images = batch["image"].to(ctx.device, dtype)
+        images = batch["image"].to(ctx.device)
         probs = evaluate.predict(module, images, num_classes, cfg.eval.mode, cfg.eval.window,
                                  cfg.eval.stride, cfg.eval.flip)
         pred = probs.argmax(1).cpu()
@@ -161,8 +161,6 @@ class Trainer:
         micro = self.streams["labeled"].layout
         self.engine = build_engine(model, cfg, ctx.device, bf16, micro.micro, micro.micro_steps)
         self.module = self.engine.module
-        if self.teacher is not None:
-            self.teacher.to(self.engine.dtype)  # teaches from the student's views, in the student's precision
         self.generator = torch.Generator(device=ctx.device).manual_seed(cfg.train.seed * 1000 + ctx.rank)
         self.metrics = for_this_process(ctx.in_ray, cfg.train.metrics_port if ctx.rank == 0 else 0,
                                         cfg.train.metrics_host, rank=ctx.rank, run=run_label(cfg.out))
@@ -268,7 +266,7 @@ class Trainer:
         try:
             while first < self.step * per_step:
                 batch = next(stream)
-                self.pairing.put_pixels(first, batch["image"].to(self.ctx.device, self.engine.dtype), batch["mask"])
+                self.pairing.put_pixels(first, batch["image"].to(self.ctx.device), batch["mask"])
                 first += len(batch["keys"])
         finally:
             stream.close()
@@ -284,8 +282,9 @@ class Trainer:
             waited += time.monotonic() - t_data
             # the micro-batch's place in the global batch, the same at any world size
             place = self.ctx.rank * self.micro_steps + micro
-            out = self._loss(batches["labeled"], batches.get("unlabeled"),
-                             micro_generator(self.cfg.train.seed, self.step, place, self.ctx.device))
+            with self.engine.autocast():
+                out = self._loss(batches["labeled"], batches.get("unlabeled"),
+                                 micro_generator(self.cfg.train.seed, self.step, place, self.ctx.device))
             self.engine.micro_step(out.loss)
             outs.append(out)
             self._count(batches)
@@ -305,13 +304,13 @@ class Trainer:
     def _loss(self, batch_l: dict, batch_u: Optional[dict], generator: torch.Generator) -> guidedmix.StepOutput:
         """One micro-batch's loss by the configured method."""
         ctx, gm, method = self.ctx, self.cfg.guidedmix, self.cfg.train.method
-        x_l = batch_l["image"].to(ctx.device, self.engine.dtype)
+        x_l = batch_l["image"].to(ctx.device)
         y_l = batch_l["mask"].to(ctx.device)
-        x_u = batch_u["image"].to(ctx.device, self.engine.dtype) if batch_u is not None else None
+        x_u = batch_u["image"].to(ctx.device) if batch_u is not None else None
         if method == "guidedmix":
             find = None
             if self.pairing is not None:
-                find = functools.partial(self.pairing.query, step=self.step, device=ctx.device, dtype=self.engine.dtype,
+                find = functools.partial(self.pairing.query, step=self.step, device=ctx.device,
                                          generator=generator)
             out = guidedmix.guidedmix_loss(self.module, x_l, y_l, x_u, self.step, gm, len(self.classes),
                                            self.teacher, find, generator)
@@ -372,8 +371,9 @@ class Trainer:
         rank 0 also keeps a few overlays."""
         average_buffers(self.module)
         keep = self.cfg.train.overlays if self.tracker else 0
-        miou, per_class, overlays = evaluate_model(self.module, self.cfg, self.ctx, self.manifest,
-                                                   self.engine.dtype, keep, on_batch=self._progress)
+        with self.engine.autocast():
+            miou, per_class, overlays = evaluate_model(self.module, self.cfg, self.ctx, self.manifest, keep,
+                                                       on_batch=self._progress)
         if not self.history or self.history[-1].get("step") != self.step or "miou" not in self.history[-1]:
             self.history.append({"step": self.step, "miou": miou})
         self.metrics.set("eval_miou", miou)

@@ -273,10 +273,10 @@ def mask_to_uint8(masks: torch.Tensor) -> torch.Tensor:
     return masks.clamp(0, 255).to(torch.uint8)
 
 
-def from_uint8(images: np.ndarray, device, dtype) -> torch.Tensor:
+def from_uint8(images: np.ndarray, device) -> torch.Tensor:
     mean = torch.as_tensor(MEAN).view(1, 3, 1, 1)
     std = torch.as_tensor(STD).view(1, 3, 1, 1)
-    return ((torch.tensor(images).float() - mean) / std).to(device, dtype)  # a copy: Ray's arrays are read-only
+    return ((torch.tensor(images).float() - mean) / std).to(device)  # a copy: Ray's arrays are read-only
 
 
 class PairingClient:
@@ -349,7 +349,7 @@ class PairingClient:
         self.local.bank.put_pixels(first, to_uint8(images).cpu().numpy(),
                                    mask_to_uint8(masks).cpu().numpy())
 
-    def query(self, embeddings: torch.Tensor, shares: Optional[torch.Tensor], step: int, device, dtype,
+    def query(self, embeddings: torch.Tensor, shares: Optional[torch.Tensor], step: int, device,
               generator: Optional[torch.Generator] = None):
         """(images, masks) of the best-matching bank entries for unlabeled embeddings (and the class shares of
         their predictions), or None: pair in-batch this step. A local bank draws with `generator`."""
@@ -367,7 +367,7 @@ class PairingClient:
             return None
         self.answered += 1
         masks = torch.from_numpy(answer["masks"].astype(np.int64))
-        return from_uint8(answer["images"], device, dtype), masks.to(device)
+        return from_uint8(answer["images"], device), masks.to(device)
 
     def _ask(self, embeddings: np.ndarray, step: int, shares: Optional[np.ndarray], generator):
         if self.local is not None:
