@@ -6,7 +6,9 @@ import contextlib
 import io
 import logging
 import os
+import socket
 import tempfile
+import time
 
 import torch
 
@@ -58,3 +60,18 @@ def run_many(runs: list[tuple[str, int, list[str]]], parallel: int = 2) -> list[
     config = os.path.join(ROOT, "configs", "cpu-small.yaml")
     trials = [t for label, seed, overrides in runs for t in sweep.plan(config, overrides, {label: []}, [seed], SWEEPS)]
     return sweep.run_trials(trials, parallel)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_port(port: int) -> None:
+    for _ in range(200):
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.1)
+    raise TimeoutError(f"nothing listens on 127.0.0.1:{port}")

@@ -29,7 +29,6 @@ import argparse
 import io
 import json
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -44,6 +43,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 sys.path.insert(0, __file__.rsplit("/bench/", 1)[0])
+from bench.common import free_port, wait_port  # noqa: E402
 from shards import augment, build, sources, synthetic  # noqa: E402
 from shards.stream import ShardStream, StreamSpec  # noqa: E402
 from trainer.config import DataConfig  # noqa: E402
@@ -96,21 +96,6 @@ def rate(batches, count: int, batch_size: int) -> float:
     if isinstance(batches, ShardStream):
         batches.close()
     return count * batch_size / seconds
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_port(port: int) -> None:
-    for _ in range(200):
-        with socket.socket() as s:
-            if s.connect_ex(("127.0.0.1", port)) == 0:
-                return
-        time.sleep(0.1)
-    raise TimeoutError(f"nothing listens on 127.0.0.1:{port}")
 
 
 def main():

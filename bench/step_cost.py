@@ -7,12 +7,16 @@
   rank), supervised and GuidedMix, in the same precision (goal: at least 0.9). In bf16 also
   `deepspeed_bf16_mode_vs_plain`: DeepSpeed's own `bf16` section (the whole model cast, fp32 master copies),
   the way the engine ran before, beside the same plain step.
+- `ratio_default`: the default recipe as a run trains it / supervised: two CPU worker processes over gloo,
+  each the Trainer of a run (DeepSpeed engine, the worker pairing bank with its `all_gather` at the step's
+  end and its query each micro-batch), `train_step` timed without its data wait, the two methods in turns;
+  with its parts (the bank's calls, per step; rank 0's). Goal: at most 3.4.
 
 Medians over repeated steps after warm-up. images_per_s counts the images a step consumes (the labeled batch;
 GuidedMix: labeled and unlabeled), what a GPU asks of its loaders. Prints one JSON line.
 
     .venv/bin/python bench/step_cost.py [--batch 8] [--size 64] [--repeats 40] [--config configs/cpu-small.yaml]
-        [--device cpu|cuda] [--precision fp32|bf16] [--classes 7]
+        [--device cpu|cuda] [--precision fp32|bf16] [--classes 7] [--default-workers 2 (0: skip)]
 
 On a GPU, as a worker trains: `--config configs/voc-r101.yaml --batch 4 --size 512 --classes 21 --device cuda
 --precision bf16`.
@@ -26,16 +30,20 @@ import json
 import os
 import statistics
 import sys
+import tempfile
 import time
 
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+from bench.common import free_port, study_shards  # noqa: E402
 from trainer import guidedmix  # noqa: E402
 from trainer.config import load_config  # noqa: E402
 from trainer.engine import build_engine  # noqa: E402
 from trainer.model import build_model  # noqa: E402
+
+PAIRING_CALLS = ("query", "push", "end_step")
 
 
 def median_seconds(*fns, repeats: int, warmup: int = 3, sync=lambda: None) -> list[float]:
@@ -55,11 +63,75 @@ def median_seconds(*fns, repeats: int, warmup: int = 3, sync=lambda: None) -> li
     return [statistics.median(spent) for spent in times]
 
 
-def single_process_group(device: torch.device) -> None:
-    """The one-rank process group DeepSpeed's engine expects (Ray Train makes it in a run)."""
-    os.environ.update({"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
-                       "MASTER_PORT": os.environ.get("MASTER_PORT", "29517")})
+def process_group(device: torch.device, port: int, rank: int = 0, world_size: int = 1) -> None:
+    """The process group DeepSpeed's engine expects (Ray Train makes it in a run)."""
+    os.environ.update({"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world_size),
+                       "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
     torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
+
+
+def default_recipe_worker(rank: int, world_size: int, port: int, config: str, url: str, overrides: list[str],
+                          repeats: int, result: str) -> None:
+    """One worker of the `ratio_default` measurement: a supervised and a default Trainer on the same data, their
+    steps timed in turns; rank 0 writes the medians to `result`."""
+    from trainer.loop import Trainer, WorkerContext
+
+    torch.set_num_threads(1)  # a Ray Train worker's share on these machines
+    process_group(torch.device("cpu"), port, rank, world_size)
+    ctx, out = WorkerContext(rank=rank, world_size=world_size), os.path.dirname(result)
+    trainers = {method: Trainer(load_config(config, [
+        f"data.url={url}", f"out={out}/{method}", "train.engine=deepspeed", f"train.workers={world_size}",
+        f"train.method={method}", "train.steps=100000", "data.loader_workers=0", *overrides]), ctx)
+        for method in ("supervised", "guidedmix")}
+    bank = trainers["guidedmix"].pairing
+    spent = {call: 0.0 for call in PAIRING_CALLS}
+    for call in PAIRING_CALLS:
+        def timed(*args, _fn=getattr(bank, call), _call=call, **kwargs):
+            t0 = time.perf_counter()
+            try:
+                return _fn(*args, **kwargs)
+            finally:
+                spent[_call] += time.perf_counter() - t0
+        setattr(bank, call, timed)
+
+    def step(trainer):
+        def run():
+            t0 = time.perf_counter()
+            trainer.train_step()
+            return time.perf_counter() - t0 - trainer.data_wait
+        return run
+
+    runs = {method: step(trainer) for method, trainer in trainers.items()}
+    for _ in range(3):  # warm-up: the bank answers from the first step's end on
+        for run in runs.values():
+            run()
+    spent.update({call: 0.0 for call in PAIRING_CALLS})
+    queries, answered = bank.queries, bank.answered
+    times = {method: [] for method in runs}
+    for _ in range(repeats):
+        for method, run in runs.items():
+            times[method].append(run())
+    if rank == 0:
+        with open(result, "w") as f:
+            json.dump({"steps": {m: statistics.median(t) for m, t in times.items()},
+                       "bank_calls": {c: v / repeats for c, v in spent.items()},
+                       "bank_answered": (bank.answered - answered) / max(bank.queries - queries, 1)}, f)
+    torch.distributed.destroy_process_group()
+
+
+def default_recipe_cost(config: str, overrides: list[str], workers: int, repeats: int) -> dict:
+    url = study_shards("synthetic", "1/16")
+    result = os.path.join(tempfile.mkdtemp(prefix="gm-step-cost-"), "default.json")
+    torch.multiprocessing.spawn(default_recipe_worker, (workers, free_port(), config, url, overrides, repeats, result),
+                                nprocs=workers)
+    with open(result) as f:
+        measured = json.load(f)
+    steps = measured["steps"]
+    return {"ratio_default": round(steps["guidedmix"] / steps["supervised"], 3),
+            "default_parts": {"workers": workers, "supervised_step": round(steps["supervised"], 5),
+                              "default_step": round(steps["guidedmix"], 5),
+                              **{f"bank_{c}": round(v, 5) for c, v in measured["bank_calls"].items()},
+                              "bank_answered_share": measured["bank_answered"]}}
 
 
 def deepspeed_bf16_mode(model, cfg, device, micro_batch: int):
@@ -90,13 +162,14 @@ def main():
     parser.add_argument("--classes", type=int, default=7)
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
+    parser.add_argument("--default-workers", type=int, default=2)
     parser.add_argument("--set", dest="overrides", action="append", default=[])
     args = parser.parse_args()
     device, bf16, classes = torch.device(args.device), args.precision == "bf16", args.classes
     cfg = load_config(args.config, args.overrides)
     torch.manual_seed(0)
     model = build_model(cfg.model, classes, cfg.guidedmix.mitrans.reduction).train()
-    single_process_group(device)
+    process_group(device, free_port())
     engines = {name: build_engine(copy.deepcopy(model), cfg.model_copy(update={"train": cfg.train.model_copy(
         update={"engine": name})}), device, bf16, args.batch, 1) for name in ("plain", "deepspeed")}
     b, s = args.batch, args.size
@@ -160,7 +233,10 @@ def main():
         "mask_generation": mask_generation, "class_balanced": class_balanced,
         "supervised_step": plain["supervised"], "guidedmix_step": plain["guidedmix"],
     }
-    print(json.dumps({"ratio": round(plain["guidedmix"] / plain["supervised"], 3),
+    torch.distributed.destroy_process_group()
+    default = default_recipe_cost(args.config, args.overrides, args.default_workers, args.repeats) \
+        if args.default_workers else {}
+    print(json.dumps({"ratio": round(plain["guidedmix"] / plain["supervised"], 3), **default,
                       "deepspeed_vs_plain": vs_plain("deepspeed"),
                       **({"deepspeed_bf16_mode_vs_plain": vs_plain("deepspeed_bf16_mode")} if bf16 else {}),
                       "batch": b, "size": s, "device": str(device),
