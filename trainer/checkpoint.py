@@ -1,27 +1,36 @@
 """Checkpoints under OUT/checkpoints on any fsspec URL, one store for Ray workers and single processes.
 
 A checkpoint is a folder `step-NNNNNNNN/` holding the engine's files (DeepSpeed's, or a plain torch
-file), the run's config and classes (`config.json`, secrets dropped) and one `rank-R.json` per rank (its
-data-stream positions and sample ledger). `load_trained` reads one back as a model for eval and predict.
-Every rank uploads its files, all ranks meet at a barrier, then rank 0 writes `latest` (naming the folder): the commit.
-A failed or interrupted write (storage down past the retry budget, a full or read-only target, a killed
-worker) leaves `latest` on the previous, complete checkpoint, and raises CheckpointError naming the URL.
+file), the run's config and classes (`config.json`, secrets dropped), one `rank-R.json` per rank (its
+data-stream positions and sample ledger) and one `rank-R.complete` per rank (its files are all there).
+`load_trained` reads one back as a model for eval and predict.
+
+Saving does not stall training: the step hands the store its state as host copies (`Snapshot`) and goes on;
+a background thread writes the files, uploads them and marks the rank complete, and rank 0 writes `latest`
+(naming the folder) once every rank is: the commit. A new checkpoint waits for the previous one's commit,
+and so does the end of the run. A failed or interrupted write (storage down past the retry budget, a full or
+read-only target, a killed worker) leaves `latest` on the previous, complete checkpoint; the error
+(CheckpointError, naming the URL) is raised in the training thread at its next step.
 """
 from __future__ import annotations
 
+import collections
+import concurrent.futures
 import json
 import logging
 import os
 import re
 import shutil
 import tempfile
+import threading
 import time
 from typing import Callable, Optional
+
+import torch
 
 from shards.errors import BadInput, StorageFailure
 from shards.storage import describe_error, filesystem, join, with_retries
 
-from .collectives import barrier
 from .config import Config
 from .engine import load_model_weights
 from .model import build_model
@@ -29,6 +38,8 @@ from .model import build_model
 log = logging.getLogger("guidedmix.checkpoint")
 LATEST = "latest"
 RUN_CONFIG = "config.json"
+COMPLETE = "rank-{rank}.complete"
+COMMIT_POLL_S = 0.2
 
 
 class CheckpointError(StorageFailure):
@@ -40,6 +51,7 @@ class CheckpointStore:
         self.root = join(out, "checkpoints")
         self.fs, self.path = filesystem(self.root, storage_options)
         self.keep, self.retries = keep, retries
+        self._pending: Optional[concurrent.futures.Future] = None
 
     def _retry(self, fn, url):
         try:
@@ -59,28 +71,60 @@ class CheckpointStore:
                 return None
             raise
 
-    def save(self, name: str, rank: int, write_files: Callable[[str], None]) -> None:
-        """`write_files(folder)` puts this rank's files in a local folder; they are uploaded, every rank
-        waits for the others, then rank 0 commits and prunes."""
+    def save(self, name: str, rank: int, world_size: int, write_files: Callable[["Snapshot"], None],
+             on_commit: Callable[[float], None] = lambda seconds: None) -> None:
+        """`write_files(snapshot)` hands this rank's state to a Snapshot (host copies; collectives allowed);
+        the files are then written, uploaded and committed in the background, and `on_commit(seconds)` runs
+        once `latest` names them (on rank 0; on the others once their part is written). Waits for the
+        previous checkpoint first."""
+        self.wait()
         started = time.monotonic()
-        local = tempfile.mkdtemp(prefix="guidedmix-save-")
+        snapshot = Snapshot(tempfile.mkdtemp(prefix="guidedmix-save-"))
+        try:
+            write_files(snapshot)
+        except BaseException:
+            remove_local(snapshot.folder)
+            raise
+        self._pending = in_background(self._write_and_commit, snapshot, name, rank, world_size,
+                                      lambda: on_commit(time.monotonic() - started))
+
+    def _write_and_commit(self, snapshot: "Snapshot", name: str, rank: int, world_size: int,
+                          on_commit: Callable[[], None]) -> None:
         try:
             try:
-                write_files(local)
+                snapshot.write()
             except (OSError, RuntimeError) as e:  # a full disk or a file size limit (torch's writer: RuntimeError)
                 text = (str(e).splitlines() or [""])[0][:160]
                 raise CheckpointError(f"{join(self.root, name)}: writing its files failed ({type(e).__name__}: "
                                       f"{text}); the previous checkpoint stays the latest") from e
-            self._upload(local, name)
+            self._upload(snapshot.folder, name)
         finally:
-            remove_local(local)
-        barrier()
+            remove_local(snapshot.folder)
+        folder = join(self.path, name)
+        self._retry(lambda: self.fs.pipe_file(join(folder, COMPLETE.format(rank=rank)), b""), join(self.root, name))
         if rank == 0:
+            wanted = {COMPLETE.format(rank=r) for r in range(world_size)}
+            while not wanted <= self._names(folder):
+                time.sleep(COMMIT_POLL_S)
             self._retry(lambda: self.fs.pipe_file(join(self.path, LATEST), name.encode()), self.root)
             self._prune(name)
-        barrier()
-        if rank == 0:
-            log.info("checkpoint %s committed in %.1fs", name, time.monotonic() - started)
+            log.info("checkpoint %s committed", name)
+        on_commit()
+
+    def _names(self, folder: str) -> set[str]:
+        self.fs.invalidate_cache(folder)  # s3fs caches listings; another rank's marker is news
+        return {os.path.basename(p.rstrip("/")) for p in self._retry(lambda: self.fs.ls(folder, detail=False), folder)}
+
+    def poll(self) -> None:
+        """Raise a background write's error, if it has failed (cheap: called every step)."""
+        if self._pending is not None and self._pending.done():
+            self.wait()
+
+    def wait(self) -> None:
+        """Until this rank's last checkpoint is written (and on rank 0, committed); raises its error."""
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            pending.result()
 
     def _upload(self, local_dir: str, name: str) -> None:
         target = join(self.path, name)
@@ -99,7 +143,7 @@ class CheckpointStore:
             names = sorted(os.path.basename(p.rstrip("/")) for p in self.fs.ls(self.path, detail=False))
         except OSError:
             return
-        steps = [n for n in names if n.startswith("step-") and n != current]
+        steps = [n for n in names if n.startswith("step-") and n < current]  # a later one may be uploading
         for old in steps[: max(0, len(steps) - (self.keep - 1))]:
             try:
                 self.fs.rm(join(self.path, old), recursive=True)
@@ -119,6 +163,51 @@ class CheckpointStore:
             os.makedirs(os.path.dirname(path), exist_ok=True)
             self._retry(lambda: self.fs.get_file(remote, path), join(self.root, name, relative))
         return local
+
+
+def in_background(fn, *args) -> concurrent.futures.Future:
+    """`fn(*args)` in a daemon thread: a process that ends (an error, a signal) does not wait for an upload,
+    as the executors' threads would make it."""
+    future = concurrent.futures.Future()
+
+    def run():
+        try:
+            future.set_result(fn(*args))
+        except BaseException as e:
+            future.set_exception(e)
+    threading.Thread(target=run, name="checkpoint", daemon=True).start()
+    return future
+
+
+class Snapshot:
+    """A checkpoint's files as this rank hands them over: tensors copied to host memory at once (training
+    goes on changing the originals), written to `folder` later by `write()`. Small files (JSON) go to
+    `folder` directly."""
+
+    def __init__(self, folder: str):
+        self.folder, self.files = folder, {}
+
+    def save(self, state, path: str) -> None:
+        """`path` relative to the folder, or inside it (DeepSpeed's checkpoint engine names whole paths)."""
+        self.files[os.path.join(self.folder, path)] = host_copy(state)
+
+    def write(self) -> None:
+        for path, state in self.files.items():
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            torch.save(state, path)
+
+
+def host_copy(state):
+    """`state` with every tensor copied to host memory; containers rebuilt, other values as they are (numbers,
+    strings, DeepSpeed's config), lists and dicts copied."""
+    if torch.is_tensor(state):
+        return state.detach().to("cpu", copy=True)
+    if isinstance(state, dict):
+        copied = {k: host_copy(v) for k, v in state.items()}
+        return collections.OrderedDict(copied) if isinstance(state, collections.OrderedDict) else copied
+    if isinstance(state, list) or (isinstance(state, tuple) and not hasattr(state, "_fields")):
+        return type(state)(host_copy(v) for v in state)
+    return state
 
 
 def step_name(step: int) -> str:

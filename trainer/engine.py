@@ -75,10 +75,10 @@ class PlainEngine(MixedPrecision):
     def lr(self) -> float:
         return self.optimizer.param_groups[0]["lr"]
 
-    def save(self, local_dir: str, client_state: dict) -> None:
-        torch.save({"model": self.module.state_dict(), "optimizer": self.optimizer.state_dict(),
-                    "scheduler": self.scheduler.state_dict(), "client": client_state},
-                   os.path.join(local_dir, PLAIN_FILE))
+    def save(self, snapshot, client_state: dict) -> None:
+        """Hands the engine's state to a checkpoint.Snapshot (host copies, written later)."""
+        snapshot.save({"model": self.module.state_dict(), "optimizer": self.optimizer.state_dict(),
+                       "scheduler": self.scheduler.state_dict(), "client": client_state}, PLAIN_FILE)
 
     def load(self, local_dir: str) -> dict:
         state = torch.load(os.path.join(local_dir, PLAIN_FILE), weights_only=False)
@@ -125,10 +125,22 @@ class DeepSpeedEngine(MixedPrecision):
     def lr(self) -> float:
         return self.engine.get_lr()[0]
 
-    def save(self, local_dir: str, client_state: dict) -> None:
-        self.engine.save_checkpoint(local_dir, tag=self.TAG, client_state=client_state)
+    def save(self, snapshot, client_state: dict) -> None:
+        """DeepSpeed's own checkpoint (and at ZeRO > 0 the portable state), its files handed to a
+        checkpoint.Snapshot: DeepSpeed's checkpoint engine is swapped for one that keeps them in host memory."""
+        from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
+
+        class ToSnapshot(TorchCheckpointEngine):
+            def save(self, state_dict, path: str):
+                snapshot.save(state_dict, path)
+
+        own, self.engine.checkpoint_engine = self.engine.checkpoint_engine, ToSnapshot()
+        try:
+            self.engine.save_checkpoint(snapshot.folder, tag=self.TAG, client_state=client_state)
+        finally:
+            self.engine.checkpoint_engine = own
         if self.engine.zero_optimization_stage() > 0:
-            self._save_portable(local_dir, client_state)
+            self._save_portable(snapshot, client_state)
 
     def load(self, local_dir: str) -> dict:
         if self.engine.zero_optimization_stage() > 0 and _zero_world(local_dir) != torch.distributed.get_world_size():
@@ -148,21 +160,20 @@ class DeepSpeedEngine(MixedPrecision):
         """The torch optimiser over ZeRO's flat fp32 partitions."""
         return self.engine.optimizer.optimizer
 
-    def _save_portable(self, local_dir: str, client_state: dict) -> None:
+    def _save_portable(self, snapshot, client_state: dict) -> None:
         from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
 
         self._link_optimiser_state()
         params, optimiser = {}, {}
         for name, p in self.module.named_parameters():  # collective: every rank, the same order
-            params[name] = safe_get_full_fp32_param(p).cpu()
-            optimiser[name] = {k: safe_get_full_optimizer_state(p, k).cpu() for k in self._optimiser_keys()}
+            params[name] = safe_get_full_fp32_param(p)
+            optimiser[name] = {k: safe_get_full_optimizer_state(p, k) for k in self._optimiser_keys()}
         if torch.distributed.get_rank() == 0:
             steps = [state["step"] for state in self._inner().state.values() if "step" in state]
-            torch.save({"params": params, "optimiser": optimiser, "optimiser_step": steps[0] if steps else None,
-                        "buffers": {n: b.cpu() for n, b in self.module.named_buffers()},
-                        "scheduler": self.scheduler.state_dict(), "global_steps": self.engine.global_steps,
-                        "global_samples": self.engine.global_samples, "client_state": client_state},
-                       os.path.join(local_dir, PORTABLE_FILE))
+            snapshot.save({"params": params, "optimiser": optimiser, "optimiser_step": steps[0] if steps else None,
+                           "buffers": dict(self.module.named_buffers()), "scheduler": self.scheduler.state_dict(),
+                           "global_steps": self.engine.global_steps, "global_samples": self.engine.global_samples,
+                           "client_state": client_state}, PORTABLE_FILE)
 
     def _load_portable(self, local_dir: str) -> dict:
         import deepspeed

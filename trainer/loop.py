@@ -194,7 +194,7 @@ class Trainer:
         for split in splits:
             m.declare("samples_total", split=split)
         for name in ("corrupt_samples_total", "step_duration_seconds", "data_wait_seconds",
-                     "checkpoint_duration_seconds"):
+                     "checkpoint_duration_seconds", "checkpoint_stall_seconds"):
             m.declare(name)
         self._progress()
 
@@ -275,6 +275,7 @@ class Trainer:
         """One optimiser step: this rank's share of the global batch, in micro-batches whose gradients
         accumulate; records metrics without reading any value back from the device. Returns the step's losses
         averaged over its micro-batches."""
+        self.store.poll()  # a checkpoint that failed in the background ends the run here
         t_step, waited, outs = time.monotonic(), 0.0, []
         for micro in range(self.micro_steps):
             t_data = time.monotonic()
@@ -384,36 +385,42 @@ class Trainer:
         return miou, per_class, overlays
 
     def save(self) -> None:
-        """A checkpoint of every rank, committed once all are written (see trainer/checkpoint.py)."""
+        """A checkpoint of every rank: its state handed over as host copies, written and committed in the
+        background (see trainer/checkpoint.py); the step goes on."""
         t0 = time.monotonic()
         average_buffers(self.module)
+        step = self.step
 
-        def write_files(local):
-            self.engine.save(local, {"step": self.step, "history": self.history, "elapsed": self.elapsed(),
-                                     "world_size": self.ctx.world_size, "resizes": self.resizes})
+        def write_files(snapshot):
+            self.engine.save(snapshot, {"step": step, "history": self.history, "elapsed": self.elapsed(),
+                                        "world_size": self.ctx.world_size, "resizes": self.resizes})
             rank_state = {"streams": {n: s.state_dict() for n, s in self.streams.items()}}
             if self.cfg.train.ledger:
                 rank_state["ledger"] = self.ledger
-            checkpoint.write_rank_state(local, self.ctx.rank, rank_state)
+            checkpoint.write_rank_state(snapshot.folder, self.ctx.rank, rank_state)
             if self.ctx.rank == 0:
-                checkpoint.write_run_config(local, self.cfg, self.classes)
+                checkpoint.write_run_config(snapshot.folder, self.cfg, self.classes)
                 if self.teacher is not None:
-                    torch.save(self.teacher.state_dict(), f"{local}/teacher.pt")
+                    snapshot.save(self.teacher.state_dict(), "teacher.pt")
                 bank = self.pairing.state_dict() if self.pairing is not None else None
                 if bank is not None:  # every rank's bank is the same
-                    torch.save(bank, f"{local}/{BANK_FILE}")
+                    snapshot.save(bank, BANK_FILE)
 
-        self.store.save(checkpoint.step_name(self.step), self.ctx.rank, write_files)
+        def committed(seconds):
+            self.metrics.observe("checkpoint_duration_seconds", seconds)
+            self.metrics.set("checkpoint_last_step", step)
+            self._progress()
+
+        self.store.save(checkpoint.step_name(step), self.ctx.rank, self.ctx.world_size, write_files, committed)
         if self.tracker:
             self.tracker.sync()
-        self.metrics.observe("checkpoint_duration_seconds", time.monotonic() - t0)
-        self.metrics.set("checkpoint_last_step", self.step)
-        self._progress()
+        self.metrics.observe("checkpoint_stall_seconds", time.monotonic() - t0)
 
     def finish(self) -> Optional[dict]:
         """The final evaluation and, on rank 0, the run's outputs; returns the summary there."""
         cfg, ctx = self.cfg, self.ctx
-        miou, per_class, overlays = self.evaluate()
+        miou, per_class, overlays = self.evaluate()  # while the last checkpoint uploads
+        self.store.wait()
         skipped = all_reduce(torch.tensor([sum(s.skipped for s in self.streams.values())]))
         if cfg.train.ledger:
             outputs.write_json(f"{cfg.out.rstrip('/')}/ledger/rank-{ctx.rank}.json", self.ledger,

@@ -1,0 +1,112 @@
+"""What a checkpoint costs training: the asynchronous checkpoint (the step hands host copies over; writing,
+upload and commit in the background) against a synchronous one (the same save, waited for), each taken once
+in a stretch of training steps of DeepLabv3+ R50 (AdamW: weights and two moments, about 0.5 GB).
+
+    stall_ratio = (a stretch with an asynchronous checkpoint - the stretch without) /
+                  (a stretch with a synchronous checkpoint - the stretch without)
+
+A stretch is twice as long as a synchronous checkpoint; the stretches run in turns, `--rounds` times; medians. The wait for an asynchronous checkpoint that has not
+committed by the stretch's end counts as lost. Targets: local disk, and S3 (moto_server on loopback behind
+bench/tcp_proxy.py at `--latency-ms`). Goal: at most 0.1. Prints one JSON line.
+
+    .venv/bin/python bench/checkpoint_stall.py [--backbone resnet50] [--rounds 3] [--latency-ms 20]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+from bench.common import free_port, wait_port  # noqa: E402
+from trainer import checkpoint, guidedmix  # noqa: E402
+from trainer.config import load_config  # noqa: E402
+from trainer.engine import build_engine  # noqa: E402
+from trainer.model import build_model  # noqa: E402
+
+
+def stretches(engine, store, rounds: int, batch: int, size: int) -> dict:
+    x = torch.randn(batch, 3, size, size)
+    y = torch.randint(0, 7, (batch, size, size))
+    saves = iter(range(10**6))
+
+    def step():
+        engine.micro_step(guidedmix.supervised_loss(engine.module, x, y).loss)
+
+    def stretch(save: str, steps: int) -> float:
+        t0 = time.perf_counter()
+        for i in range(steps):
+            step()
+            if i == 0 and save != "none":
+                store.save(checkpoint.step_name(next(saves)), 0, 1,
+                           lambda snapshot: engine.save(snapshot, {"step": i}))
+                if save == "sync":
+                    store.wait()
+        store.wait()  # an asynchronous checkpoint not done by now holds training up from here
+        return time.perf_counter() - t0
+
+    # warm-up, and a stretch long enough for a checkpoint to finish in the background: twice a synchronous one
+    one_step, one_checkpoint = stretch("none", 2) / 2, stretch("sync", 1)
+    steps = max(4, math.ceil(2 * one_checkpoint / one_step))
+    times = {"none": [], "sync": [], "async": []}
+    for _ in range(rounds):
+        for save in times:
+            times[save].append(stretch(save, steps))
+    none, sync, async_ = (statistics.median(times[k]) for k in ("none", "sync", "async"))
+    return {"stall_ratio": round((async_ - none) / (sync - none), 3), "steps": steps,
+            "seconds": {"stretch": round(none, 2), "sync_checkpoint": round(sync - none, 2),
+                        "async_checkpoint": round(async_ - none, 2)}}
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--backbone", default="resnet50")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--batch", type=int, default=2)
+    parser.add_argument("--size", type=int, default=64)
+    parser.add_argument("--latency-ms", type=float, default=20.0)
+    args = parser.parse_args()
+    torch.set_num_threads(1)  # one core trains, the other is the background writer's
+    cfg = load_config(os.path.join(ROOT, "configs", "cpu-small.yaml"), [f"model.backbone={args.backbone}"])
+    torch.manual_seed(0)
+    model = build_model(cfg.model, 7, cfg.guidedmix.mitrans.reduction).train()
+    engine = build_engine(model, cfg.model_copy(update={"train": cfg.train.model_copy(update={"engine": "plain"})}),
+                          torch.device("cpu"), False, args.batch, 1)
+    megabytes = 3 * sum(p.numel() * 4 for p in model.parameters()) / 2**20  # weights and AdamW's two moments
+    result = {"backbone": args.backbone, "checkpoint_mb": round(megabytes)}
+    result["local"] = stretches(engine, checkpoint.CheckpointStore(tempfile.mkdtemp(prefix="gm-stall-"), None, 1),
+                                args.rounds, args.batch, args.size)
+    s3_port, front_port = free_port(), free_port()
+    servers = [subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(s3_port)],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL),
+               subprocess.Popen([sys.executable, os.path.join(ROOT, "bench", "tcp_proxy.py"), str(front_port),
+                                 str(s3_port), "--latency-ms", str(args.latency_ms)])]
+    try:
+        wait_port(s3_port)
+        wait_port(front_port)
+        os.environ.update({"AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench",
+                           "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL": f"http://127.0.0.1:{front_port}"})
+        import fsspec
+
+        fsspec.filesystem("s3", skip_instance_cache=True).mkdir("stall")
+        result["s3"] = stretches(engine, checkpoint.CheckpointStore("s3://stall/run", None, 1), args.rounds,
+                                 args.batch, args.size)
+        result["s3"]["latency_ms"] = args.latency_ms
+    finally:
+        for server in servers:
+            server.terminate()
+            server.wait()
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
