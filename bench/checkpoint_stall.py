@@ -1,13 +1,15 @@
 """What a checkpoint costs training: the asynchronous checkpoint (the step hands host copies over; writing,
 upload and commit in the background) against a synchronous one (the same save, waited for), each taken once
-in a stretch of training steps of DeepLabv3+ R50 (AdamW: weights and two moments, about 0.5 GB).
+in a stretch of training steps of DeepLabv3+ R50 (AdamW: weights and two moments, about 300 MB).
 
     stall_ratio = (a stretch with an asynchronous checkpoint - the stretch without) /
                   (a stretch with a synchronous checkpoint - the stretch without)
 
-A stretch is twice as long as a synchronous checkpoint; the stretches run in turns, `--rounds` times; medians. The wait for an asynchronous checkpoint that has not
-committed by the stretch's end counts as lost. Targets: local disk, and S3 (moto_server on loopback behind
-bench/tcp_proxy.py at `--latency-ms`). Goal: at most 0.1. Prints one JSON line.
+A stretch is twice as long as a synchronous checkpoint, and the wait for an asynchronous checkpoint that has
+not committed by its end counts as lost; the stretches run in turns, `--rounds` times; medians. `host_copy`:
+the time the step spends handing its state over, what the asynchronous checkpoint cannot avoid. Targets:
+local disk, and S3 (moto_server on loopback behind bench/tcp_proxy.py at `--latency-ms`, its CPU seconds
+reported). Goal: at most 0.1. Prints one JSON line.
 
     .venv/bin/python bench/checkpoint_stall.py [--backbone resnet50] [--rounds 3] [--latency-ms 20]
 """
@@ -23,6 +25,7 @@ import sys
 import tempfile
 import time
 
+import psutil
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -34,7 +37,9 @@ from trainer.engine import build_engine  # noqa: E402
 from trainer.model import build_model  # noqa: E402
 
 
-def stretches(engine, store, rounds: int, batch: int, size: int) -> dict:
+def stretches(engine, store, rounds: int, batch: int, size: int, servers=()) -> dict:
+    """`servers`: the processes of a loopback object store, whose CPU time is reported: on these 2 cores it is
+    taken from training, which a remote store's is not."""
     x = torch.randn(batch, 3, size, size)
     y = torch.randint(0, 7, (batch, size, size))
     saves = iter(range(10**6))
@@ -42,29 +47,40 @@ def stretches(engine, store, rounds: int, batch: int, size: int) -> dict:
     def step():
         engine.micro_step(guidedmix.supervised_loss(engine.module, x, y).loss)
 
+    def server_cpu_seconds() -> float:
+        return sum(t.user + t.system for t in (p.cpu_times() for p in servers))
+
     def stretch(save: str, steps: int) -> float:
+        cpu = server_cpu_seconds()
         t0 = time.perf_counter()
         for i in range(steps):
             step()
             if i == 0 and save != "none":
+                handed = time.perf_counter()
                 store.save(checkpoint.step_name(next(saves)), 0, 1,
                            lambda snapshot: engine.save(snapshot, {"step": i}))
+                snapshot_seconds[save].append(time.perf_counter() - handed)
                 if save == "sync":
                     store.wait()
         store.wait()  # an asynchronous checkpoint not done by now holds training up from here
+        store_cpu[save].append(server_cpu_seconds() - cpu)
         return time.perf_counter() - t0
 
+    store_cpu, snapshot_seconds = {"none": [], "sync": [], "async": []}, {"sync": [], "async": []}
     # warm-up, and a stretch long enough for a checkpoint to finish in the background: twice a synchronous one
     one_step, one_checkpoint = stretch("none", 2) / 2, stretch("sync", 1)
     steps = max(4, math.ceil(2 * one_checkpoint / one_step))
     times = {"none": [], "sync": [], "async": []}
+    store_cpu.update({k: [] for k in times})
     for _ in range(rounds):
         for save in times:
             times[save].append(stretch(save, steps))
     none, sync, async_ = (statistics.median(times[k]) for k in ("none", "sync", "async"))
     return {"stall_ratio": round((async_ - none) / (sync - none), 3), "steps": steps,
             "seconds": {"stretch": round(none, 2), "sync_checkpoint": round(sync - none, 2),
-                        "async_checkpoint": round(async_ - none, 2)}}
+                        "async_checkpoint": round(async_ - none, 2),
+                        "host_copy": round(statistics.median(snapshot_seconds["async"]), 3)},
+            **({"store_cpu_seconds_per_checkpoint": round(statistics.median(store_cpu["async"]), 2)} if servers else {})}
 
 
 def main():
@@ -99,7 +115,7 @@ def main():
 
         fsspec.filesystem("s3", skip_instance_cache=True).mkdir("stall")
         result["s3"] = stretches(engine, checkpoint.CheckpointStore("s3://stall/run", None, 1), args.rounds,
-                                 args.batch, args.size)
+                                 args.batch, args.size, [psutil.Process(server.pid) for server in servers])
         result["s3"]["latency_ms"] = args.latency_ms
     finally:
         for server in servers:
