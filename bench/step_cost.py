@@ -234,7 +234,8 @@ def main():
         "supervised_step": plain["supervised"], "guidedmix_step": plain["guidedmix"],
     }
     torch.distributed.destroy_process_group()
-    default = default_recipe_cost(args.config, args.overrides, args.default_workers, args.repeats) \
+    default = default_recipe_cost(args.config, [f"train.precision={args.precision}", *args.overrides],
+                                  args.default_workers, args.repeats) \
         if args.default_workers else {}
     print(json.dumps({"ratio": round(plain["guidedmix"] / plain["supervised"], 3), **default,
                       "deepspeed_vs_plain": vs_plain("deepspeed"),
