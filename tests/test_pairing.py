@@ -114,6 +114,20 @@ def test_images_survive_the_uint8_round_trip():
     assert (back - x).abs().max() < 0.5 / (0.224 * 255)  # half a grey level over the normalising std
 
 
+def test_a_failure_of_the_worker_bank_stops_training_and_is_no_fallback(monkeypatch):
+    """The service may be late or gone (pair in-batch, go on); the worker's own bank has no such excuse: a
+    bank that raises is a bug, and a run that quietly paired in-batch would hide it from every study."""
+    cfg = Config().guidedmix.pairing.model_copy(update={"mode": "worker", "bank_size": 32, "similarity": "random"})
+    client = pairing.PairingClient(cfg, "runs/x", rank=0, in_ray=True, metrics=Metrics())
+
+    def broken(*args, **kwargs):
+        raise IndexError("a planted bug")
+    monkeypatch.setattr(client.local, "query", broken)
+    with pytest.raises(IndexError, match="planted"):
+        client.query(torch.randn(2, 16), None, 1, "cpu")
+    assert client.fallbacks == 0
+
+
 def test_outside_ray_the_bank_lives_in_the_process():
     cfg = Config().guidedmix.pairing.model_copy(update={"mode": "service", "bank_size": 32, "similarity": "random"})
     client = pairing.PairingClient(cfg, "runs/x", rank=0, in_ray=False, metrics=Metrics())

@@ -34,6 +34,7 @@ from .metrics import Metrics, run_label
 log = logging.getLogger("guidedmix.pairing")
 
 NAMESPACE = "guidedmix"
+WARN_EVERY_S = 60.0  # a service that stopped answering: one warning a minute, not one a query
 # each report's weight against the running per-class score: about the last hundred pushes count
 OVERLAP_DECAY = 0.99
 
@@ -296,7 +297,7 @@ class PairingClient:
         self.outbox: Optional[tuple] = None  # the labeled batch that goes with the next query
         self.pending: list[tuple] = []  # this step's labeled micro-batches, for the local bank at its end
         self.queries = self.answered = self.fallbacks = self.dropped_pushes = 0
-        self._next_lookup = 0.0
+        self._next_lookup = self._next_warning = 0.0
         for name in ("pairing_fallbacks_total", "pairing_query_seconds"):
             metrics.declare(name)
 
@@ -355,11 +356,7 @@ class PairingClient:
         their predictions), or None: pair in-batch this step. A local bank draws with `generator`."""
         self.queries += 1
         started = time.perf_counter()
-        try:
-            answer = self._ask(embeddings.float().cpu().numpy(), step, _numpy(shares), generator)
-        except Exception as e:  # a late, dead, restarting or confused service: never stop training
-            answer = None
-            log.debug("pairing: fell back to in-batch at step %d: %s", step, e)
+        answer = self._ask(embeddings.float().cpu().numpy(), step, _numpy(shares), generator)
         self.metrics.observe("pairing_query_seconds", time.perf_counter() - started)
         if answer is None:
             self.fallbacks += 1
@@ -370,14 +367,21 @@ class PairingClient:
         return from_uint8(answer["images"], device), masks.to(device)
 
     def _ask(self, embeddings: np.ndarray, step: int, shares: Optional[np.ndarray], generator):
-        if self.local is not None:
+        if self.local is not None:  # a failure here is a bug, not a reason to pair in-batch: it stops the run
             return self.local.query(embeddings, step, shares, generator)
         actor = self._handle()
         if actor is None:
             return None
         labeled, self.outbox = self.outbox, None
-        refs = actor.exchange.remote(*exchange_args(embeddings, step, shares, self.rank, labeled))
-        return read_answer(*ray.get(refs, timeout=self.cfg.deadline_s))  # the service drops the call if it is late
+        try:
+            refs = actor.exchange.remote(*exchange_args(embeddings, step, shares, self.rank, labeled))
+            return read_answer(*ray.get(refs, timeout=self.cfg.deadline_s))  # the service drops a late call
+        except Exception as e:  # a late, dead, restarting or confused service: never stop training
+            if time.monotonic() >= self._next_warning:  # at most one line a minute, with the count since
+                log.warning("pairing: the service did not answer at step %d (%s: %s); %d queries paired in-batch "
+                            "so far", step, type(e).__name__, str(e)[:200], self.fallbacks + 1)
+                self._next_warning = time.monotonic() + WARN_EVERY_S
+            return None
 
     def stats(self) -> dict:
         return {"queries": self.queries, "answered": self.answered, "fallbacks": self.fallbacks,
