@@ -527,3 +527,17 @@ def test_every_objective_runs_where_the_model_is(device, bf16):
                                      cfg.guidedmix, torch.Generator(device=device).manual_seed(1))
     out.loss.backward()
     assert torch.isfinite(out.loss) and out.pseudo.device.type == device
+
+
+def test_masked_counts_are_the_counts_of_the_masked_values():
+    """The step's counts by class, taken without boolean indexing (a wait for the device on a GPU), are the
+    counts the indexing gave, ignored pixels and all."""
+    torch.manual_seed(0)
+    for _ in range(20):
+        y = torch.randint(0, 7, (4, 16, 16))
+        y[torch.rand(4, 16, 16) < 0.2] = 255
+        mask = torch.rand(4, 16, 16) < 0.5
+        assert torch.equal(guidedmix.masked_bincount(y, mask & (y != 255), 7),
+                           torch.bincount(y[mask & (y != 255)], minlength=7))
+        assert torch.equal(guidedmix.class_shares(y, 7),
+                           torch.bincount(y[y != 255], minlength=7).float() / (y != 255).sum())

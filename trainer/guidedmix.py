@@ -207,9 +207,16 @@ def most_confident(mask: torch.Tensor, confidence: torch.Tensor, count: int) -> 
     return mask & (confidence >= values.kthvalue(max(values.numel() - count + 1, 1)).values)
 
 
+def masked_bincount(values: torch.Tensor, mask: torch.Tensor, n: int) -> torch.Tensor:
+    """Occurrences of 0..n-1 among `values` where `mask` holds: `torch.bincount(values[mask])` without the
+    boolean indexing, whose result size only the host can know (on a GPU, a wait for the device)."""
+    return torch.zeros(n, dtype=torch.long, device=values.device).scatter_add_(
+        0, values.flatten().long().clamp(0, n - 1), mask.flatten().long())
+
+
 def class_shares(y: torch.Tensor, num_classes: int) -> torch.Tensor:
     """Each class's share of the labeled pixels of `y` (ignored pixels left out)."""
-    counts = torch.bincount(y[y != IGNORE], minlength=num_classes).float()
+    counts = masked_bincount(y, y != IGNORE, num_classes).float()
     return counts / counts.sum().clamp(min=1)
 
 
@@ -218,8 +225,8 @@ def image_class_shares(y: torch.Tensor, num_classes: int) -> torch.Tensor:
     b = y.shape[0]
     flat = y.reshape(b, -1)
     valid = flat != IGNORE
-    keys = (torch.arange(b, device=y.device).unsqueeze(1) * num_classes + flat.clamp(max=num_classes - 1))[valid]
-    counts = torch.bincount(keys, minlength=b * num_classes).view(b, num_classes).float()
+    keys = torch.arange(b, device=y.device).unsqueeze(1) * num_classes + flat.clamp(max=num_classes - 1)
+    counts = masked_bincount(keys, valid, b * num_classes).view(b, num_classes).float()
     return counts / counts.sum(1, keepdim=True).clamp(min=1)
 
 
@@ -227,10 +234,9 @@ def class_overlap(logits_l: torch.Tensor, y_l: torch.Tensor, num_classes: int) -
     """2 x C: per class, the pixels of the labeled batch where prediction and truth agree (intersection) and
     where either has it (union). Summed over steps and workers they give each class's IoU, the model's own
     running score of what it has learnt (`class_need`)."""
-    hard = logits_l.detach().argmax(1)[y_l != IGNORE]
-    truth = y_l[y_l != IGNORE]
-    intersection = torch.bincount(truth[hard == truth], minlength=num_classes)
-    union = torch.bincount(hard, minlength=num_classes) + torch.bincount(truth, minlength=num_classes) - intersection
+    hard, known = logits_l.detach().argmax(1), y_l != IGNORE
+    intersection = masked_bincount(y_l, known & (hard == y_l), num_classes)
+    union = masked_bincount(hard, known, num_classes) + masked_bincount(y_l, known, num_classes) - intersection
     return torch.stack([intersection, union]).float()
 
 
@@ -259,8 +265,8 @@ def earned_classes(logits_l: torch.Tensor, y_l: torch.Tensor, tau: float, precis
     num_classes = logits_l.shape[1]
     confidence, hard = logits_l.detach().softmax(1).max(1)
     sure = (confidence >= tau) & (y_l != IGNORE)
-    predicted = torch.bincount(hard[sure], minlength=num_classes)
-    right = torch.bincount(hard[sure & (hard == y_l)], minlength=num_classes)
+    predicted = masked_bincount(hard, sure, num_classes)
+    right = masked_bincount(hard, sure & (hard == y_l), num_classes)
     return (predicted > 0) & (right >= precision * predicted)
 
 
@@ -284,7 +290,7 @@ def confident_pixels(confidence: torch.Tensor, label: torch.Tensor, tau: float, 
             in_class = valid & (label == c)
             keep |= most_confident(in_class, confidence, math.ceil(class_keep * int(in_class.sum())))
     if prior is not None:
-        counts = torch.bincount(label[keep], minlength=prior.numel())
+        counts = masked_bincount(label, keep, prior.numel())
         share = prior.clamp(max=0.99)
         allowed = (share / (1 - share) * (counts.sum() - counts)).floor().long()
         for c in (counts > allowed).nonzero().flatten().tolist():
