@@ -11,6 +11,8 @@
   each the Trainer of a run (DeepSpeed engine, the worker pairing bank with its `all_gather` at the step's
   end and its query each micro-batch), `train_step` timed without its data wait, the two methods in turns;
   with its parts (the bank's calls, per step; rank 0's). Goal: at most 3.4.
+- `host_syncs_per_step`: the host reads (see HostReads) in one non-log step of each of those Trainers, in its
+  micro-batches' forward, loss and backward and the bank's step end (goal: at most 4, whatever the batch).
 
 Medians over repeated steps after warm-up. images_per_s counts the images a step consumes (the labeled batch;
 GuidedMix: labeled and unlabeled), what a GPU asks of its loaders. Prints one JSON line.
@@ -44,6 +46,57 @@ from trainer.engine import build_engine  # noqa: E402
 from trainer.model import build_model  # noqa: E402
 
 PAIRING_CALLS = ("query", "push", "end_step")
+OPTIMISERS = os.path.join("torch", "optim", "")
+
+
+class HostReads:
+    """Counts the calls that read a value back to the host (on a GPU each one waits for the device to
+    finish): the tensor methods and torch functions that do, and indexing by a boolean mask. Counted only
+    inside the functions passed through `inside`, not nested, while the patches are in (`with`)."""
+    METHODS = ("item", "tolist", "cpu", "__bool__", "__int__", "__float__", "__index__", "nonzero",
+               "unique", "bincount", "masked_select", "repeat_interleave")
+    FUNCTIONS = ("nonzero", "unique", "bincount", "masked_select", "repeat_interleave")
+
+    def __init__(self):
+        self.count, self.counting, self.depth, self.saved = 0, False, 0, []
+
+    def _counted(self, fn, reads=lambda *args: True):
+        def wrapper(*args, **kwargs):
+            # torch's optimisers read their step counts, which live on the host even in a GPU run: no sync
+            counts = (self.counting and self.depth == 0 and reads(*args)
+                      and OPTIMISERS not in sys._getframe(1).f_code.co_filename)
+            self.count += counts
+            self.depth += 1
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self.depth -= 1
+        return wrapper
+
+    def __enter__(self):
+        def by_mask(tensor, index, *rest):
+            return isinstance(index, torch.Tensor) and index.dtype == torch.bool
+        patches = [(torch.Tensor, name, self._counted(getattr(torch.Tensor, name))) for name in self.METHODS]
+        patches += [(torch, name, self._counted(getattr(torch, name))) for name in self.FUNCTIONS]
+        patches += [(torch.Tensor, name, self._counted(getattr(torch.Tensor, name), by_mask))
+                    for name in ("__getitem__", "__setitem__")]
+        for owner, name, patched in patches:
+            self.saved.append((owner, name, getattr(owner, name)))
+            setattr(owner, name, patched)
+        return self
+
+    def __exit__(self, *exc):
+        for owner, name, original in reversed(self.saved):
+            setattr(owner, name, original)
+
+    def inside(self, fn):
+        def counting(*args, **kwargs):
+            self.counting = True
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self.counting = False
+        return counting
 
 
 def median_seconds(*fns, repeats: int, warmup: int = 3, sync=lambda: None) -> list[float]:
@@ -111,9 +164,20 @@ def default_recipe_worker(rank: int, world_size: int, port: int, config: str, ur
     for _ in range(repeats):
         for method, run in runs.items():
             times[method].append(run())
+    syncs = {}
+    with HostReads() as reads:  # a non-log step's micro-batches (forward, loss, backward) and the bank's step end
+        for method, trainer in trainers.items():
+            trainer._loss = reads.inside(trainer._loss)
+            trainer.engine.micro_step = reads.inside(trainer.engine.micro_step)
+            if trainer.pairing is not None:
+                trainer.pairing.end_step = reads.inside(trainer.pairing.end_step)
+            reads.count = 0
+            trainer.train_step()
+            syncs[method] = reads.count
     if rank == 0:
         with open(result, "w") as f:
-            json.dump({"steps": {m: statistics.median(t) for m, t in times.items()},
+            json.dump({"host_syncs_per_step": syncs, "micro_steps": trainers["guidedmix"].micro_steps,
+                       "steps": {m: statistics.median(t) for m, t in times.items()},
                        "bank_calls": {c: v / repeats for c, v in spent.items()},
                        "bank_answered": (bank.answered - answered) / max(bank.queries - queries, 1)}, f)
     torch.distributed.destroy_process_group()
@@ -128,6 +192,9 @@ def default_recipe_cost(config: str, overrides: list[str], workers: int, repeats
         measured = json.load(f)
     steps = measured["steps"]
     return {"ratio_default": round(steps["guidedmix"] / steps["supervised"], 3),
+            "host_syncs_per_step": {"supervised": measured["host_syncs_per_step"]["supervised"],
+                                    "default": measured["host_syncs_per_step"]["guidedmix"],
+                                    "micro_steps": measured["micro_steps"]},
             "default_parts": {"workers": workers, "supervised_step": round(steps["supervised"], 5),
                               "default_step": round(steps["guidedmix"], 5),
                               **{f"bank_{c}": round(v, 5) for c, v in measured["bank_calls"].items()},
