@@ -1,13 +1,15 @@
-"""The same short run at 1, 2 and 4 workers (a local Ray, DeepSpeed CPU workers): same samples in the same global
-order, loss curves within float-reduction tolerance, final mIoU within 0.5 points?
+"""The same short run at 1, 2 and 4 workers (a local Ray, DeepSpeed CPU workers). Goals, asserted (exit 1 naming
+the one missed): the same samples in the same global order, the same number of logged losses, loss curves
+within `--max-loss-diff` (0.01) of the first world's, final mIoU within `--max-miou-diff` (0.5 points).
 
 The global batch is fixed (16 labeled + 16 unlabeled) and the micro-batch is 4, so every world size computes
 the same micro-batches (1 worker accumulates 4 of them, 2 workers 2 each, 4 workers 1 each) with the same
 randomness (named by their place in the global batch); gradients are summed in another order, and batch norm's
 running statistics are updated per worker and averaged at each evaluation and checkpoint. Prints one JSON line
-last: {"miou": {"1": .., "2": .., "4": ..}, "max_loss_diff": .., "same_samples": true|false} (mIoU in points).
+last: {"miou": {"1": .., "2": .., "4": ..}, "max_loss_diff": .., "same_samples": true|false, "missed": [..]}
+(mIoU in points).
 
-    .venv/bin/python bench/world_size.py [--steps 60] [--worlds 1 2 4]
+    .venv/bin/python bench/world_size.py [--steps 60] [--worlds 1 2 4] [--max-loss-diff 0.01] [--max-miou-diff 0.5]
 """
 from __future__ import annotations
 
@@ -36,6 +38,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--worlds", type=int, nargs="+", default=[1, 2, 4])
+    parser.add_argument("--max-loss-diff", type=float, default=0.01)
+    parser.add_argument("--max-miou-diff", type=float, default=0.5, help="points")
     args = parser.parse_args()
     data = study_shards("synthetic", "1/16", train_images=480, val_images=96)
     runs = {}
@@ -54,12 +58,22 @@ def main() -> None:
         runs[world] = {"miou": summary["miou"], "losses": [h["loss"] for h in history if "loss" in h],
                        "order": {s: global_order(out, world, s) for s in ("labeled", "unlabeled")}}
     first = runs[args.worlds[0]]
-    print(json.dumps({
-        "miou": {str(w): round(100 * r["miou"], 2) for w, r in runs.items()},
-        "max_loss_diff": max(abs(a - b) for r in runs.values() for a, b in zip(r["losses"], first["losses"])),
-        "same_samples": all(r["order"] == first["order"] for r in runs.values()),
-        "steps": args.steps, "global_batch": {"labeled": GLOBAL, "unlabeled": GLOBAL}, "micro_batch": 4,
-    }))
+    miou = {str(w): round(100 * r["miou"], 2) for w, r in runs.items()}
+    same_length = all(len(r["losses"]) == len(first["losses"]) for r in runs.values())
+    loss_diff = max(abs(a - b) for r in runs.values() for a, b in zip(r["losses"], first["losses"]))
+    same_samples = all(r["order"] == first["order"] for r in runs.values())
+    missed = [goal for goal, met in [
+        ("the same samples in the same global order", same_samples),
+        ("as many logged losses at every world size", same_length),
+        (f"loss curves within {args.max_loss_diff}", loss_diff <= args.max_loss_diff),
+        (f"final mIoU within {args.max_miou_diff} points", max(miou.values()) - min(miou.values()) <= args.max_miou_diff),
+    ] if not met]
+    print(json.dumps({"miou": miou, "max_loss_diff": loss_diff, "same_samples": same_samples, "missed": missed,
+                      "steps": args.steps, "global_batch": {"labeled": GLOBAL, "unlabeled": GLOBAL},
+                      "micro_batch": 4}))
+    if missed:
+        print(f"world_size: missed: {'; '.join(missed)}", file=sys.stderr)
+        sys.exit(1)
 
 
 if __name__ == "__main__":

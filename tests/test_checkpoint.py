@@ -13,14 +13,15 @@ from trainer import checkpoint
 
 
 def held_store(out, gate: threading.Event) -> checkpoint.CheckpointStore:
-    """A store whose uploads wait for `gate`: a slow object store."""
+    """A store whose background work (writing the files, uploading, committing) waits for `gate`: a slow disk
+    and object store."""
     store = checkpoint.CheckpointStore(str(out), None, 1)
-    upload = store._upload
+    write_and_commit = store._write_and_commit
 
-    def slow_upload(local_dir, name):
-        assert gate.wait(30), "the test never let the upload go"
-        upload(local_dir, name)
-    store._upload = slow_upload
+    def held(*args):
+        assert gate.wait(30), "the test never let the write go"
+        write_and_commit(*args)
+    store._write_and_commit = held
     return store
 
 
