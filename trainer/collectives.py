@@ -26,11 +26,6 @@ def all_gather(tensor: torch.Tensor) -> torch.Tensor:
     return torch.cat(parts)
 
 
-def barrier() -> None:
-    if distributed():
-        dist.barrier()
-
-
 def average_buffers(module: torch.nn.Module) -> None:
     """Average batch-norm running statistics across ranks, so every rank (and the checkpoint, which holds
     rank 0's copy) carries the same model. SyncBN keeps them equal on GPU; on CPU they drift apart."""
