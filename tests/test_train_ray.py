@@ -89,8 +89,9 @@ def test_a_run_killed_after_a_checkpoint_trains_on_as_if_never_stopped(ray_head,
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=open(tmp_path / "driver.log", "w"), stderr=subprocess.STDOUT)
     latest = f"{out}/checkpoints/latest"
 
-    def committed() -> int:
-        return int(open(latest).read().removeprefix("step-")) if os.path.exists(latest) else 0
+    def committed() -> int:  # 0 before the first commit (or while `latest` is being written)
+        name = open(latest).read() if os.path.exists(latest) else ""
+        return int(name.removeprefix("step-")) if re.fullmatch(r"step-\d+", name) else 0
     try:
         wait_for(lambda: 0 < committed() < STEPS, 300, "a checkpoint before the last step")
         for p in [*train_workers([ray_head.proc.pid], proc.pid), psutil.Process(proc.pid)]:
