@@ -106,10 +106,20 @@ class CheckpointStore:
             wanted = {COMPLETE.format(rank=r) for r in range(world_size)}
             while not wanted <= self._names(folder):
                 time.sleep(COMMIT_POLL_S)
-            self._retry(lambda: self.fs.pipe_file(join(self.path, LATEST), name.encode()), self.root)
+            self._retry(lambda: self._point_latest_at(name), self.root)
             self._prune(name)
             log.info("checkpoint %s committed", name)
         on_commit()
+
+    def _point_latest_at(self, name: str) -> None:
+        """The commit. An object store's PUT replaces `latest` whole; a file system's write in place could be
+        read, or left by a crash, half-written: there the name goes to a temporary file, renamed over `latest`."""
+        pointer = join(self.path, LATEST)
+        if "file" not in self.fs.protocol:
+            self.fs.pipe_file(pointer, name.encode())
+            return
+        self.fs.pipe_file(pointer + ".next", name.encode())
+        self.fs.mv(pointer + ".next", pointer)
 
     def _names(self, folder: str) -> set[str]:
         self.fs.invalidate_cache(folder)  # s3fs caches listings; another rank's marker is news
