@@ -20,7 +20,6 @@ import json
 import math
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -30,7 +29,7 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-from bench.common import free_port, wait_port  # noqa: E402
+from bench.common import loopback_s3  # noqa: E402
 from trainer import checkpoint, guidedmix  # noqa: E402
 from trainer.config import load_config  # noqa: E402
 from trainer.engine import build_engine  # noqa: E402
@@ -101,26 +100,14 @@ def main():
     result = {"backbone": args.backbone, "checkpoint_mb": round(megabytes)}
     result["local"] = stretches(engine, checkpoint.CheckpointStore(tempfile.mkdtemp(prefix="gm-stall-"), None, 1),
                                 args.rounds, args.batch, args.size)
-    s3_port, front_port = free_port(), free_port()
-    servers = [subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(s3_port)],
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL),
-               subprocess.Popen([sys.executable, os.path.join(ROOT, "bench", "tcp_proxy.py"), str(front_port),
-                                 str(s3_port), "--latency-ms", str(args.latency_ms)])]
-    try:
-        wait_port(s3_port)
-        wait_port(front_port)
-        os.environ.update({"AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench",
-                           "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL": f"http://127.0.0.1:{front_port}"})
+    with loopback_s3(args.latency_ms) as (_, far_url, servers):
+        os.environ["AWS_ENDPOINT_URL"] = far_url
         import fsspec
 
         fsspec.filesystem("s3", skip_instance_cache=True).mkdir("stall")
         result["s3"] = stretches(engine, checkpoint.CheckpointStore("s3://stall/run", None, 1), args.rounds,
                                  args.batch, args.size, [psutil.Process(server.pid) for server in servers])
         result["s3"]["latency_ms"] = args.latency_ms
-    finally:
-        for server in servers:
-            server.terminate()
-            server.wait()
     print(json.dumps(result))
 
 

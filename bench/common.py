@@ -7,6 +7,8 @@ import io
 import logging
 import os
 import socket
+import subprocess
+import sys
 import tempfile
 import time
 
@@ -75,3 +77,25 @@ def wait_port(port: int) -> None:
                 return
         time.sleep(0.1)
     raise TimeoutError(f"nothing listens on 127.0.0.1:{port}")
+
+
+@contextlib.contextmanager
+def loopback_s3(latency_ms: float, bandwidth_mbps: float = 0.0):
+    """An S3 server (moto_server) on loopback behind bench/tcp_proxy.py, which puts it at `latency_ms` and
+    `bandwidth_mbps` (0: no limit), with the AWS credential variables set for it. Yields (near, far, servers):
+    the server's own endpoint (for uploads that are not measured), the front's, and the two processes."""
+    s3_port, front_port = free_port(), free_port()
+    servers = [subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(s3_port)],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL),
+               subprocess.Popen([sys.executable, os.path.join(ROOT, "bench", "tcp_proxy.py"), str(front_port),
+                                 str(s3_port), "--latency-ms", str(latency_ms), "--bandwidth-mbps", str(bandwidth_mbps)])]
+    try:
+        wait_port(s3_port)
+        wait_port(front_port)
+        os.environ.update({"AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench",
+                           "AWS_DEFAULT_REGION": "us-east-1"})
+        yield f"http://127.0.0.1:{s3_port}", f"http://127.0.0.1:{front_port}", servers
+    finally:
+        for server in servers:
+            server.terminate()
+            server.wait(10)

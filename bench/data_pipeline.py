@@ -29,7 +29,6 @@ import argparse
 import io
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -43,12 +42,10 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 sys.path.insert(0, __file__.rsplit("/bench/", 1)[0])
-from bench.common import free_port, wait_port  # noqa: E402
+from bench.common import loopback_s3  # noqa: E402
 from shards import augment, build, sources, synthetic  # noqa: E402
 from shards.stream import ShardStream, StreamSpec  # noqa: E402
 from trainer.config import DataConfig  # noqa: E402
-
-BENCH = os.path.dirname(os.path.abspath(__file__))
 
 
 def write_folder(root: str, count: int, size: int) -> None:
@@ -115,24 +112,15 @@ def main():
     # all train images labeled, so every loader reads image + mask for every sample
     build.build(sources.folder(f"{tmp}/folder"), f"{tmp}/shards", args.images, samples_per_shard=64,
                 progress=False)
-    s3_port, front_port = free_port(), free_port()
-    servers = [subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(s3_port)],
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)]
-    servers.append(subprocess.Popen([sys.executable, os.path.join(BENCH, "tcp_proxy.py"), str(front_port),
-                                     str(s3_port), "--latency-ms", str(args.latency_ms),
-                                     "--bandwidth-mbps", str(args.bandwidth_mbps)]))
-    try:
-        wait_port(s3_port)
-        wait_port(front_port)
-        os.environ.update({"AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench",
-                           "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL": f"http://127.0.0.1:{s3_port}"})
+    with loopback_s3(args.latency_ms, args.bandwidth_mbps) as (near_url, far_url, servers):
+        os.environ["AWS_ENDPOINT_URL"] = near_url
         near = fsspec.filesystem("s3", skip_instance_cache=True)  # uploads go around the front
         near.mkdir("bench")
         near.put(f"{tmp}/shards/", "bench/shards/", recursive=True)
         near.put(f"{tmp}/folder/", "bench/folder/", recursive=True)
         memory = fsspec.filesystem("memory")
         memory.put(f"{tmp}/shards/", "/bench/shards/", recursive=True)
-        os.environ["AWS_ENDPOINT_URL"] = f"http://127.0.0.1:{front_port}"  # everything measured is far
+        os.environ["AWS_ENDPOINT_URL"] = far_url  # everything measured is far
         import s3fs
 
         s3fs.S3FileSystem.clear_instance_cache()
@@ -177,10 +165,6 @@ def main():
             # the per-file loader pays the distance per object: a quarter of the batches measure it well
             "per_file_s3": measured("per_file_s3", per_file, max(args.batches // 4, 5)),
         }
-    finally:
-        for server in servers:
-            server.terminate()
-            server.wait(10)
     samples = {k: round(v, 1) for k, v in result.items()}
     print(json.dumps({
         "latency_ms": args.latency_ms, "bandwidth_mbps": args.bandwidth_mbps, "samples_per_s": samples,
