@@ -84,7 +84,7 @@ def stretches(engine, store, rounds: int, batch: int, size: int, servers=()) -> 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--backbone", default="resnet50")
+    parser.add_argument("--backbone", default="resnet50", choices=["tiny", "resnet18", "resnet50", "resnet101"])
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--size", type=int, default=64)
