@@ -7,7 +7,7 @@ import logging
 import sys
 
 from shards import build, sources
-from shards.errors import BadInput, StorageFailure
+from shards.errors import BadInput, BankFailure, StorageFailure
 from shards.manifest import read_manifest, summary, verify
 
 from . import commands, console, sweep
@@ -101,7 +101,7 @@ def main(argv=None) -> int:
     except BadInput as e:
         print(f"guidedmix: error: {one_line(e)}", file=sys.stderr)
         return 2
-    except StorageFailure as e:  # storage stayed down past the retry budget: rerun resumes
+    except (StorageFailure, BankFailure) as e:  # storage down past the retry budget (a rerun resumes); a bug
         print(f"guidedmix: error: {one_line(e)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

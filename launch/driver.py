@@ -19,7 +19,7 @@ import torch
 from ray.train import FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
-from shards.errors import BadInput, StorageFailure
+from shards.errors import BadInput, BankFailure, StorageFailure
 from shards.manifest import read_manifest
 from shards.storage import filesystem, join, with_retries
 from trainer.config import CREDENTIALS_HELP, Config
@@ -54,7 +54,7 @@ def finished_summary(cfg: Config):
 
 
 def expected_failure(err: BaseException):
-    """The BadInput or StorageFailure a worker raised, dug out of Ray Train's wrappers (worker failures,
+    """The BadInput, StorageFailure or BankFailure a worker raised, dug out of Ray Train's wrappers (worker failures,
     causes, the DataLoader's re-raise); None for anything else."""
     stack, seen = [err], set()
     while stack:
@@ -62,7 +62,7 @@ def expected_failure(err: BaseException):
         if e is None or id(e) in seen:
             continue
         seen.add(id(e))
-        if isinstance(e, (BadInput, StorageFailure)):
+        if isinstance(e, (BadInput, StorageFailure, BankFailure)):
             return e
         stack += [e.__cause__, e.__context__, getattr(e, "_base_exc", None),
                   *getattr(e, "worker_failures", {}).values()]
@@ -146,7 +146,7 @@ def run(cfg: Config, address: str | None = None) -> dict:
         )
         try:
             trainer.fit()
-        except Exception as e:  # a worker's bad input or storage failure reaches the user as its own one line
+        except Exception as e:  # a worker's expected failure reaches the user as its own one line
             raise expected_failure(e) or e
         del service
     finally:

@@ -1,7 +1,7 @@
 """`guidedmix sweep`: a grid of named override lists x seeds on Ray Tune, every trial a normal single-process
 training run (plain engine, one thread, one CPU of the cluster) whose outputs land under
-`<out>/trials/<key>/`. The key hashes the code (shards/, trainer/) and the trial's resolved config, so a
-finished trial is not rerun while neither changes, and any change to either runs it afresh. At the end
+`<out>/trials/<key>/` (Ray Tune's own records under `<out>/tune/` where `--out` is local). The key hashes
+the code (shards/, trainer/) and the trial's resolved config, so a finished trial is not rerun while neither changes, and any change to either runs it afresh. At the end
 `<out>/sweep.md` and `<out>/sweep.json` hold the table: every variant's mIoU per seed, its mean, and its gain
 over the first variant on the same seeds.
 
@@ -20,6 +20,7 @@ import json
 import logging
 import os
 import shlex
+import shutil
 import statistics
 import sys
 import tempfile
@@ -31,7 +32,7 @@ import yaml
 from ray import tune
 
 from shards.errors import BadInput
-from shards.storage import join
+from shards.storage import join, local_path
 from trainer import outputs
 from trainer.config import Config, load_config
 from trainer.loop import WorkerContext, train
@@ -105,10 +106,15 @@ class _Progress(tune.Callback):
               f"{100 * miou:.2f} ({elapsed / 60:.1f} min, ETA {eta / 60:.1f} min)", file=sys.stderr, flush=True)
 
 
-def run_trials(trials: list[Trial], parallel: int, address: str | None = None) -> list[dict]:
-    """Run what is not finished on Ray Tune (`parallel` at a time); every trial's summary, in order."""
+def run_trials(trials: list[Trial], parallel: int, address: str | None = None,
+               tune_folder: str | None = None) -> list[dict]:
+    """Run what is not finished on Ray Tune (`parallel` at a time); every trial's summary, in order. Tune's
+    own records (each trial's results and the resolved config it ran) go to `tune_folder`, or to a temporary
+    folder removed afterwards: the trials' outputs are what the sweep keeps."""
     todo = {t.key: t for t in trials if finished_summary(t.config) is None}
     if todo:
+        temporary = tune_folder is None
+        tune_folder = tempfile.mkdtemp(prefix="guidedmix-tune-") if temporary else os.path.abspath(tune_folder)
         started_local = not (address or os.environ.get("RAY_ADDRESS"))
         ray.init(address=address, num_cpus=parallel if started_local else None, include_dashboard=False,
                  logging_level=logging.WARNING)
@@ -117,7 +123,7 @@ def run_trials(trials: list[Trial], parallel: int, address: str | None = None) -
                 tune.with_resources(_run_trial, {"cpu": 1}),
                 param_space=tune.grid_search([t.config.public_dict(drop_secrets=True) for t in todo.values()]),
                 tune_config=tune.TuneConfig(max_concurrent_trials=parallel),
-                run_config=tune.RunConfig(name="sweep", storage_path=tempfile.mkdtemp(prefix="guidedmix-tune-"),
+                run_config=tune.RunConfig(name="sweep", storage_path=tune_folder,
                                           verbose=0, callbacks=[_Progress(list(todo.values()))]))
             with contextlib.redirect_stdout(io.StringIO()):  # Tune's pointers to its own temporary storage
                 failed = [r.error for r in tuner.fit() if r.error]
@@ -125,6 +131,8 @@ def run_trials(trials: list[Trial], parallel: int, address: str | None = None) -
                 raise RuntimeError(f"{len(failed)} trials failed; the first: {failed[0]}")
         finally:
             ray.shutdown()
+            if temporary:
+                shutil.rmtree(tune_folder, ignore_errors=True)
     return [finished_summary(t.config) for t in trials]
 
 
@@ -179,7 +187,8 @@ def sweep(args) -> dict:
         outputs.write_bytes(url, data, options, retries)
 
     with console.quiet(args.out, args.verbose, upload):
-        result = table(trials, run_trials(trials, args.parallel, args.address))
+        # Tune's records beside the trials where the sweep's folder is local
+        result = table(trials, run_trials(trials, args.parallel, args.address, local_path(join(args.out, "tune"))))
     command = shlex.join(["guidedmix", *sys.argv[1:]])
     outputs.write_bytes(join(args.out, "sweep.md"), markdown(result, command).encode(), options, retries)
     outputs.write_json(join(args.out, "sweep.json"), result, options, retries)

@@ -295,39 +295,73 @@ def read_json(url: str):
         return json.load(f)
 
 
+def shard_keys(url: str, infos, storage_options: dict) -> list[list[str]]:
+    """Each shard's sample keys by index, read from its tar at the manifest's offsets; a sample that does not
+    read (a truncated shard's tail) is named `shard#index`, so that it can only ever be planned, not consumed."""
+    import fsspec
+
+    from shards.tario import tar_samples
+
+    fs = fsspec.core.url_to_fs(url, **storage_options)[0]
+    keys = []
+    for info in infos:
+        data = fs.cat_file(f"{url.rstrip('/')}/{info.name}")
+        names = []
+        for i in range(info.samples):
+            try:
+                names.append(next(tar_samples(data[info.offsets[i]:info.offsets[i + 1]]))["__key__"])
+            except Exception:  # noqa: BLE001 - whatever does not parse was never trained on
+                names.append(f"{info.name}#{i}")
+        keys.append(names)
+    return keys
+
+
 def ledger_report(out: str) -> dict:
-    """Per split, from every rank's ledger of a finished run (ranks come and go in an elastic run; each
-    sample is in one of them): samples consumed, samples consumed twice in one epoch (`repeated`), samples
-    of an epoch the run went past that no rank consumed (`lost`: the epoch's full global batches less the
-    distinct samples seen in it), and how many such complete epochs were checked (`epochs_checked`: a run
-    that never finished an epoch of a split could not show a loss there)."""
+    """Per split, every rank's ledger of a finished run (ranks come and go in an elastic run; each sample is in
+    one of them) against the run's plan: each epoch's order from shards/order.py, the global batches of the
+    steps the run reached, the last partial epoch included. `samples`: consumed; `repeated`: consumed again in
+    the same epoch; `lost`/`lost_keys`: planned and consumed by no rank; `unplanned`: consumed where the plan
+    has no such sample; `epochs_checked`: the epochs compared; `summary_samples`: what summary.json counts."""
+    from collections import Counter
+
     import fsspec
 
     from shards.manifest import read_manifest
+    from shards.stream import ShardStream
     from trainer.config import Config
+    from trainer.loop import WorkerContext, stream_spec
 
-    cfg = Config.model_validate(read_json(f"{out}/summary.json")["config"])
+    summary = read_json(f"{out}/summary.json")
+    cfg, steps = Config.model_validate(summary["config"]), summary["steps"]
     manifest = read_manifest(cfg.data.url, cfg.data.storage_options, cfg.data.retries)
     fs, path = fsspec.core.url_to_fs(f"{out}/ledger")
     ledgers = [read_json(f"{out}/ledger/{name.rsplit('/', 1)[-1]}") for name in sorted(fs.ls(path, detail=False))]
     report = {}
     for split in ledgers[0]:
-        consumed = [(epoch, key) for ledger in ledgers for epoch, key in ledger[split]]
-        per_epoch = cfg.global_batch(split) * (manifest["splits"][split]["samples"] // cfg.global_batch(split))
-        epochs = sorted({epoch for epoch, _ in consumed})
-        lost = sum(per_epoch - len({k for e, k in consumed if e == epoch}) for epoch in epochs[:-1])
-        report[split] = {"samples": len(consumed), "repeated": len(consumed) - len(set(consumed)), "lost": lost,
-                         "epochs_checked": len(epochs) - 1}
+        stream = ShardStream(stream_spec(cfg, split, WorkerContext()), manifest)
+        keys = shard_keys(cfg.data.url, stream.infos, cfg.data.storage_options)
+        per_epoch, batch = stream.plan.steps_per_epoch, stream.layout.global_batch
+        consumed = Counter((epoch, key) for ledger in ledgers for epoch, key in ledger[split])
+        lost, unplanned, epochs = [], 0, -(-steps // per_epoch)
+        for epoch in range(epochs):
+            reached = min(per_epoch, steps - epoch * per_epoch) * batch
+            planned = {keys[shard][index] for shard, index in stream.plan.order(epoch)[:reached]}
+            got = {key for e, key in consumed if e == epoch}
+            lost += sorted(planned - got)
+            unplanned += len(got - planned)
+        unplanned += sum(1 for e, _ in consumed if not 0 <= e < epochs)
+        report[split] = {"samples": sum(consumed.values()), "repeated": sum(consumed.values()) - len(consumed),
+                         "lost": len(lost), "lost_keys": lost, "unplanned": unplanned, "epochs_checked": epochs,
+                         "summary_samples": summary.get("samples_by_split", {}).get(split)}
     return report
 
 
-def check_ledgers(out: str, crossed_epochs: bool = True) -> dict:
-    """Nothing repeated or lost across all ranks' ledgers; with `crossed_epochs`, every split finished at least
-    one epoch, so that a lost sample would have shown. Returns the report."""
+def check_ledgers(out: str) -> dict:
+    """Every split trained on exactly its plan up to the step reached: nothing lost, repeated or unplanned, and
+    summary.json counts what the ledgers hold. Returns the report."""
     report = ledger_report(out)
-    assert all(r["repeated"] == 0 and r["lost"] == 0 for r in report.values()), report
-    if crossed_epochs:
-        assert all(r["epochs_checked"] >= 1 for r in report.values()), f"no complete epoch to check: {report}"
+    assert all(r["repeated"] == 0 and r["lost"] == 0 and r["unplanned"] == 0 for r in report.values()), report
+    assert all(r["samples"] == r["summary_samples"] for r in report.values()), report
     return report
 
 
@@ -338,7 +372,7 @@ def fault_figures(fault: str, summary: dict, requested: int, recovery_s, ledger:
     if ledger:
         assert all(split["lost"] == 0 and split["repeated"] == 0 for split in ledger.values()), (fault, ledger)
     totals = {k: sum(split[k] for split in ledger.values()) if ledger else None
-              for k in ("lost", "repeated", "epochs_checked")}
+              for k in ("lost", "repeated", "unplanned", "epochs_checked")}
     return {"fault": fault, "finished": summary["steps"] == requested, "steps": summary["steps"],
             "requested": requested, **totals, "recovery_s": recovery_s, **more}
 

@@ -6,7 +6,7 @@ import os
 import pytest
 from PIL import Image
 
-from conftest import check_ledgers, ledger_report, run_cli
+from conftest import check_ledgers, ledger_report, read_json, run_cli
 from shards.errors import BadInput
 from trainer.config import Config, load_config
 from trainer.loop import WorkerContext, train
@@ -114,25 +114,40 @@ def test_outputs_of_a_run(trained_run):
     assert sum(pseudo["true_class_freq"]) == pytest.approx(1, abs=1e-3)
 
 
-def test_the_ledger_check_sees_a_lost_and_a_repeated_sample(short_epochs_url, tmp_path):
-    """The chaos suite's ledger check can fail: a sample dropped from a complete epoch of a real run's ledger
-    is reported lost, one consumed twice is reported repeated."""
+def test_the_ledger_check_sees_a_lost_a_repeated_and_an_unplanned_sample(short_epochs_url, tmp_path):
+    """The ledger check can fail: from a real run's ledger, a sample dropped from a complete epoch or from the
+    last partial one is reported lost, one consumed twice repeated, one of another epoch unplanned, and a
+    summary that counts other than the ledgers is caught."""
     out = str(tmp_path / "run")
     cfg = load_config("configs/cpu-small.yaml", [f"data.url={short_epochs_url}", f"out={out}", "train.engine=plain", "train.workers=1",
                                                  "train.steps=20", "train.ckpt_every=1000", "data.crop_size=32",
                                                  "train.ledger=true", "train.overlays=0"])
     train(cfg, WorkerContext())
-    clean = check_ledgers(out)  # 20 steps of 8 + 8: past 6 labeled and 18 unlabeled steps per epoch
-    assert clean["unlabeled"]["epochs_checked"] == 1 and clean["labeled"]["epochs_checked"] == 3
+    clean = check_ledgers(out)  # 20 steps of 8 + 8, 6 labeled and 18 unlabeled steps an epoch
+    assert clean["labeled"]["epochs_checked"] == 4 and clean["unlabeled"]["epochs_checked"] == 2
+    assert clean["labeled"]["samples"] == clean["unlabeled"]["samples"] == 20 * 8
+    assert read_json(f"{out}/summary.json")["samples_seen"] == 2 * 20 * 8
     path = f"{out}/ledger/rank-0.json"
-    ledger = json.load(open(path))
-    first_epoch = ledger["unlabeled"][0][0]
-    dropped = next(i for i, (epoch, _) in enumerate(ledger["unlabeled"]) if epoch == first_epoch)
-    ledger["unlabeled"].pop(dropped)
-    ledger["labeled"].append(ledger["labeled"][0])
-    json.dump(ledger, open(path, "w"))
-    report = ledger_report(out)
-    assert report["unlabeled"]["lost"] == 1 and report["labeled"]["repeated"] == 1
+    original = json.load(open(path))
+
+    def planted(fault):
+        ledger = json.loads(json.dumps(original))
+        fault(ledger)
+        json.dump(ledger, open(path, "w"))
+        report = ledger_report(out)
+        with pytest.raises(AssertionError):
+            check_ledgers(out)
+        return report
+
+    assert planted(lambda ledger: ledger["unlabeled"].pop(0))["unlabeled"]["lost"] == 1
+    assert planted(lambda ledger: ledger["labeled"].pop())["labeled"]["lost"] == 1  # the last, partial epoch
+    assert planted(lambda ledger: ledger["labeled"].append(ledger["labeled"][0]))["labeled"]["repeated"] == 1
+    swapped = planted(lambda ledger: ledger["labeled"][0].__setitem__(1, "not-in-the-plan"))["labeled"]
+    assert swapped["unplanned"] == 1 and swapped["lost"] == 1
+    summary = read_json(f"{out}/summary.json")
+    json.dump(original, open(path, "w"))
+    summary["samples_by_split"]["labeled"] += 1
+    json.dump(summary, open(f"{out}/summary.json", "w"))
     with pytest.raises(AssertionError):
         check_ledgers(out)
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import REPO, check_ledgers, fault_figures, run_cli, stop_tree, train_cmd, wait_for
+from conftest import REPO, SMALL, check_ledgers, fault_figures, run_cli, stop_tree, train_cmd, wait_for
 from trainer import guidedmix, pairing
 from trainer.config import Config, PairingConfig
 from trainer.metrics import Metrics
@@ -114,18 +114,28 @@ def test_images_survive_the_uint8_round_trip():
     assert (back - x).abs().max() < 0.5 / (0.224 * 255)  # half a grey level over the normalising std
 
 
-def test_a_failure_of_the_worker_bank_stops_training_and_is_no_fallback(monkeypatch):
+def test_a_failure_of_the_worker_bank_stops_training_and_is_no_fallback(monkeypatch, synthetic_url, tmp_path, capsys):
     """The service may be late or gone (pair in-batch, go on); the worker's own bank has no such excuse: a
-    bank that raises is a bug, and a run that quietly paired in-batch would hide it from every study."""
+    bank that raises is a bug, and a run that quietly paired in-batch would hide it from every study. The run
+    stops with one line naming the step and the error, exit 1."""
+    from launch import cli
+
     cfg = Config().guidedmix.pairing.model_copy(update={"mode": "worker", "bank_size": 32, "similarity": "random"})
     client = pairing.PairingClient(cfg, "runs/x", rank=0, in_ray=True, metrics=Metrics())
 
     def broken(*args, **kwargs):
         raise IndexError("a planted bug")
     monkeypatch.setattr(client.local, "query", broken)
-    with pytest.raises(IndexError, match="planted"):
+    with pytest.raises(pairing.BankFailure, match="query at step 1 failed .IndexError: a planted bug"):
         client.query(torch.randn(2, 16), None, 1, "cpu")
     assert client.fallbacks == 0
+
+    monkeypatch.setattr(pairing.PairingBank, "query", broken)
+    code = cli.main(["train", "--no-ray", *SMALL, "--data", synthetic_url, "--out", str(tmp_path / "run"),
+                     "--steps", "4", "--set", "guidedmix.pairing.mode=worker"])
+    errors = capsys.readouterr().err.splitlines()
+    assert code == 1 and errors[-1].startswith("guidedmix: error: pairing bank: query at step 0 failed"), errors
+    assert not any(line.startswith("Traceback") for line in errors)
 
 
 def test_outside_ray_the_bank_lives_in_the_process():
@@ -287,7 +297,8 @@ def test_late_calls_never_queue_up_behind_a_busy_service(ray_client, tmp_path):
 @pytest.mark.chaos
 def test_killed_service_comes_back_and_training_goes_on(ray_head, ray_client, synthetic_url, tmp_path, chaos_report):
     ray = ray_client
-    out, proc = _start_training(ray_head, synthetic_url, tmp_path, 300)
+    steps = 100  # killed about step 10; the restarted service answered within 3 s (8 steps) when measured
+    out, proc = _start_training(ray_head, synthetic_url, tmp_path, steps)
     actor = _service(ray, out)
     before = {}
 
@@ -312,9 +323,9 @@ def test_killed_service_comes_back_and_training_goes_on(ray_head, ray_client, sy
     # the same handle reaches the restarted actor (a new process), whose bank refills from the pushes
     wait_for(answering_again, 300, "the restarted service answering")
     recovery = time.monotonic() - killed
-    summary = _finish(proc, out, tmp_path, 300)
+    summary = _finish(proc, out, tmp_path, steps)
     assert summary["pairing"]["answered"] > 0
-    chaos_report(**fault_figures("pairing service killed", summary, 300, round(recovery, 1), check_ledgers(out),
+    chaos_report(**fault_figures("pairing service killed", summary, steps, round(recovery, 1), check_ledgers(out),
                                  fallbacks=summary["pairing"]["fallbacks"]))
 
 

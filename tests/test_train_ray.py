@@ -37,7 +37,7 @@ def test_ray_job_submit_trains_to_s3(ray_head, s3, synthetic_url):
     assert fs.cat_file("test/run/checkpoints/latest").decode() == "step-00000012"
     assert fs.exists("test/run/checkpoints/step-00000012/rank-1.json")
     assert fs.exists("test/run/curves.png") and fs.exists("test/run/overlays/val-0.png")
-    check_ledgers("s3://test/run", crossed_epochs=False)  # 12 steps finish no unlabeled epoch
+    check_ledgers("s3://test/run")  # 12 steps: the unlabeled split's first epoch, partly
 
 
 def test_killed_worker_recovers_from_the_last_checkpoint(ray_head, synthetic_url, tmp_path):
@@ -77,6 +77,18 @@ def uninterrupted(ray_head, synthetic_url, tmp_path_factory) -> str:
     done = run_cli(*train_cmd(ray_head.address, out, synthetic_url, STEPS, *EVERY_STEP)[1:])
     assert done.returncode == 0, done.stderr[-3000:]
     return out
+
+
+def test_the_default_worker_bank_answers_every_query_after_the_first_step(uninterrupted):
+    """The default pairs through each worker's own bank: empty at the first step (in-batch pairing then), it
+    answers every later query. A bank that failed quietly would turn the run into in-batch pairing."""
+    summary = read_json(f"{uninterrupted}/summary.json")
+    assert summary["config"]["guidedmix"]["pairing"]["mode"] == "worker"
+    pairing = summary["pairing"]  # rank 0's
+    per_step = pairing["queries"] // STEPS
+    assert per_step >= 1 and pairing["queries"] == per_step * STEPS, pairing
+    assert pairing["fallbacks"] == per_step and pairing["answered"] == pairing["queries"] - per_step, pairing
+    check_ledgers(uninterrupted)
 
 
 def test_a_run_killed_after_a_checkpoint_trains_on_as_if_never_stopped(ray_head, synthetic_url, uninterrupted,
@@ -216,15 +228,15 @@ def test_a_sweep_runs_its_grid_on_ray_tune_and_reruns_nothing_finished(synthetic
     assert bad.returncode == 2 and bad.stderr.strip().count("\n") == 0 and "--grid" in bad.stderr
 
 
-def test_bf16_on_cpu_workers_through_a_checkpoint_and_a_resume(synthetic_url, tmp_path):
+def test_bf16_on_cpu_workers_through_a_checkpoint_and_a_resume(ray_head, synthetic_url, tmp_path):
     """The bf16 path a GPU run takes (DeepSpeed with fp32 weights, the forward under autocast), on CPU workers:
     dtype faults in mask generation, losses, metrics and the pairing service's float32 bank show here first."""
     out = str(tmp_path / "run")
     bf16 = ["--set", "train.precision=bf16", "--set", "train.ckpt_every=3", "--set", "guidedmix.pairing.mode=service",
             "--set", "guidedmix.rampup_steps=0", "--set", "guidedmix.tau=0"]  # every unlabeled pixel taught
-    first = run_cli("train", *SMALL, "--data", synthetic_url, "--out", out, "--workers", "2", "--steps", "3", *bf16)
+    first = run_cli(*train_cmd(ray_head.address, out, synthetic_url, 3, *bf16)[1:])
     assert first.returncode == 0, first.stderr[-3000:]
-    again = run_cli("train", *SMALL, "--data", synthetic_url, "--out", out, "--workers", "2", "--steps", "6", *bf16)
+    again = run_cli(*train_cmd(ray_head.address, out, synthetic_url, 6, *bf16)[1:])
     assert again.returncode == 0, again.stderr[-3000:]
     summary = json.load(open(f"{out}/summary.json"))
     assert summary["steps"] == 6 and summary["resumed_from"] == "step-00000003"
@@ -234,7 +246,8 @@ def test_bf16_on_cpu_workers_through_a_checkpoint_and_a_resume(synthetic_url, tm
     assert logged and all(0 < h["loss"] < 100 for h in logged) and logged[-1]["mix"] > 0
 
 
-def test_a_zero_2_checkpoint_of_2_workers_resumes_on_3_and_on_1_with_its_whole_state(synthetic_url, tmp_path):
+def test_a_zero_2_checkpoint_of_2_workers_resumes_on_3_and_on_1_with_its_whole_state(ray_head, synthetic_url,
+                                                                                     tmp_path):
     """ZeRO partitions load only at the world size that wrote them; the checkpoint's portable state (whole
     fp32 weights and optimiser state per parameter) lets 3 or 1 workers go on where 2 stopped. On 3 the
     weights evaluate exactly as the 2 workers' did (their checkpoint, re-partitioned in 3); on 1 the run
@@ -249,9 +262,10 @@ def test_a_zero_2_checkpoint_of_2_workers_resumes_on_3_and_on_1_with_its_whole_s
              "--set", "data.global_batch.unlabeled=12", "--set", "data.labeled_batch_size=2",
              "--set", "data.unlabeled_batch_size=2"]
 
-    def train(out, workers, steps):
+    def train(out, workers, steps):  # on the module's head of 2 CPUs, or a local Ray for 3 workers
+        where = ["--address", ray_head.address] if workers <= 2 else []
         r = run_cli("train", *SMALL, "--data", synthetic_url, "--out", out, "--workers", str(workers),
-                    "--steps", str(steps), *zero2)
+                    "--steps", str(steps), *where, *zero2)
         assert r.returncode == 0, r.stderr[-3000:]
         return json.load(open(f"{out}/summary.json"))
 

@@ -108,7 +108,7 @@ def evaluate_model(module, cfg: Config, ctx: WorkerContext, manifest: dict, keep
                                         batch["mask"][j].numpy().astype("uint8")))
         on_batch()
     module.train(was_training)
-    all_reduce(confusion)
+    confusion = all_reduce(confusion.to(ctx.device)).cpu()  # NCCL reduces GPU tensors only
     miou, per_class = evaluate.iou(confusion)
     return miou, per_class, kept
 
@@ -174,6 +174,7 @@ class Trainer:
         self.resizes: list[dict] = []  # {step, from, to}: each time the group came back at another size
         self.tracker: Optional[Tracker] = None  # rank 0's, from resume() on
         self.ledger = {s: [] for s in self.streams}
+        self.consumed = {s: 0 for s in self.streams}  # samples trained on (a corrupt one's stand-in is not one)
         self.images_per_step = sum(cfg.global_batch(s) for s in self.streams)
         micro_steps = {s: stream.layout.micro_steps for s, stream in self.streams.items()}
         if len(set(micro_steps.values())) > 1:
@@ -229,11 +230,13 @@ class Trainer:
                 stream.load_state_dict(states[0]["streams"][name])
             if bank_state is not None and self.pairing is not None and self.pairing.local is not None:
                 self._rebuild_bank(bank_state)
-            # each rank keeps its own ledger; rank 0 takes over those of ranks that are gone
+            # each rank keeps its own ledger and count; rank 0 takes over those of ranks that are gone
             mine = [self.ctx.rank] + (list(range(self.ctx.world_size, before)) if self.ctx.rank == 0 else [])
             for rank in mine:
                 for split, entries in states.get(rank, {}).get("ledger", {}).items():
                     self.ledger[split] += entries
+                for split, count in states.get(rank, {}).get("consumed", {}).items():
+                    self.consumed[split] += count
             if self.ctx.rank == 0:
                 log.info("resumed from %s at step %d%s", self.resumed_from, self.step,
                          f", {before} -> {self.ctx.world_size} workers" if before != self.ctx.world_size else "")
@@ -329,6 +332,7 @@ class Trainer:
         m = self.metrics
         for split, batch in batches.items():
             m.inc("samples_total", len(batch["keys"]), split=split)
+            self.consumed[split] += len(batch["keys"])
             if self.cfg.train.ledger:
                 self.ledger[split] += [[batch["epoch"], k] for k in batch["keys"]]
         skipped = sum(s.skipped for s in self.streams.values())
@@ -394,7 +398,8 @@ class Trainer:
         def write_files(snapshot):
             self.engine.save(snapshot, {"step": step, "history": self.history, "elapsed": self.elapsed(),
                                         "world_size": self.ctx.world_size, "resizes": self.resizes})
-            rank_state = {"streams": {n: s.state_dict() for n, s in self.streams.items()}}
+            rank_state = {"streams": {n: s.state_dict() for n, s in self.streams.items()},
+                          "consumed": dict(self.consumed)}
             if self.cfg.train.ledger:
                 rank_state["ledger"] = self.ledger
             checkpoint.write_rank_state(snapshot.folder, self.ctx.rank, rank_state)
@@ -421,7 +426,10 @@ class Trainer:
         cfg, ctx = self.cfg, self.ctx
         miou, per_class, overlays = self.evaluate()  # while the last checkpoint uploads
         self.store.wait()
-        skipped = all_reduce(torch.tensor([sum(s.skipped for s in self.streams.values())]))
+        splits = list(self.consumed)
+        counts = all_reduce(torch.tensor([sum(s.skipped for s in self.streams.values()),
+                                          *(self.consumed[s] for s in splits)], device=ctx.device))
+        skipped, consumed = int(counts[0]), dict(zip(splits, counts[1:].tolist()))
         if cfg.train.ledger:
             outputs.write_json(f"{cfg.out.rstrip('/')}/ledger/rank-{ctx.rank}.json", self.ledger,
                                cfg.data.storage_options, cfg.data.retries)
@@ -431,8 +439,8 @@ class Trainer:
         self.tracker.close()
         summary = {
             "method": cfg.train.method, "miou": miou, "per_class_iou": dict(zip(self.classes, per_class)),
-            "steps": self.step, "samples_seen": self.step * self.images_per_step,
-            "skipped_samples": int(skipped.item()), "wall_seconds": round(self.elapsed(), 2),
+            "steps": self.step, "samples_seen": sum(consumed.values()), "samples_by_split": consumed,
+            "skipped_samples": skipped, "wall_seconds": round(self.elapsed(), 2),
             "workers": ctx.world_size, "resizes": self.resizes, "engine": cfg.train.engine,
             "resumed_from": self.resumed_from,
             "config_hash": cfg.digest(), "config": cfg.public_dict(),

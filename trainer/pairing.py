@@ -13,6 +13,7 @@ rank at any world size, checkpointed and rebuilt on resume (`PairingClient`).
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
@@ -25,6 +26,7 @@ import ray
 import torch
 
 from shards.augment import MEAN, STD
+from shards.errors import BadInput, BankFailure
 
 from .collectives import all_gather, all_reduce
 from .config import PairingConfig
@@ -280,6 +282,19 @@ def from_uint8(images: np.ndarray, device) -> torch.Tensor:
     return ((torch.tensor(images).float() - mean) / std).to(device)  # a copy: Ray's arrays are read-only
 
 
+@contextlib.contextmanager
+def bank_failures(call: str, step: int):
+    """A worker bank's error as one BankFailure line (bad input stays bad input); the traceback at DEBUG."""
+    try:
+        yield
+    except BadInput:
+        raise
+    except Exception as e:
+        log.debug("pairing bank %s at step %d", call, step, exc_info=True)
+        raise BankFailure(f"pairing bank: {call} at step {step} failed ({type(e).__name__}: {str(e)[:200]}); a bug, "
+                          "not a reason to pair in-batch (-v shows the traceback)") from e
+
+
 class PairingClient:
     """A worker's side: sends its labeled batches, asks for references under a deadline, falls back.
 
@@ -335,7 +350,8 @@ class PairingClient:
         gathered = [all_gather(torch.cat(part)).cpu().numpy() for part in (embeddings, images, masks)]
         shares = None if shares[0] is None else all_gather(torch.cat(shares))
         overlap = None if overlaps[0] is None else all_reduce(sum(overlaps))
-        self.local.push(*gathered, self.rank, step, _numpy(shares), _numpy(overlap))
+        with bank_failures("push", step):
+            self.local.push(*gathered, self.rank, step, _numpy(shares), _numpy(overlap))
 
     def state_dict(self) -> Optional[dict]:
         """The local bank's state, pixels aside (None: the bank is the service's)."""
@@ -368,7 +384,8 @@ class PairingClient:
 
     def _ask(self, embeddings: np.ndarray, step: int, shares: Optional[np.ndarray], generator):
         if self.local is not None:  # a failure here is a bug, not a reason to pair in-batch: it stops the run
-            return self.local.query(embeddings, step, shares, generator)
+            with bank_failures("query", step):
+                return self.local.query(embeddings, step, shares, generator)
         actor = self._handle()
         if actor is None:
             return None
