@@ -135,7 +135,8 @@ def main():
     parser.add_argument("--steps", type=int, default=1500)
     parser.add_argument("--labeled", default="1/16")
     parser.add_argument("--parallel", type=int, default=2)
-    parser.add_argument("--only", nargs="+", help="variant names to run (supervised always runs)")
+    parser.add_argument("--only", nargs="+", choices=sorted(VARIANTS), metavar="NAME",
+                        help="variant names to run (supervised always runs)")
     parser.add_argument("--table", default=os.path.join(ROOT, "docs", "results.md"))
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="an override for every run, e.g. optim.lr=0.001")

@@ -106,6 +106,21 @@ class _Progress(tune.Callback):
               f"{100 * miou:.2f} ({elapsed / 60:.1f} min, ETA {eta / 60:.1f} min)", file=sys.stderr, flush=True)
 
 
+# Ray Tune copies these from the driver's environment into each trial actor's runtime_env, which Ray logs
+# (runtime_env_agent.log) and keeps; the trials find them in their node's environment instead, as training's
+# workers do (a local Ray started by the sweep inherited them)
+CREDENTIAL_VARIABLES = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SECURITY_TOKEN", "AWS_SESSION_TOKEN")
+
+
+@contextlib.contextmanager
+def credentials_withheld():
+    saved = {name: os.environ.pop(name) for name in CREDENTIAL_VARIABLES if name in os.environ}
+    try:
+        yield
+    finally:
+        os.environ.update(saved)
+
+
 def run_trials(trials: list[Trial], parallel: int, address: str | None = None,
                tune_folder: str | None = None) -> list[dict]:
     """Run what is not finished on Ray Tune (`parallel` at a time); every trial's summary, in order. Tune's
@@ -125,7 +140,7 @@ def run_trials(trials: list[Trial], parallel: int, address: str | None = None,
                 tune_config=tune.TuneConfig(max_concurrent_trials=parallel),
                 run_config=tune.RunConfig(name="sweep", storage_path=tune_folder,
                                           verbose=0, callbacks=[_Progress(list(todo.values()))]))
-            with contextlib.redirect_stdout(io.StringIO()):  # Tune's pointers to its own temporary storage
+            with contextlib.redirect_stdout(io.StringIO()), credentials_withheld():  # stdout: Tune's pointers
                 failed = [r.error for r in tuner.fit() if r.error]
             if failed:
                 raise RuntimeError(f"{len(failed)} trials failed; the first: {failed[0]}")

@@ -192,6 +192,11 @@ def agent_ports() -> list[str]:
             "--runtime-env-agent-port", str(free_port())]
 
 
+# a Ray node's gcs_server and raylet take about 30 s to leave on SIGTERM; a test's cluster has its own ports and
+# temp dir and nothing of it outlives the test, so after a few seconds its processes are killed
+RAY_STOP_GRACE_S = 5
+
+
 class RayHead:
     def __init__(self, tmp: str, num_cpus: int = 2, ip: str = "127.0.0.1", env: dict | None = None):
         self.port, self.dashboard_port, self.metrics_port = free_port(), free_port(), free_port()
@@ -227,7 +232,7 @@ class RayHead:
             time.sleep(0.5)
 
     def stop(self):
-        stop_tree(self.proc.pid, timeout=40)
+        stop_tree(self.proc.pid, timeout=RAY_STOP_GRACE_S)
         shutil.rmtree(self.temp_dir, ignore_errors=True)
 
 
@@ -250,7 +255,7 @@ class RayNode:
         stop_tree(self.proc.pid, sig=signal.SIGKILL)
 
     def stop(self):
-        stop_tree(self.proc.pid, timeout=40)
+        stop_tree(self.proc.pid, timeout=RAY_STOP_GRACE_S)
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,105 @@
+"""The commands the README and docs/ quote beside their figures still parse: every `bench/*.py` command in a
+code span with the bench's own argument parser (run up to the point where it has parsed its arguments, and
+no further), every `guidedmix` command with the CLI's. A renamed option, a retired choice or a bench gone
+fails here instead of in a reader's hands."""
+import glob
+import json
+import os
+import re
+import shlex
+import subprocess
+import sys
+
+import pytest
+
+from conftest import REPO
+
+SPAN = re.compile(r"`([^`\n]+)`")
+BENCH = re.compile(r"^(?:[A-Z_]+=\S+ )*(?:\S*python3? )?(bench/[a-z_]+\.py)(.*)$")
+PLACEHOLDER = re.compile(r"\.\.\.|\[|\b[A-Z]{3,}\b")  # `--sets ...`, `[--verify]`, `URL`: a pattern, not a command
+
+# run in a child: each bench as __main__ with its arguments, parse_args stopping it once they parsed
+PARSE_ONLY = """
+import argparse, json, runpy, sys
+class Parsed(Exception):
+    pass
+parse = argparse.ArgumentParser.parse_args
+def parse_and_stop(self, args=None, namespace=None):
+    parse(self, args, namespace)
+    raise Parsed
+argparse.ArgumentParser.parse_args = parse_and_stop
+failed = {}
+for script, args in json.loads(sys.argv[1]):
+    sys.argv = [script, *args]
+    try:
+        runpy.run_path(script, run_name="__main__")
+        failed[" ".join(sys.argv)] = "ran without parsing its arguments"
+    except Parsed:
+        pass
+    except SystemExit as e:
+        failed[" ".join(sys.argv)] = f"exit {e.code}"
+print(json.dumps(failed))
+"""
+
+
+def quoted_commands():
+    """Code spans that are commands: not a pattern (PLACEHOLDER), not a bench named without arguments (a
+    reference), not on a line, nor in a document whose first lines, say `historical` (commands of an
+    earlier commit's code, kept with their figures)."""
+    found = set()
+    for path in [os.path.join(REPO, "README.md"), *glob.glob(os.path.join(REPO, "docs", "*.md"))]:
+        lines = open(path).read().splitlines()
+        if any("historical" in line.lower() for line in lines[:3]):
+            continue
+        for line in lines:
+            if "historical" in line.lower():
+                continue
+            for span in SPAN.findall(line):
+                command = span.startswith(("guidedmix ", ".venv/bin/", "OMP_NUM_THREADS", "python", "bench/"))
+                reference = span.startswith("bench/") and " " not in span
+                if command and not reference and not PLACEHOLDER.search(span):
+                    found.add(span)
+    return sorted(found)
+
+
+def test_every_quoted_bench_command_parses_with_todays_bench():
+    benches = []
+    for command in quoted_commands():
+        match = BENCH.match(command)
+        if match:
+            script, args = match.group(1), shlex.split(match.group(2))
+            assert os.path.exists(os.path.join(REPO, script)), command
+            if "argparse" not in open(os.path.join(REPO, script)).read():
+                assert not args, f"{command}: the bench takes no arguments"
+            else:
+                benches.append((script, args))
+    assert len(benches) >= 15
+    r = subprocess.run([sys.executable, "-c", PARSE_ONLY, json.dumps(benches)], cwd=REPO,
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    failed = json.loads(r.stdout.splitlines()[-1])
+    assert not failed, failed
+
+
+def test_every_quoted_guidedmix_command_parses_with_todays_cli():
+    from launch.cli import build_parser
+    from shards.errors import BadInput
+
+    commands = [c for c in quoted_commands() if c.startswith("guidedmix ")]
+    assert len(commands) >= 3
+    for command in commands:
+        args = shlex.split(command)[1:]
+        if len(args) == 1:  # `guidedmix sweep`: the subcommand named, which must exist
+            args.append("--help")
+        try:
+            build_parser().parse_args(args)
+        except SystemExit as e:  # --help
+            assert e.code == 0 and args[-1] == "--help", f"{command}: exit {e.code}"
+        except BadInput as e:  # the CLI's parser: one line, exit 2
+            pytest.fail(f"{command}: {e}")
+
+
+def test_the_check_sees_a_retired_option():
+    r = subprocess.run([sys.executable, "-c", PARSE_ONLY, '[["bench/ssl_suite.py", ["--no-such-option"]]]'],
+                       cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert "exit 2" in r.stdout.splitlines()[-1]
