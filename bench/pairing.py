@@ -57,8 +57,8 @@ def exchange(actor, batch, rank: int, step: int):
     """A worker's one call a step, as PairingClient makes it: its labeled batch for the bank and its query
     (the batch's own embeddings and shares stand in for the unlabeled images' and their predictions')."""
     emb, images, masks, shares, overlap = batch
-    return actor.exchange.remote(*pairing.exchange_args(emb, step, shares, rank,
-                                                        (emb, images, masks, rank, step, shares, overlap)))
+    labeled = pairing.LabeledBatch(emb, images, masks, step, shares, overlap)
+    return actor.exchange.remote(*pairing.exchange_args(emb, step, shares, rank, labeled))
 
 
 def service_latency(ray, bank: int, queries: int) -> dict:

@@ -40,7 +40,7 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 from bench.common import free_port, study_shards  # noqa: E402
-from trainer import guidedmix  # noqa: E402
+from trainer import guidedmix, ssl  # noqa: E402
 from trainer.config import load_config  # noqa: E402
 from trainer.engine import build_engine  # noqa: E402
 from trainer.model import build_model  # noqa: E402
@@ -136,7 +136,7 @@ def default_recipe_worker(rank: int, world_size: int, port: int, config: str, ur
         f"data.url={url}", f"out={out}/{method}", "train.engine=deepspeed", f"train.workers={world_size}",
         f"train.method={method}", "train.steps=100000", "data.loader_workers=0", *overrides]), ctx)
         for method in ("supervised", "guidedmix")}
-    bank = trainers["guidedmix"].pairing
+    bank = trainers["guidedmix"].method.pairing
     spent = {call: 0.0 for call in PAIRING_CALLS}
     for call in PAIRING_CALLS:
         def timed(*args, _fn=getattr(bank, call), _call=call, **kwargs):
@@ -169,8 +169,9 @@ def default_recipe_worker(rank: int, world_size: int, port: int, config: str, ur
         for method, trainer in trainers.items():
             trainer._loss = reads.inside(trainer._loss)
             trainer.engine.micro_step = reads.inside(trainer.engine.micro_step)
-            if trainer.pairing is not None:
-                trainer.pairing.end_step = reads.inside(trainer.pairing.end_step)
+            pairing = getattr(trainer.method, "pairing", None)
+            if pairing is not None:
+                pairing.end_step = reads.inside(pairing.end_step)
             reads.count = 0
             trainer.train_step()
             syncs[method] = reads.count
@@ -252,7 +253,7 @@ def main():
                     loss = loss_of().loss
                 micro_step(loss)
             return run
-        return (step(lambda: guidedmix.supervised_loss(module, x_l, y_l)),
+        return (step(lambda: ssl.supervised_loss(module, x_l, y_l)),
                 step(lambda: guidedmix.guidedmix_loss(module, x_l, y_l, x_u, 10**6, cfg.guidedmix, classes, None, None,
                                                       gen)))
 
@@ -274,7 +275,7 @@ def main():
         low, high = model.encode(torch.cat([x_l, x_u]))
         emb = model.embed(high)
         features = model.decode(low[:b], high[:b]).detach()
-    lam = guidedmix.sample_lam(b, s, s, cfg.guidedmix.lam_max, cfg.guidedmix.mix, gen, device)
+    lam = ssl.sample_lam(b, s, s, cfg.guidedmix.lam_max, cfg.guidedmix.mix, gen, device)
     p_m = torch.randn(b, classes, s, s, device=device).softmax(1)
     confidence, hard = p_m.max(1)
     ref = guidedmix.onehot(y_l, classes)
@@ -287,9 +288,9 @@ def main():
 
     pairing, mixing, strong_aug, mitrans_time, mask_generation, class_balanced = median_seconds(
         lambda: guidedmix.pair(emb[b:], emb[:b]),
-        lambda: guidedmix.mix(x_u, x_l, guidedmix.sample_lam(b, s, s, cfg.guidedmix.lam_max, cfg.guidedmix.mix, gen,
+        lambda: ssl.mix(x_u, x_l, ssl.sample_lam(b, s, s, cfg.guidedmix.lam_max, cfg.guidedmix.mix, gen,
                                                              device)),
-        lambda: guidedmix.strong_augment(x_u, gen),
+        lambda: ssl.strong_augment(x_u, gen),
         mitrans,
         lambda: guidedmix.generate_mask(p_m, ref, lam),
         # once a step, of the clean view (and once more of the decoupled mask with unsup_loss)

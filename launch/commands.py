@@ -133,7 +133,7 @@ def _demo(args) -> int:
     if "pseudo_accuracy" in pseudo:
         print(f"pseudo masks (last {min(cfg.train.log_every, summary['steps'])} steps): {pseudo['pseudo_coverage']:.0%} of unlabeled "
               f"pixels taught, {pseudo['pseudo_accuracy']:.0%} of them right against the withheld masks")
-    print(f"summary: {join(cfg.out, 'summary.json')}\npictures: {join(cfg.out, 'overlays')}/, "
+    print(f"summary: {join(cfg.out, outputs.SUMMARY)}\npictures: {join(cfg.out, 'overlays')}/, "
           f"{join(cfg.out, 'curves.png')}")
     return 0
 

@@ -24,6 +24,7 @@ from shards.manifest import read_manifest
 from shards.storage import filesystem, join, with_retries
 from trainer.config import CREDENTIALS_HELP, Config
 from trainer.loop import WorkerContext, train
+from trainer.outputs import SUMMARY
 from trainer.pairing import start_service
 
 from .console import LOG_FORMAT
@@ -40,7 +41,7 @@ def absolute(url: str) -> str:
 
 def finished_summary(cfg: Config):
     """The summary of a run under --out that already reached the requested steps, else None."""
-    url = join(cfg.out, "summary.json")
+    url = join(cfg.out, SUMMARY)
     fs, path = filesystem(url, cfg.data.storage_options)
     try:
         summary = json.loads(with_retries(lambda: fs.cat_file(path), url, cfg.data.retries))
@@ -79,8 +80,12 @@ def _worker_entry(config: dict) -> None:
                         report=ray.train.report))
 
 
+def cluster_address(address: str | None) -> str | None:
+    """The cluster to join: `--address`, else RAY_ADDRESS; None: a local Ray started for this command."""
+    return address or os.environ.get("RAY_ADDRESS")
+
+
 def _connect(address: str | None, workers: int):
-    address = address or os.environ.get("RAY_ADDRESS")
     env = {k: os.environ[k] for k in ("DS_ACCELERATOR", "TORCH_EXTENSIONS_DIR", "AWS_ENDPOINT_URL",
                                       "AWS_DEFAULT_REGION") if k in os.environ}
     if address:
@@ -114,7 +119,8 @@ def run(cfg: Config, address: str | None = None) -> dict:
         log.info("run under %s already finished (%d steps, mIoU %.4f)", cfg.out, done["steps"], done["miou"])
         return done
     read_manifest(cfg.data.url, cfg.data.storage_options, cfg.data.retries)  # bad data fails before Ray starts
-    if not (address or os.environ.get("RAY_ADDRESS")):
+    address = cluster_address(address)
+    if not address:
         # the embedded local Ray stays on loopback: Ray otherwise binds the machine's interface address,
         # and gloo picks the interface its hostname resolves to unless told (workers inherit both)
         os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
@@ -154,5 +160,5 @@ def run(cfg: Config, address: str | None = None) -> dict:
             ray.shutdown()
     summary = finished_summary(cfg)
     if summary is None:
-        raise RuntimeError(f"training ended without {join(cfg.out, 'summary.json')}")
+        raise RuntimeError(f"training ended without {join(cfg.out, SUMMARY)}")
     return summary

@@ -38,7 +38,7 @@ from trainer.config import Config, load_config
 from trainer.loop import WorkerContext, train
 
 from . import console
-from .driver import absolute, finished_summary
+from .driver import absolute, cluster_address, finished_summary
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -130,8 +130,8 @@ def run_trials(trials: list[Trial], parallel: int, address: str | None = None,
     if todo:
         temporary = tune_folder is None
         tune_folder = tempfile.mkdtemp(prefix="guidedmix-tune-") if temporary else os.path.abspath(tune_folder)
-        started_local = not (address or os.environ.get("RAY_ADDRESS"))
-        ray.init(address=address, num_cpus=parallel if started_local else None, include_dashboard=False,
+        address = cluster_address(address)
+        ray.init(address=address, num_cpus=None if address else parallel, include_dashboard=False,
                  logging_level=logging.WARNING)
         try:
             tuner = tune.Tuner(

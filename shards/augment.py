@@ -11,7 +11,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-IGNORE = 255
+from .manifest import IGNORE
+
 MEAN = np.array([0.485, 0.456, 0.406], np.float32) * 255
 STD = np.array([0.229, 0.224, 0.225], np.float32) * 255
 

@@ -16,7 +16,7 @@ from tqdm import tqdm
 
 from . import sources
 from .errors import BadInput
-from .manifest import FORMAT, MANIFEST, WITHHELD
+from .manifest import FORMAT, IGNORE, MANIFEST, MASK, WITHHELD
 from .tario import payload_crc32
 from .storage import check_url, describe_error, filesystem, join
 
@@ -98,7 +98,7 @@ def _write_split(fs, base: str, split: str, items: list[sources.Item], with_mask
                     sample = {"__key__": item.key, ext: image}
                     if with_masks:
                         mask = item.load_mask()
-                        sample["mask.png"] = _png(mask)
+                        sample[MASK] = _png(mask)
                         height, width = mask.shape
                     else:
                         if item.load_mask is not None:
@@ -160,7 +160,7 @@ def build(source: sources.Source, out: str, labeled: float | int, *, seed: int =
             splits[split] = {"samples": len(items), "shards": written}
     manifest = {
         "format": FORMAT, "version": VERSION, "source": source.name, "classes": source.classes,
-        "ignore_index": sources.IGNORE, "splits": splits, "seed": seed, "withheld_masks": withhold_masks,
+        "ignore_index": IGNORE, "splits": splits, "seed": seed, "withheld_masks": withhold_masks,
         "shuffled": shuffle,
         "args": args or {}, "created": datetime.datetime.now(datetime.timezone.utc).isoformat(),
     }

@@ -12,8 +12,10 @@ from .tario import count_samples
 
 MANIFEST = "manifest.json"
 FORMAT = "guidedmix-shards/1"
+MASK = "mask.png"  # a labeled or val sample's mask
 WITHHELD = "withheld.png"  # an unlabeled image's true mask in a study's shard set, to score pseudo masks only
 SPLITS = ("labeled", "unlabeled", "val")
+IGNORE = 255  # a mask's pixels of no class: the format's `ignore_index`, the one every reader uses
 
 
 @dataclass(frozen=True)
@@ -73,6 +75,8 @@ def read_manifest(url: str, storage_options: dict | None, retries: int) -> dict:
         raise not_ours from None
     if manifest.get("format") != FORMAT or not isinstance(manifest.get("classes"), list) or not manifest["classes"]:
         raise not_ours
+    if manifest.get("ignore_index", IGNORE) != IGNORE:
+        raise BadInput(f"{path}: ignore_index {manifest['ignore_index']!r}: masks must mark pixels of no class {IGNORE}")
     for info in infos:
         _check_shard(info, path)
     return manifest

@@ -14,9 +14,8 @@ import numpy as np
 from PIL import Image
 
 from . import synthetic, textures
+from .manifest import IGNORE
 from .errors import BadInput
-
-IGNORE = 255
 
 
 @dataclass

@@ -35,7 +35,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from . import augment, order
 from .errors import BadInput, StorageFailure
-from .manifest import WITHHELD, ShardInfo, read_manifest, shard_infos
+from .manifest import IGNORE, MASK, WITHHELD, ShardInfo, read_manifest, shard_infos
 from .node_cache import NodeCache
 from .storage import check_url, describe_error, filesystem, join, local_path, with_retries
 from .tario import payload_crc32, tar_samples
@@ -315,13 +315,13 @@ class _Worker:
             ext = next(e for e in IMAGE_EXTS if e in sample)
             image = np.asarray(Image.open(io.BytesIO(sample[ext])).convert("RGB"))
             # unlabeled images have no mask; a study's shard set keeps their true one apart, to score pseudo masks
-            mask_name = "mask.png" if self.spec.split != "unlabeled" else WITHHELD
+            mask_name = MASK if self.spec.split != "unlabeled" else WITHHELD
             mask = None
             if mask_name in sample or self.spec.split != "unlabeled":
                 mask = np.asarray(Image.open(io.BytesIO(sample[mask_name])))
                 if mask.ndim != 2 or mask.shape != image.shape[:2]:
                     raise ValueError(f"mask shape {mask.shape} does not match image {image.shape[:2]}")
-                bad = mask[(mask >= self.num_classes) & (mask != augment.IGNORE)]
+                bad = mask[(mask >= self.num_classes) & (mask != IGNORE)]
                 if bad.size:
                     raise ValueError(f"class id {int(bad[0])} beyond the {self.num_classes} classes")
             return key, image, mask
@@ -399,7 +399,7 @@ class _Worker:
         else:
             height = width = self.spec.crop_size
         images = torch.zeros(size, 3, height, width)
-        masks = torch.full((size, height, width), augment.IGNORE, dtype=torch.long)
+        masks = torch.full((size, height, width), IGNORE, dtype=torch.long)
         for i, (_, image, mask) in enumerate(prepared):  # val: pad to the batch's largest image, ignored
             images[i, :, :image.shape[1], :image.shape[2]] = image
             if mask is not None:

@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from trainer import evaluate, guidedmix
+from trainer import evaluate, guidedmix, ssl
 from trainer.config import Config
 from trainer.model import DeepLabV3Plus, load_backbone_weights
 
@@ -38,13 +38,13 @@ def test_topk_pairing_stays_inside_the_top_k():
 
 def test_mixing_with_lam_zero_returns_the_unlabeled_image():
     x_u, x_r = torch.randn(2, 3, 8, 8), torch.randn(2, 3, 8, 8)
-    assert torch.equal(guidedmix.mix(x_u, x_r, torch.zeros(2, 1, 8, 8)), x_u)
-    lam = guidedmix.sample_lam(64, 8, 8, 0.5, "interp")
+    assert torch.equal(ssl.mix(x_u, x_r, torch.zeros(2, 1, 8, 8)), x_u)
+    lam = ssl.sample_lam(64, 8, 8, 0.5, "interp")
     assert lam.min() >= 0 and lam.max() < 0.5 and lam.std() > 0
 
 
 def test_region_lam_is_a_box_of_ones():
-    lam = guidedmix.sample_lam(16, 32, 32, 0.5, "region", torch.Generator().manual_seed(3))
+    lam = ssl.sample_lam(16, 32, 32, 0.5, "region", torch.Generator().manual_seed(3))
     assert set(lam.unique().tolist()) <= {0.0, 1.0}
     assert (lam.mean(dim=(1, 2, 3)) <= 0.5 + 1e-6).all() and lam.sum() > 0
 
@@ -54,7 +54,7 @@ def test_class_pairing_draws_the_partner_with_the_lacking_or_needed_classes():
     candidate_masks = torch.zeros(4, 8, 8, dtype=torch.long)
     for k, c in enumerate((1, 2, 3)):
         candidate_masks[k + 1, :4] = c  # candidate k+1 holds class c on half its pixels; candidate 0 only background
-    candidate_masks[0, 0, 0] = guidedmix.IGNORE  # ignored pixels are left out of the shares
+    candidate_masks[0, 0, 0] = ssl.IGNORE  # ignored pixels are left out of the shares
     shares = guidedmix.image_class_shares(candidate_masks, 4)
     assert torch.allclose(shares.sum(1), torch.ones(4))
     assert torch.allclose(shares[2], torch.tensor([0.5, 0.0, 0.5, 0.0]))
@@ -83,7 +83,7 @@ def test_class_pairing_draws_the_partner_with_the_lacking_or_needed_classes():
 
 
 def test_class_need_is_one_minus_the_iou_of_each_class_on_the_labeled_batch():
-    y_l = torch.tensor([[[0, 0, 1, 1], [0, 0, 2, guidedmix.IGNORE]]])
+    y_l = torch.tensor([[[0, 0, 1, 1], [0, 0, 2, ssl.IGNORE]]])
     hard = torch.tensor([[[0, 1, 1, 1], [0, 0, 0, 3]]])  # the ignored pixel's prediction does not count
     logits = F.one_hot(hard, 5).permute(0, 3, 1, 2).float()
     overlap = guidedmix.class_overlap(logits, y_l, 5)
@@ -97,8 +97,8 @@ def test_class_mix_pastes_whole_classes_of_the_partner_within_lam_max():
     g = torch.Generator().manual_seed(4)
     y_r = torch.zeros(6, 16, 16, dtype=torch.long)
     y_r[:, :4], y_r[:, 4:6, :8], y_r[:, 12:, 8:] = 1, 2, 3  # shares 1/4, 1/16, 1/8, the rest background
-    y_r[:, 15, 0] = guidedmix.IGNORE
-    lam = guidedmix.sample_lam(6, 16, 16, 0.3, "class", g, y_r=y_r)
+    y_r[:, 15, 0] = ssl.IGNORE
+    lam = ssl.sample_lam(6, 16, 16, 0.3, "class", g, y_r=y_r)
     assert lam.shape == (6, 1, 16, 16) and set(lam.unique().tolist()) <= {0.0, 1.0}
     assert (lam.mean(dim=(1, 2, 3)) <= 0.3).all()
     pasted = lam.squeeze(1).bool()
@@ -107,7 +107,7 @@ def test_class_mix_pastes_whole_classes_of_the_partner_within_lam_max():
             in_class = y_r[i] == c
             assert pasted[i][in_class].all() or not pasted[i][in_class].any()
         assert not pasted[i][y_r[i] == 0].any()  # the background (0.56 of the image) is over the budget
-        assert pasted[i][y_r[i] == guidedmix.IGNORE].sum() == 0
+        assert pasted[i][y_r[i] == ssl.IGNORE].sum() == 0
     assert pasted.any(dim=(1, 2)).all()  # something always fits: class 1 alone, or classes 2 and 3
     assert len({tuple(pasted[i].flatten().tolist()) for i in range(6)}) > 1  # which, by a random order
 
@@ -117,7 +117,7 @@ def test_mask_generation_recovers_the_unlabeled_one_hot(mode):
     c, g = 6, torch.Generator().manual_seed(2)
     y_u = torch.randint(0, c, (4, 16, 16), generator=g)
     y_r = torch.randint(0, c, (4, 16, 16), generator=g)
-    lam = guidedmix.sample_lam(4, 16, 16, 0.5, mode, g, y_r=y_r)
+    lam = ssl.sample_lam(4, 16, 16, 0.5, mode, g, y_r=y_r)
     ref = guidedmix.onehot(y_r, c)
     p_m = lam * ref + (1 - lam) * guidedmix.onehot(y_u, c)  # the true mixture
     pseudo, confidence = guidedmix.generate_mask(p_m, ref, lam)
@@ -147,11 +147,11 @@ def test_losses_ignore_255():
     target = torch.randint(0, 4, (2, 8, 8), generator=g)
     marked = target.clone()
     marked[:, :, :4] = 255
-    right_half = guidedmix.supervised_loss(_GivenLogits(logits[..., 4:]), None, target[..., 4:]).loss
-    assert torch.allclose(guidedmix.supervised_loss(_GivenLogits(logits), None, marked).loss, right_half)
+    right_half = ssl.supervised_loss(_GivenLogits(logits[..., 4:]), None, target[..., 4:]).loss
+    assert torch.allclose(ssl.supervised_loss(_GivenLogits(logits), None, marked).loss, right_half)
     wild = logits.clone()
     wild[..., :4] = 100 * torch.randn(2, 4, 8, 4, generator=g)
-    assert torch.allclose(guidedmix.supervised_loss(_GivenLogits(wild), None, marked).loss, right_half)
+    assert torch.allclose(ssl.supervised_loss(_GivenLogits(wild), None, marked).loss, right_half)
     weight = (marked != 255).float()
     assert torch.allclose(guidedmix.soft_cross_entropy(wild, guidedmix.onehot(marked, 4), weight), right_half)
     assert guidedmix.onehot(marked, 4)[..., :4].abs().sum() == 0
@@ -271,8 +271,8 @@ def test_references_from_outside_replace_in_batch_pairing():
 
 
 def test_rampup_is_zero_in_warmup_then_rises_to_the_weight():
-    assert guidedmix.rampup(5, 10, 100, 1.0) == 0.0
-    values = [guidedmix.rampup(s, 10, 100, 2.0) for s in range(10, 120, 10)]
+    assert ssl.rampup(5, 10, 100, 1.0) == 0.0
+    values = [ssl.rampup(s, 10, 100, 2.0) for s in range(10, 120, 10)]
     assert values == sorted(values) and values[-1] == 2.0 and values[0] < 0.02
 
 
@@ -280,7 +280,7 @@ def test_strong_augment_changes_pixels_but_not_geometry():
     g = torch.Generator().manual_seed(4)
     x = torch.zeros(8, 3, 16, 16)
     x[:, :, 4:8, 4:8] = 2.0  # a bright square
-    y = guidedmix.strong_augment(x, g)
+    y = ssl.strong_augment(x, g)
     assert y.shape == x.shape and not torch.equal(x, y)
     inside, outside = y[:, :, 5:7, 5:7].mean(dim=(1, 2, 3)), y[:, :, 12:, 12:].mean(dim=(1, 2, 3))
     assert (inside > outside).all()  # the square stays where it was
@@ -290,7 +290,7 @@ def test_mixed_pass_leaves_running_bn_statistics_alone():
     model = small_model()
     x = torch.randn(2, 3, 32, 32)
     before = [b.clone() for b in model.buffers()]
-    with guidedmix.frozen_bn_statistics(model):
+    with ssl.frozen_bn_statistics(model):
         model(x * 0.1)
     assert all(torch.equal(a, b) for a, b in zip(before, model.buffers()) if a.is_floating_point())
     model(x)  # outside the context the statistics move again
@@ -317,7 +317,7 @@ def test_guidedmix_at_zero_weight_with_separate_bn_is_the_supervised_step():
     for step in range(3):
         x_l, y_l = torch.randn(4, 3, 32, 32, generator=g), torch.randint(0, 7, (4, 32, 32), generator=g)
         x_u = torch.randn(4, 3, 32, 32, generator=g)
-        guidedmix.supervised_loss(a, x_l, y_l).loss.backward()
+        ssl.supervised_loss(a, x_l, y_l).loss.backward()
         guidedmix.guidedmix_loss(b, x_l, y_l, x_u, step, cfg, 7).loss.backward()
         opt_a.step(), opt_b.step(), opt_a.zero_grad(), opt_b.zero_grad()
     for (name, p), q in zip(a.named_parameters(), b.parameters()):

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from conftest import REPO, SMALL, check_ledgers, fault_figures, run_cli, stop_tree, train_cmd, wait_for
+from shards.errors import BankFailure
 from trainer import guidedmix, pairing
 from trainer.config import Config, PairingConfig
 from trainer.metrics import Metrics
@@ -126,7 +127,7 @@ def test_a_failure_of_the_worker_bank_stops_training_and_is_no_fallback(monkeypa
     def broken(*args, **kwargs):
         raise IndexError("a planted bug")
     monkeypatch.setattr(client.local, "query", broken)
-    with pytest.raises(pairing.BankFailure, match="query at step 1 failed .IndexError: a planted bug"):
+    with pytest.raises(BankFailure, match="query at step 1 failed .IndexError: a planted bug"):
         client.query(torch.randn(2, 16), None, 1, "cpu")
     assert client.fallbacks == 0
 
@@ -358,7 +359,8 @@ def test_a_resumed_run_takes_the_same_steps_as_one_never_stopped(synthetic_url, 
     import shutil
 
     from trainer.config import load_config
-    from trainer.loop import BANK_FILE, WorkerContext, train
+    from trainer.checkpoint import part_file
+    from trainer.loop import WorkerContext, train
 
     def run(out, steps=10):
         cfg = load_config(f"{REPO}/configs/cpu-small.yaml", [
@@ -373,14 +375,14 @@ def test_a_resumed_run_takes_the_same_steps_as_one_never_stopped(synthetic_url, 
         os.makedirs(f"{out}/checkpoints")
         shutil.copytree(f"{straight}/checkpoints/step-00000006", f"{out}/checkpoints/step-00000006")
         if not keep_bank:
-            os.remove(f"{out}/checkpoints/step-00000006/{BANK_FILE}")
+            os.remove(f"{out}/checkpoints/step-00000006/{part_file('pairing-bank')}")
         with open(f"{out}/checkpoints/latest", "w") as f:
             f.write("step-00000006")
         return run(out)
 
     straight = str(tmp_path / "straight")
     losses = run(straight)
-    assert len(losses) == 10 and os.path.exists(f"{straight}/checkpoints/step-00000006/{BANK_FILE}")
+    assert len(losses) == 10 and os.path.exists(f"{straight}/checkpoints/step-00000006/{part_file('pairing-bank')}")
     resumed = resume_from_step_6(str(tmp_path / "resumed"))
     assert resumed == losses  # steps 1-6 come from the checkpoint's history, 7-10 are trained again
     emptied = resume_from_step_6(str(tmp_path / "emptied"), keep_bank=False)

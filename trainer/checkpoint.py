@@ -2,7 +2,10 @@
 
 A checkpoint is a folder `step-NNNNNNNN/` holding the engine's files (DeepSpeed's, or a plain torch
 file), the run's config and classes (`config.json`, secrets dropped), one `rank-R.json` per rank (its
-data-stream positions and sample ledger) and one `rank-R.complete` per rank (its files are all there).
+data-stream positions, samples consumed and sample ledger), the method's parts as `NAME.pt`, written by
+rank 0 (trainer/methods: guidedmix's `teacher.pt`, its EMA teacher, and `pairing-bank.pt`, its worker bank
+without the pixels, which a resume reads again), and one `rank-R.complete` per rank (its files are all
+there).
 `load_trained` reads one back as a model for eval and predict.
 
 Saving does not stall training: the step hands the store its state as host copies (`Snapshot`) and goes on;
@@ -222,6 +225,17 @@ def host_copy(state):
 
 def step_name(step: int) -> str:
     return f"step-{step:08d}"
+
+
+def part_file(name: str) -> str:
+    """A method's part in a checkpoint folder."""
+    return f"{name}.pt"
+
+
+def read_parts(local_dir: str, names) -> dict:
+    """The method parts of these names that the checkpoint holds."""
+    paths = {name: os.path.join(local_dir, part_file(name)) for name in names}
+    return {name: torch.load(path, weights_only=True) for name, path in paths.items() if os.path.exists(path)}
 
 
 def write_rank_state(local_dir: str, rank: int, state: dict) -> None:

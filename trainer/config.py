@@ -99,7 +99,7 @@ class MITransConfig(_Strict):
 
 class PairingConfig(_Strict):
     # in_batch: each unlabeled image pairs within its worker's labeled batch; service: with the best match
-    # in the pairing service's bank of recent labeled samples from all workers (trainer/pairing.py); worker:
+    # in the pairing service's bank of recent labeled samples from all workers (trainer/pairing/); worker:
     # a bank of every worker's labeled samples kept in each worker's process (no service), the same on every
     # rank, checkpointed and rebuilt on resume (the default: docs/results-suite.md)
     mode: Literal["in_batch", "service", "worker"] = "worker"

@@ -35,10 +35,12 @@ def poly_schedule(optimizer, total_steps: int, power: float):
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: max(0.0, 1 - s / total_steps) ** power)
 
 
-def build_engine(model, cfg, device, bf16: bool, micro_batch: int, micro_steps: int):
-    """`micro_steps` micro-batches of `micro_batch` labeled images make one optimiser step of this worker."""
+def build_engine(model, cfg, device, bf16: bool, micro_batch: int, micro_steps: int, *, rank: int = 0,
+                 world_size: int = 1):
+    """`micro_steps` micro-batches of `micro_batch` labeled images make one optimiser step of this worker, rank
+    `rank` of `world_size` (the worker's context, not torch.distributed's globals)."""
     if cfg.train.engine == "deepspeed":
-        return DeepSpeedEngine(model, cfg, device, bf16, micro_batch, micro_steps)
+        return DeepSpeedEngine(model, cfg, device, bf16, micro_batch, micro_steps, rank, world_size)
     return PlainEngine(model, cfg, device, bf16, micro_steps)
 
 
@@ -91,8 +93,10 @@ class PlainEngine(MixedPrecision):
 class DeepSpeedEngine(MixedPrecision):
     TAG = "engine"
 
-    def __init__(self, model, cfg, device, bf16: bool, micro_batch: int, micro_steps: int):
+    def __init__(self, model, cfg, device, bf16: bool, micro_batch: int, micro_steps: int, rank: int,
+                 world_size: int):
         super().__init__(device, bf16)
+        self.rank, self.world_size = rank, world_size
         # DeepSpeed JIT-builds its CPU ops with the first `ninja` on PATH, and ninja versions hash build
         # commands differently, so two of them rebuild each other's output every run: this environment's own
         # (a dependency of deepspeed) first, as `make venv` builds them
@@ -143,7 +147,7 @@ class DeepSpeedEngine(MixedPrecision):
             self._save_portable(snapshot, client_state)
 
     def load(self, local_dir: str) -> dict:
-        if self.engine.zero_optimization_stage() > 0 and _zero_world(local_dir) != torch.distributed.get_world_size():
+        if self.engine.zero_optimization_stage() > 0 and _zero_world(local_dir) != self.world_size:
             return self._load_portable(local_dir)
         _, client_state = self.engine.load_checkpoint(local_dir, tag=self.TAG)
         return client_state or {}
@@ -168,7 +172,7 @@ class DeepSpeedEngine(MixedPrecision):
         for name, p in self.module.named_parameters():  # collective: every rank, the same order
             params[name] = safe_get_full_fp32_param(p)
             optimiser[name] = {k: safe_get_full_optimizer_state(p, k) for k in self._optimiser_keys()}
-        if torch.distributed.get_rank() == 0:
+        if self.rank == 0:
             steps = [state["step"] for state in self._inner().state.values() if "step" in state]
             snapshot.save({"params": params, "optimiser": optimiser, "optimiser_step": steps[0] if steps else None,
                            "buffers": dict(self.module.named_buffers()), "scheduler": self.scheduler.state_dict(),

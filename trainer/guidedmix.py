@@ -19,18 +19,16 @@ Lam is carried as a per-pixel map B x 1 x H x W throughout, so global and region
 from __future__ import annotations
 
 import math
-from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable, Optional
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
+
+from .ssl import IGNORE, StepOutput, drawn_on, frozen_bn_statistics, mix, rampup, sample_lam, strong_augment
 
 if TYPE_CHECKING:  # the typed config section, for readers and type checkers only: no pydantic at run time here
     from .config import GuidedMixConfig
-
-IGNORE = 255
 
 
 # Given the unlabeled batch's L2-normalised embeddings and the class shares of its predictions (B x C), the
@@ -44,26 +42,17 @@ CLASS_CRITERIA = ("complement", "need")
 
 
 @dataclass
-class StepOutput:
-    loss: torch.Tensor
-    # for logging: sup, unsup, mix, taught, lam as detached tensors (read on the host only at a log step,
-    # so a step costs no device-to-host sync), weight as a float
-    parts: dict = field(default_factory=dict)
+class GuidedMixOutput(StepOutput):
+    """A GuidedMix step's output: besides the loss, what pairing and the worker's bank use."""
+
     pairing: Optional[torch.Tensor] = None  # index into the labeled batch (None: references from outside)
-    pseudo: Optional[torch.Tensor] = None  # what the unlabeled batch is taught per pixel (255 = nothing)
-    labeled_embeddings: Optional[torch.Tensor] = None  # what the pairing service's bank stores
+    labeled_embeddings: Optional[torch.Tensor] = None  # what the pairing bank stores
     labeled_shares: Optional[torch.Tensor] = None  # B_l x C class shares of the labeled masks (the bank's too)
     labeled_overlap: Optional[torch.Tensor] = None  # 2 x C intersection and union on the labeled batch
 
 
-def drawn_on(generator: Optional[torch.Generator]) -> Optional[torch.device]:
-    """Where random draws are made: on the generator's device (a CUDA generator draws only CUDA tensors), then
-    moved to where they are used; the same draws on a CPU run as ever."""
-    return None if generator is None else generator.device
-
-
 def pair(query: torch.Tensor, candidates: torch.Tensor, similarity: str = "most", topk: int = 1,
-         temperature: float = 0.1, generator: Optional[torch.Generator] = None,
+         temperature: float = 0.1, generator: Optional[torch.Generator] = None, *,
          query_shares: Optional[torch.Tensor] = None, candidate_shares: Optional[torch.Tensor] = None,
          need: Optional[torch.Tensor] = None) -> torch.Tensor:
     """For each query embedding, the index of its reference among the candidate embeddings.
@@ -98,76 +87,6 @@ def pair(query: torch.Tensor, candidates: torch.Tensor, similarity: str = "most"
     probs = torch.softmax(top / temperature, dim=1)
     choice = torch.multinomial(probs.to(drawn_on(generator) or probs.device), 1, generator=generator)
     return index.gather(1, choice.to(index.device)).squeeze(1)
-
-
-def sample_lam(batch: int, height: int, width: int, lam_max: float, mode: str,
-               generator: Optional[torch.Generator] = None, device=None,
-               y_r: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """B x 1 x H x W mixing weights of the reference: a constant per pair (interp), a 0/1 box (region), or
-    its pixels of whole classes (class)."""
-    if mode == "class":
-        return class_regions(y_r, lam_max, generator).unsqueeze(1).float()
-    u = torch.rand(batch, generator=generator, device=drawn_on(generator)).to(device)
-    if mode == "interp":
-        return (u * lam_max).view(batch, 1, 1, 1).expand(batch, 1, height, width).contiguous()
-    # region: a box covering a U(0, lam_max) share of the image, so lam_max bounds the pasted area
-    lam = torch.zeros(batch, 1, height, width, device=device)
-    side = (u * lam_max).sqrt()
-    for i in range(batch):
-        bh, bw = int(round(height * side[i].item())), int(round(width * side[i].item()))
-        top = int(torch.randint(0, height - bh + 1, (1,), generator=generator, device=drawn_on(generator)))
-        left = int(torch.randint(0, width - bw + 1, (1,), generator=generator, device=drawn_on(generator)))
-        lam[i, :, top:top + bh, left:left + bw] = 1.0
-    return lam
-
-
-def class_regions(y_r: torch.Tensor, lam_max: float, generator: Optional[torch.Generator] = None) -> torch.Tensor:
-    """B x H x W booleans: each reference's pixels of whole classes, taken in a random order while they cover
-    at most `lam_max` of the image (ClassMix, Olsson et al. 2021, bounded as the box is). Pasting the
-    partner's objects, not a box that mostly holds its background, moves its classes into the mixed view;
-    a class larger than what is left of the budget (most often the background) stays out."""
-    regions = torch.zeros_like(y_r, dtype=torch.bool)
-    budget = lam_max * y_r[0].numel()
-    for i in range(y_r.shape[0]):
-        classes = y_r[i][y_r[i] != IGNORE].unique()
-        counts = [int((y_r[i] == c).sum()) for c in classes]
-        area = 0
-        for k in torch.randperm(len(classes), generator=generator, device=drawn_on(generator)).tolist():
-            if area + counts[k] <= budget:
-                regions[i] |= y_r[i] == classes[k]
-                area += counts[k]
-    return regions
-
-
-def strong_augment(x: torch.Tensor, generator: Optional[torch.Generator] = None) -> torch.Tensor:
-    """Pixel-aligned perturbations of normalised images (the student's view only): brightness, contrast,
-    saturation, greyscale, blur and noise, each drawn per image. No geometry changes, so pseudo masks made
-    on the clean view stay aligned."""
-    b = x.shape[0]
-
-    on = drawn_on(generator)
-
-    def draw(low, high):
-        return (torch.rand(b, 1, 1, 1, generator=generator, device=on) * (high - low) + low).to(x)
-
-    def coin(p):
-        return (torch.rand(b, 1, 1, 1, generator=generator, device=on) < p).to(x)
-
-    mean = x.mean(dim=(1, 2, 3), keepdim=True)
-    x = x + coin(0.8) * draw(-0.5, 0.5)  # brightness
-    x = mean + (x - mean) * (1 + coin(0.8) * draw(-0.5, 0.5))  # contrast
-    grey = x.mean(dim=1, keepdim=True)
-    x = grey + (x - grey) * (1 + coin(0.8) * draw(-0.8, 0.8))  # saturation
-    x = x + coin(0.2) * (grey - x)  # greyscale
-    blurred = F.avg_pool2d(x, 3, 1, 1, count_include_pad=False)
-    x = x + coin(0.5) * (blurred - x)
-    noise = torch.randn(x.shape, generator=generator, device=on).to(x)
-    return x + coin(0.5) * 0.1 * noise
-
-
-def mix(x_u: torch.Tensor, x_r: torch.Tensor, lam: torch.Tensor) -> torch.Tensor:
-    lam = lam.to(x_u.dtype)  # a float32 lam would lift bf16 images to float32
-    return lam * x_r + (1 - lam) * x_u
 
 
 def onehot(mask: torch.Tensor, num_classes: int) -> torch.Tensor:
@@ -299,31 +218,6 @@ def confident_pixels(confidence: torch.Tensor, label: torch.Tensor, tau: float, 
     return keep
 
 
-@contextmanager
-def frozen_bn_statistics(model):
-    """Batch norm normalises with the batch's statistics but leaves the running ones alone: mixed images
-    (lower contrast, pasted edges) are not what evaluation sees, and must not shift its statistics."""
-    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    saved = [m.momentum for m in norms]
-    for m in norms:
-        m.momentum = 0.0
-    try:
-        yield
-    finally:
-        for m, momentum in zip(norms, saved):
-            m.momentum = momentum
-
-
-def rampup(step: int, warmup_steps: int, rampup_steps: int, weight: float) -> float:
-    """Sigmoid ramp-up exp(-5 (1 - t)^2) of the unsupervised weight, after `warmup_steps` of supervision."""
-    t = step - warmup_steps
-    if t < 0:
-        return 0.0
-    if rampup_steps == 0 or t >= rampup_steps:
-        return weight
-    return weight * math.exp(-5.0 * (1.0 - t / rampup_steps) ** 2)
-
-
 def soft_cross_entropy(logits: torch.Tensor, target: torch.Tensor, weight: torch.Tensor,
                        over: str = "taught") -> torch.Tensor:
     """-sum_c target_c log softmax(logits)_c, averaged over the weighted pixels (`taught`), or over all pixels
@@ -333,15 +227,9 @@ def soft_cross_entropy(logits: torch.Tensor, target: torch.Tensor, weight: torch
     return (per_pixel * weight).sum() / count
 
 
-def supervised_loss(model, x_l, y_l) -> StepOutput:
-    """`method: supervised`: L_sup alone on the labeled stream, the baseline."""
-    loss = F.cross_entropy(model(x_l), y_l, ignore_index=IGNORE)
-    return StepOutput(loss, {"sup": loss.detach()})
-
-
 def guidedmix_loss(model, x_l: torch.Tensor, y_l: torch.Tensor, x_u: torch.Tensor, step: int,
                    cfg: "GuidedMixConfig", num_classes: int, teacher=None, find_references: Optional[ReferenceFinder] = None,
-                   generator: Optional[torch.Generator] = None) -> StepOutput:
+                   generator: Optional[torch.Generator] = None) -> GuidedMixOutput:
     """One GuidedMix step's loss. `cfg` is the config's `guidedmix` section; `teacher` an EMA copy of the
     model (or None: the model teaches itself); `find_references` pairs from outside (else in-batch)."""
     b_l, b_u = x_l.shape[0], x_u.shape[0]
@@ -369,7 +257,8 @@ def guidedmix_loss(model, x_l: torch.Tensor, y_l: torch.Tensor, x_u: torch.Tenso
     found = find_references(embeddings[b_l:], shares_u) if find_references is not None else None
     if found is None:
         index = pair(embeddings[b_l:], embeddings[:b_l], cfg.pairing.similarity, cfg.pairing.topk,
-                     cfg.pairing.temperature, generator, shares_u, shares_l, class_need(overlap))
+                     cfg.pairing.temperature, generator, query_shares=shares_u, candidate_shares=shares_l,
+                     need=class_need(overlap))
         x_r, y_r = x_l[index], y_l[index]
     else:
         index, (x_r, y_r) = None, found
@@ -421,7 +310,8 @@ def guidedmix_loss(model, x_l: torch.Tensor, y_l: torch.Tensor, x_u: torch.Tenso
     # only the terms the objective has: a progress line of `unsup 0.000` reads as a broken loss
     parts.update({name: term.detach() for name, term, on in (("unsup", loss_unsup, cfg.unsup_loss),
                                                              ("mix", loss_mix, cfg.mix_loss)) if on})
-    return StepOutput(loss, parts, index, taught, embeddings[:b_l], shares_l, overlap)
+    return GuidedMixOutput(loss, parts, pseudo=taught, pairing=index, labeled_embeddings=embeddings[:b_l],
+                           labeled_shares=shares_l, labeled_overlap=overlap)
 
 
 @torch.no_grad()

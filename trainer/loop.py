@@ -7,11 +7,8 @@ between log steps: the host reads them only when it writes a log line.
 """
 from __future__ import annotations
 
-import copy
 import dataclasses
-import functools
 import logging
-import os
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Optional
@@ -24,19 +21,17 @@ from shards.errors import BadInput
 from shards.manifest import read_manifest
 from shards.stream import ShardStream, StreamSpec
 
-from . import checkpoint, evaluate, guidedmix, outputs
+from . import checkpoint, evaluate, outputs
 from .collectives import all_reduce, average_buffers
 from .config import Config
 from .engine import build_engine
+from .methods import METHODS, build_method
 from .metrics import for_this_process, run_label
 from .model import build_model, load_backbone_weights
-from .pairing import PairingClient
+from .ssl import StepOutput
 from .tracking import Tracker
-from .unimatch import unimatch_loss
 
 log = logging.getLogger("guidedmix.train")
-
-BANK_FILE = "pairing-bank.pt"  # a worker's pairing bank, pixels aside (rank 0's: every rank's is the same)
 
 
 @dataclass
@@ -133,7 +128,7 @@ class _Progress:
 
 
 class Trainer:
-    """Model, engine, streams, pairing client, metrics and checkpoint store of one worker, built from the
+    """Model, engine, method, streams, metrics and checkpoint store of one worker, built from the
     config; `resume()`, then `train_step()` until done with `log()`, `evaluate()` and `save()` between steps,
     then `finish()`."""
 
@@ -143,8 +138,7 @@ class Trainer:
         torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
         self.manifest = read_manifest(cfg.data.url, cfg.data.storage_options, cfg.data.retries)
         self.classes = self.manifest["classes"]
-        self.semi = cfg.train.method != "supervised"
-        splits = ("labeled", "unlabeled") if self.semi else ("labeled",)
+        splits = METHODS[cfg.train.method].splits
         self.streams = {s: ShardStream(stream_spec(cfg, s, ctx), self.manifest) for s in splits}
 
         model = load_model(cfg, len(self.classes))
@@ -154,20 +148,16 @@ class Trainer:
                 model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
             elif ctx.rank == 0:
                 log.debug("model.sync_bn: torch syncs batch norm on GPUs only; CPU workers keep per-worker statistics")
-        gm = cfg.guidedmix
-        ema = cfg.train.method == "guidedmix" and gm.teacher == "ema"
-        self.teacher = copy.deepcopy(model).to(ctx.device).eval() if ema else None
-        bf16 = cfg.train.precision == "bf16" or (cfg.train.precision == "auto" and use_gpu)
-        micro = self.streams["labeled"].layout
-        self.engine = build_engine(model, cfg, ctx.device, bf16, micro.micro, micro.micro_steps)
-        self.module = self.engine.module
-        self.generator = torch.Generator(device=ctx.device).manual_seed(cfg.train.seed * 1000 + ctx.rank)
         self.metrics = for_this_process(ctx.in_ray, cfg.train.metrics_port if ctx.rank == 0 else 0,
                                         cfg.train.metrics_host, rank=ctx.rank, run=run_label(cfg.out))
         self._declare_metrics(splits)
-        self.pairing = None
-        if cfg.train.method == "guidedmix" and gm.pairing.mode in ("service", "worker"):
-            self.pairing = PairingClient(gm.pairing, cfg.out, ctx.rank, ctx.in_ray, self.metrics, cfg.train.seed)
+        # before the engine wraps the model: a teacher copies it as it is
+        self.method = build_method(cfg, model, ctx, self.metrics, len(self.classes))
+        bf16 = cfg.train.precision == "bf16" or (cfg.train.precision == "auto" and use_gpu)
+        micro = self.streams["labeled"].layout
+        self.engine = build_engine(model, cfg, ctx.device, bf16, micro.micro, micro.micro_steps, rank=ctx.rank,
+                                   world_size=ctx.world_size)
+        self.module = self.engine.module
         self.store = checkpoint.CheckpointStore(cfg.out, cfg.data.storage_options, cfg.data.retries)
 
         self.step, self.history, self.elapsed_before, self.resumed_from = 0, [], 0.0, None
@@ -215,10 +205,7 @@ class Trainer:
             try:
                 client = self.engine.load(local)
                 states = checkpoint.read_rank_states(local)
-                if self.teacher is not None:
-                    self.teacher.load_state_dict(torch.load(f"{local}/teacher.pt", weights_only=True))
-                bank = f"{local}/{BANK_FILE}"
-                bank_state = torch.load(bank, weights_only=True) if os.path.exists(bank) else None
+                parts = checkpoint.read_parts(local, self.method.parts)
             finally:
                 checkpoint.remove_local(local)
             self.step, self.history, self.elapsed_before = client["step"], client["history"], client["elapsed"]
@@ -228,8 +215,7 @@ class Trainer:
                 self.resizes.append({"step": self.step, "from": before, "to": self.ctx.world_size})
             for name, stream in self.streams.items():  # the global step: the same in every rank's state
                 stream.load_state_dict(states[0]["streams"][name])
-            if bank_state is not None and self.pairing is not None and self.pairing.local is not None:
-                self._rebuild_bank(bank_state)
+            self.method.load_state(parts, self.step, self._replay)
             # each rank keeps its own ledger and count; rank 0 takes over those of ranks that are gone
             mine = [self.ctx.rank] + (list(range(self.ctx.world_size, before)) if self.ctx.rank == 0 else [])
             for rank in mine:
@@ -251,30 +237,15 @@ class Trainer:
         self.tracker = Tracker(self.cfg, self.classes, self.step) if self.ctx.rank == 0 else None
         self.module.train()
 
-    def _rebuild_bank(self, state: dict) -> None:
-        """The worker's pairing bank as it was: its checkpointed state, and the pixels of the samples its ring
-        holds (those of the last global steps) read again from the labeled stream's order, the whole global
-        batch of each step as one worker reads it, converted as training converted them."""
-        try:
-            self.pairing.load_state_dict(state)
-        except ValueError as e:  # a changed bank size: the bank refills from the next steps
-            log.warning("%s; the pairing bank starts empty", e)
-            return
-        per_step = self.cfg.global_batch("labeled")
-        steps = min(self.step, -(-self.cfg.guidedmix.pairing.bank_size // per_step))
+    def _replay(self, first_step: int) -> ShardStream:
+        """The labeled stream from global step `first_step` on, whole global batches as one worker reads them
+        (a method's resume reads again what it held of recent steps); the caller closes it."""
         spec = dataclasses.replace(stream_spec(self.cfg, "labeled", WorkerContext()), loader_workers=0)
         stream = ShardStream(spec, self.manifest)
-        stream.load_state_dict({"step": self.step - steps})
-        first = (self.step - steps) * per_step
-        try:
-            while first < self.step * per_step:
-                batch = next(stream)
-                self.pairing.put_pixels(first, batch["image"].to(self.ctx.device), batch["mask"])
-                first += len(batch["keys"])
-        finally:
-            stream.close()
+        stream.load_state_dict({"step": first_step})
+        return stream
 
-    def train_step(self) -> guidedmix.StepOutput:
+    def train_step(self) -> StepOutput:
         """One optimiser step: this rank's share of the global batch, in micro-batches whose gradients
         accumulate; records metrics without reading any value back from the device. Returns the step's losses
         averaged over its micro-batches."""
@@ -292,38 +263,22 @@ class Trainer:
             self.engine.micro_step(out.loss)
             outs.append(out)
             self._count(batches)
-        if self.pairing is not None:
-            self.pairing.end_step(self.step)
-        if self.teacher is not None:
-            guidedmix.ema_update(self.teacher, self.module, self.cfg.guidedmix.ema_decay)
+        self.method.end_step(self.module, self.step)
         self.step += 1
         self.data_wait = waited
         self.metrics.observe("step_duration_seconds", time.monotonic() - t_step - waited)
         self.metrics.observe("data_wait_seconds", waited)
         self.metrics.set("step", self.step)
         self._progress()
-        return guidedmix.StepOutput(sum(o.loss.detach() for o in outs) / len(outs),
+        return StepOutput(sum(o.loss.detach() for o in outs) / len(outs),
                                     {k: sum(o.parts[k] for o in outs) / len(outs) for k in outs[0].parts})
 
-    def _loss(self, batch_l: dict, batch_u: Optional[dict], generator: torch.Generator) -> guidedmix.StepOutput:
+    def _loss(self, batch_l: dict, batch_u: Optional[dict], generator: torch.Generator) -> StepOutput:
         """One micro-batch's loss by the configured method."""
-        ctx, gm, method = self.ctx, self.cfg.guidedmix, self.cfg.train.method
-        x_l = batch_l["image"].to(ctx.device)
-        y_l = batch_l["mask"].to(ctx.device)
-        x_u = batch_u["image"].to(ctx.device) if batch_u is not None else None
-        if method == "guidedmix":
-            find = None
-            if self.pairing is not None:
-                find = functools.partial(self.pairing.query, step=self.step, device=ctx.device,
-                                         generator=generator)
-            out = guidedmix.guidedmix_loss(self.module, x_l, y_l, x_u, self.step, gm, len(self.classes),
-                                           self.teacher, find, generator)
-            if self.pairing is not None:
-                self.pairing.push(out.labeled_embeddings, x_l, y_l, self.step, out.labeled_shares, out.labeled_overlap)
-        elif method == "unimatch":
-            out = unimatch_loss(self.module, x_l, y_l, x_u, self.step, self.cfg.unimatch, gm, generator)
-        else:
-            out = guidedmix.supervised_loss(self.module, x_l, y_l)
+        device = self.ctx.device
+        x_u = batch_u["image"].to(device) if batch_u is not None else None
+        out = self.method.loss(self.module, batch_l["image"].to(device), batch_l["mask"].to(device), x_u,
+                               self.step, generator)
         if out.pseudo is not None:
             self.pseudo_score.add(out.pseudo.detach(), batch_u.get("withheld_mask"))
         return out
@@ -339,7 +294,7 @@ class Trainer:
         m.inc("corrupt_samples_total", skipped - self.counted_skipped)
         self.counted_skipped = skipped
 
-    def log(self, out: guidedmix.StepOutput) -> None:
+    def log(self, out: StepOutput) -> None:
         """The log step: losses read back from the device, a history record, metrics, Ray's report, a line."""
         # the global batch's losses (every rank's mean), comparable between runs at any world size
         names = [k for k, v in out.parts.items() if torch.is_tensor(v)]
@@ -348,8 +303,8 @@ class Trainer:
         record = {"step": self.step, "loss": float(losses[0]), **{k: float(v) for k, v in out.parts.items()},
                   **{k: float(v) for k, v in zip(names, losses[1:])}, "lr": self.engine.lr(),
                   "data_wait_s": self.data_wait, "seconds": round(self.elapsed(), 3)}
-        if self.pairing is not None:
-            record.update({f"pairing_{k}": v for k, v in self.pairing.stats().items()})
+        for name, values in self.method.stats().items():
+            record.update({f"{name}_{k}": v for k, v in values.items()})
         record.update(self.pseudo_score.summary())
         self.pseudo_score.reset()
         m = self.metrics
@@ -405,11 +360,8 @@ class Trainer:
             checkpoint.write_rank_state(snapshot.folder, self.ctx.rank, rank_state)
             if self.ctx.rank == 0:
                 checkpoint.write_run_config(snapshot.folder, self.cfg, self.classes)
-                if self.teacher is not None:
-                    snapshot.save(self.teacher.state_dict(), "teacher.pt")
-                bank = self.pairing.state_dict() if self.pairing is not None else None
-                if bank is not None:  # every rank's bank is the same
-                    snapshot.save(bank, BANK_FILE)
+                for name, part in self.method.state().items():  # the same on every rank
+                    snapshot.save(part, checkpoint.part_file(name))
 
         def committed(seconds):
             self.metrics.observe("checkpoint_duration_seconds", seconds)
@@ -445,8 +397,7 @@ class Trainer:
             "resumed_from": self.resumed_from,
             "config_hash": cfg.digest(), "config": cfg.public_dict(),
         }
-        if self.pairing is not None:  # rank 0's view since its last (re)start
-            summary["pairing"] = self.pairing.stats()
+        summary.update(self.method.stats())  # rank 0's view since its last (re)start
         last_log = [h for h in self.history if "pseudo_coverage" in h]
         if last_log:  # rank 0's pseudo masks over the last log interval
             summary["pseudo_masks"] = {k: v for k, v in last_log[-1].items() if "pseudo" in k or k == "true_class_freq"}

@@ -15,6 +15,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 from shards.augment import MEAN, STD
 from shards.storage import filesystem, join, with_retries
 
+SUMMARY = "summary.json"  # written last: its presence means the run is done
+
 _PALETTE = np.array([[0, 0, 0], [230, 25, 75], [60, 180, 75], [255, 225, 25], [0, 130, 200], [245, 130, 48],
                      [145, 30, 180], [70, 240, 240], [240, 50, 230], [210, 245, 60], [250, 190, 212],
                      [0, 128, 128], [220, 190, 255], [170, 110, 40], [255, 250, 200], [128, 0, 0],
@@ -93,4 +95,4 @@ def write_outputs(out: str, summary: dict, history: list[dict], overlays: list[I
         write_bytes(join(out, "overlays", f"val-{i}.png"), png_bytes(image), storage_options, retries)
     write_bytes(join(out, "curves.png"), curves_png(history), storage_options, retries)
     write_json(join(out, "history.json"), {"history": history}, storage_options, retries)
-    write_json(join(out, "summary.json"), summary, storage_options, retries)  # last: its presence means done
+    write_json(join(out, SUMMARY), summary, storage_options, retries)  # last

@@ -2,7 +2,7 @@
 unlabeled images teach themselves, with no labeled image in the mix. Pure PyTorch.
 
 1. The clean view of x_u (the model's prediction, detached) gives a pseudo mask and its confidence.
-2. The student sees a strongly perturbed view (`guidedmix.strong_augment`), with a box of another
+2. The student sees a strongly perturbed view (`ssl.strong_augment`), with a box of another
    unlabeled image of the batch pasted in (CutMix between unlabeled images; the pseudo mask is mixed alike).
 3. Feature perturbation (`feature_dropout` > 0): the clean view's encoder features with channel dropout
    must predict the same pseudo mask.
@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Optional
 import torch
 import torch.nn.functional as F
 
-from .guidedmix import IGNORE, StepOutput, frozen_bn_statistics, mix, rampup, sample_lam, strong_augment
+from .ssl import IGNORE, StepOutput, frozen_bn_statistics, mix, rampup, sample_lam, strong_augment
 
 if TYPE_CHECKING:  # the typed config sections, for readers only
     from .config import GuidedMixConfig, UniMatchConfig
@@ -67,4 +67,4 @@ def unimatch_loss(model, x_l: torch.Tensor, y_l: torch.Tensor, x_u: torch.Tensor
     taught = torch.where(confidence >= cfg.tau, pseudo, IGNORE)  # what x_u's own pixels are taught
     parts = {"sup": loss_sup.detach(), "unsup": loss_strong.detach(), "fp": loss_fp.detach(), "weight": w,
              "taught": (taught != IGNORE).float().mean()}
-    return StepOutput(loss, parts, None, taught)
+    return StepOutput(loss, parts, pseudo=taught)
