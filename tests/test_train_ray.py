@@ -256,7 +256,7 @@ def test_a_zero_2_checkpoint_of_2_workers_resumes_on_3_and_on_1_with_its_whole_s
 
     import torch
 
-    from trainer.engine import PORTABLE_FILE
+    from trainer.checkpoint import PORTABLE_FILE
 
     zero2 = ["--set", "train.zero_stage=2", "--set", "train.ckpt_every=3", "--set", "data.global_batch.labeled=12",
              "--set", "data.global_batch.unlabeled=12", "--set", "data.labeled_batch_size=2",

@@ -1,11 +1,18 @@
-"""Checkpoints under OUT/checkpoints on any fsspec URL, one store for Ray workers and single processes.
+"""Checkpoints under OUT/checkpoints on any fsspec URL, one store for Ray workers and single processes. The
+layout, every name of it defined here:
 
-A checkpoint is a folder `step-NNNNNNNN/` holding the engine's files (DeepSpeed's, or a plain torch
-file), the run's config and classes (`config.json`, secrets dropped), one `rank-R.json` per rank (its
-data-stream positions, samples consumed and sample ledger), the method's parts as `NAME.pt`, written by
-rank 0 (trainer/methods: guidedmix's `teacher.pt`, its EMA teacher, and `pairing-bank.pt`, its worker bank
-without the pixels, which a resume reads again), and one `rank-R.complete` per rank (its files are all
-there).
+    OUT/checkpoints/
+      latest                 the committed checkpoint's name, written last: the commit
+      step-NNNNNNNN/
+        config.json          the run's config (secrets dropped) and classes
+        rank-R.json          rank R's data-stream positions, samples consumed and sample ledger
+        plain.pt             the plain engine's model, optimiser, schedule and client state, or
+        engine/              DeepSpeed's own checkpoint (its file names), ZeRO's partitions included, and
+        portable.pt          at ZeRO > 0, the whole fp32 state per parameter, for a resume at another world size
+        NAME.pt              a method's parts, rank 0's (trainer/methods): `teacher.pt`, guidedmix's EMA
+                             teacher; `pairing-bank.pt`, its worker bank without pixels (a resume reads them again)
+        rank-R.complete      rank R's files are all there
+
 `load_trained` reads one back as a model for eval and predict.
 
 Saving does not stall training: the step hands the store its state as host copies (`Snapshot`) and goes on;
@@ -19,6 +26,7 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
+import glob
 import json
 import logging
 import os
@@ -35,13 +43,16 @@ from shards.errors import BadInput, StorageFailure
 from shards.storage import describe_error, filesystem, join, with_retries
 
 from .config import Config
-from .engine import load_model_weights
 from .model import build_model
 
 log = logging.getLogger("guidedmix.checkpoint")
 LATEST = "latest"
 RUN_CONFIG = "config.json"
+RANK_STATE = "rank-{rank}.json"
 COMPLETE = "rank-{rank}.complete"
+PLAIN_FILE = "plain.pt"
+ENGINE_FOLDER = "engine"  # DeepSpeed's checkpoint tag: its own files, named by DeepSpeed
+PORTABLE_FILE = "portable.pt"
 COMMIT_POLL_S = 0.2
 
 
@@ -239,7 +250,7 @@ def read_parts(local_dir: str, names) -> dict:
 
 
 def write_rank_state(local_dir: str, rank: int, state: dict) -> None:
-    with open(os.path.join(local_dir, f"rank-{rank}.json"), "w") as f:
+    with open(os.path.join(local_dir, RANK_STATE.format(rank=rank)), "w") as f:
         json.dump(state, f)
 
 
@@ -247,7 +258,7 @@ def read_rank_states(local_dir: str) -> dict[int, dict]:
     """Every rank's state in a checkpoint folder, by rank (the world that wrote it, whatever reads it)."""
     states = {}
     for name in os.listdir(local_dir):
-        rank = re.fullmatch(r"rank-(\d+)\.json", name)
+        rank = re.fullmatch(RANK_STATE.replace("{rank}", r"(\d+)").replace(".", r"\."), name)
         if rank:
             with open(os.path.join(local_dir, name)) as f:
                 states[int(rank.group(1))] = json.load(f)
@@ -264,6 +275,27 @@ def write_run_config(local_dir: str, cfg: Config, classes: list[str]) -> None:
     """What a checkpoint needs to be loaded on its own: the config without secrets, and the class names."""
     with open(os.path.join(local_dir, RUN_CONFIG), "w") as f:
         json.dump({"config": cfg.public_dict(drop_secrets=True), "classes": classes}, f)
+
+
+def zero_world(local_dir: str) -> int:
+    """How many data-parallel ranks wrote a checkpoint's ZeRO optimiser partitions."""
+    return len(glob.glob(os.path.join(local_dir, ENGINE_FOLDER, "*zero_pp_rank_*_optim_states.pt")))
+
+
+def load_model_weights(local_dir: str) -> dict:
+    """The model's fp32 state dict from a checkpoint folder either engine wrote (DeepSpeed ZeRO 0-3 or plain)."""
+    plain = os.path.join(local_dir, PLAIN_FILE)
+    if os.path.exists(plain):
+        return torch.load(plain, map_location="cpu", weights_only=False)["model"]
+    states = sorted(glob.glob(os.path.join(local_dir, ENGINE_FOLDER, "*model_states.pt")))
+    if any("zero_pp_rank" in s for s in states):  # ZeRO-3: parameters live in the partitions
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint  # see __init__
+
+        return get_fp32_state_dict_from_zero_checkpoint(local_dir, tag=ENGINE_FOLDER)
+    if not states:
+        raise BadInput(f"{local_dir}: checkpoint holds no model weights")
+    state = torch.load(states[0], map_location="cpu", weights_only=False)["module"]
+    return {k: v.float() for k, v in state.items()}
 
 
 def load_trained(url: str, storage_options: Optional[dict], retries: int):

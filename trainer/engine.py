@@ -1,7 +1,6 @@
 """The optimisation engine behind the loop: DeepSpeed (ZeRO 0-3) or plain PyTorch for one process. Both take
-the same SGD/AdamW with poly decay and expose the same small interface, and this module alone knows their
-checkpoint files: `save`/`load` resume training, `load_model_weights` reads the model's weights back for eval
-and predict.
+the same SGD/AdamW with poly decay and expose the same small interface; `save` hands a checkpoint their state
+and `load` takes it back, in the files that trainer/checkpoint.py names.
 
 bf16 is mixed precision in both: fp32 weights and optimiser, the forward under `torch.autocast` (`autocast()`),
 which runs convolutions and matrix products in bf16 and keeps batch norm, softmax and reductions in fp32.
@@ -10,7 +9,6 @@ weight and gradient each step, twice the step of its fp32 one (bench/step_cost.p
 from __future__ import annotations
 
 import contextlib
-import glob
 import os
 import sys
 
@@ -18,8 +16,7 @@ import torch
 
 from shards.errors import BadInput
 
-PLAIN_FILE = "plain.pt"
-PORTABLE_FILE = "portable.pt"  # ZeRO > 0: the whole state, per parameter, for a resume at another world size
+from .checkpoint import ENGINE_FOLDER, PLAIN_FILE, PORTABLE_FILE, zero_world
 
 
 def build_optimizer(model, cfg_optim):
@@ -91,7 +88,6 @@ class PlainEngine(MixedPrecision):
 
 
 class DeepSpeedEngine(MixedPrecision):
-    TAG = "engine"
 
     def __init__(self, model, cfg, device, bf16: bool, micro_batch: int, micro_steps: int, rank: int,
                  world_size: int):
@@ -140,16 +136,16 @@ class DeepSpeedEngine(MixedPrecision):
 
         own, self.engine.checkpoint_engine = self.engine.checkpoint_engine, ToSnapshot()
         try:
-            self.engine.save_checkpoint(snapshot.folder, tag=self.TAG, client_state=client_state)
+            self.engine.save_checkpoint(snapshot.folder, tag=ENGINE_FOLDER, client_state=client_state)
         finally:
             self.engine.checkpoint_engine = own
         if self.engine.zero_optimization_stage() > 0:
             self._save_portable(snapshot, client_state)
 
     def load(self, local_dir: str) -> dict:
-        if self.engine.zero_optimization_stage() > 0 and _zero_world(local_dir) != self.world_size:
+        if self.engine.zero_optimization_stage() > 0 and zero_world(local_dir) != self.world_size:
             return self._load_portable(local_dir)
-        _, client_state = self.engine.load_checkpoint(local_dir, tag=self.TAG)
+        _, client_state = self.engine.load_checkpoint(local_dir, tag=ENGINE_FOLDER)
         return client_state or {}
 
     # ZeRO partitions load only at the world size that wrote them. DeepSpeed's universal checkpoint converter
@@ -185,7 +181,7 @@ class DeepSpeedEngine(MixedPrecision):
 
         path = os.path.join(local_dir, PORTABLE_FILE)
         if not os.path.exists(path):
-            raise BadInput(f"checkpoint: its ZeRO partitions were written by {_zero_world(local_dir)} workers and it "
+            raise BadInput(f"checkpoint: its ZeRO partitions were written by {zero_world(local_dir)} workers and it "
                            f"has no {PORTABLE_FILE} (an older version wrote it): resume it at that world size")
         params = dict(self.module.named_parameters())
         saved = read_portable(path, {name: _full_shape(p) for name, p in params.items()}, self._optimiser_keys())
@@ -233,27 +229,6 @@ class DeepSpeedEngine(MixedPrecision):
         if hasattr(zero, "_lazy_init_hp_params_optimizer_state"):
             zero._hp_optimizer_states_linked = False
             zero._lazy_init_hp_params_optimizer_state()
-
-
-def _zero_world(local_dir: str) -> int:
-    """How many data-parallel ranks wrote a checkpoint's ZeRO optimiser partitions."""
-    return len(glob.glob(os.path.join(local_dir, DeepSpeedEngine.TAG, "*zero_pp_rank_*_optim_states.pt")))
-
-
-def load_model_weights(local_dir: str) -> dict:
-    """The model's fp32 state dict from a checkpoint folder either engine wrote (DeepSpeed ZeRO 0-3 or plain)."""
-    plain = os.path.join(local_dir, PLAIN_FILE)
-    if os.path.exists(plain):
-        return torch.load(plain, map_location="cpu", weights_only=False)["model"]
-    states = sorted(glob.glob(os.path.join(local_dir, DeepSpeedEngine.TAG, "*model_states.pt")))
-    if any("zero_pp_rank" in s for s in states):  # ZeRO-3: parameters live in the partitions
-        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint  # see __init__
-
-        return get_fp32_state_dict_from_zero_checkpoint(local_dir, tag=DeepSpeedEngine.TAG)
-    if not states:
-        raise BadInput(f"{local_dir}: checkpoint holds no model weights")
-    state = torch.load(states[0], map_location="cpu", weights_only=False)["module"]
-    return {k: v.float() for k, v in state.items()}
 
 
 PORTABLE_KEYS = ("params", "optimiser", "optimiser_step", "buffers", "scheduler", "global_steps", "global_samples",
