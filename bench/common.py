@@ -1,11 +1,15 @@
-"""Helpers the benchmarks share: generated study sets, single-process training runs, and grids of them run as
-`guidedmix sweep` trials."""
+"""Helpers the benchmarks share: generated study sets, single-process training runs, grids of them run as
+`guidedmix sweep` trials, and the record each bench leaves of what it measured."""
 from __future__ import annotations
 
 import contextlib
+import datetime
+import hashlib
 import io
+import json
 import logging
 import os
+import shlex
 import socket
 import subprocess
 import sys
@@ -21,6 +25,37 @@ from trainer.loop import WorkerContext, train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SWEEPS = os.path.join(ROOT, "data", "sweeps")
+RECORDS = os.path.join(ROOT, "docs", "results")
+
+
+def publish(figures: dict) -> str:
+    """Print a bench's figures as its last line (one JSON object) and keep them as a record,
+    `docs/results/<bench>[-<args hash>].json`: the figures with the exact command, the commit it ran at
+    (`+dirty` when the tree had changes) and the date, so that a figure quoted in the README names where it
+    came from. Returns the record's path."""
+    print(json.dumps(figures), flush=True)
+    script = os.path.relpath(os.path.abspath(sys.argv[0]), ROOT)
+    args = sys.argv[1:]
+    threads = os.environ.get("OMP_NUM_THREADS")
+    command = shlex.join([*([f"OMP_NUM_THREADS={threads}"] if threads else []), ".venv/bin/python", script, *args])
+
+    def git(*cmd):
+        return subprocess.run(["git", *cmd], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+
+    commit = git("rev-parse", "--short=12", "HEAD") or "unknown"
+    if git("status", "--porcelain", "--untracked-files=no", "--", ".", ":!docs/results"):
+        commit += "+dirty"
+    name = os.path.splitext(os.path.basename(script))[0]
+    if args:
+        name += "-" + hashlib.sha256(shlex.join(args).encode()).hexdigest()[:8]
+    os.makedirs(RECORDS, exist_ok=True)
+    path = os.path.join(RECORDS, name + ".json")
+    record = {"command": command, "commit": commit, "date": datetime.date.today().isoformat(), "figures": figures}
+    with open(path, "w") as f:
+        json.dump(record, f, indent=1)
+        f.write("\n")
+    print(f"record: {os.path.relpath(path, ROOT)}", file=sys.stderr)
+    return path
 
 
 def study_shards(source: str = "synthetic", labeled: str = "1/16", train_images: int = 1200, val_images: int = 240,

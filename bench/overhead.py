@@ -15,7 +15,7 @@ import sys
 import tempfile
 
 sys.path.insert(0, __file__.rsplit("/bench/", 1)[0])
-from bench.common import ROOT, steady_rate, study_shards, train_once  # noqa: E402
+from bench.common import ROOT, publish, steady_rate, study_shards, train_once  # noqa: E402
 
 
 def main():
@@ -38,8 +38,8 @@ def main():
     plain = train_once(common)
     with open(os.path.join(plain["config"]["out"], "history.json")) as f:
         plain_rate = steady_rate(json.load(f)["history"], images)
-    print(json.dumps({"samples_per_s": {"ray_deepspeed_1_worker": round(ray_rate, 1), "plain_torch": round(plain_rate, 1)},
-                      "ratio": round(ray_rate / plain_rate, 3), "method": args.method, "steps": args.steps}))
+    publish({"samples_per_s": {"ray_deepspeed_1_worker": round(ray_rate, 1), "plain_torch": round(plain_rate, 1)},
+             "ratio": round(ray_rate / plain_rate, 3), "method": args.method, "steps": args.steps})
 
 
 if __name__ == "__main__":

@@ -39,7 +39,7 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-from bench.common import free_port, study_shards  # noqa: E402
+from bench.common import free_port, publish, study_shards  # noqa: E402
 from trainer import guidedmix, ssl  # noqa: E402
 from trainer.config import load_config  # noqa: E402
 from trainer.engine import build_engine  # noqa: E402
@@ -305,7 +305,7 @@ def main():
     default = default_recipe_cost(args.config, [f"train.precision={args.precision}", *args.overrides],
                                   args.default_workers, args.repeats) \
         if args.default_workers else {}
-    print(json.dumps({"ratio": round(plain["guidedmix"] / plain["supervised"], 3), **default,
+    publish({"ratio": round(plain["guidedmix"] / plain["supervised"], 3), **default,
                       "deepspeed_vs_plain": vs_plain("deepspeed"),
                       **({"deepspeed_bf16_mode_vs_plain": vs_plain("deepspeed_bf16_mode")} if bf16 else {}),
                       "batch": b, "size": s, "device": str(device),
@@ -315,7 +315,7 @@ def main():
                       "images_per_s": {"supervised": round(b / plain["supervised"], 1),
                                        "guidedmix": round(2 * b / plain["guidedmix"], 1)},
                       "step_seconds": {name: {k: round(v, 5) for k, v in t.items()} for name, t in step_times.items()},
-                      "parts": {k: round(v, 5) for k, v in parts.items()}}))
+                      "parts": {k: round(v, 5) for k, v in parts.items()}})
 
 
 if __name__ == "__main__":
