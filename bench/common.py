@@ -26,12 +26,13 @@ from trainer.loop import WorkerContext, train
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SWEEPS = os.path.join(ROOT, "data", "sweeps")
 RECORDS = os.path.join(ROOT, "docs", "results")
+CODE = ("bench", "trainer", "shards", "launch", "configs")  # what a bench's figures depend on
 
 
 def publish(figures: dict) -> str:
     """Print a bench's figures as its last line (one JSON object) and keep them as a record,
     `docs/results/<bench>[-<args hash>].json`: the figures with the exact command, the commit it ran at
-    (`+dirty` when the tree had changes) and the date, so that a figure quoted in the README names where it
+    (`+dirty` when the code had changes: CODE) and the date, so that a figure quoted in the README names where it
     came from. Returns the record's path."""
     print(json.dumps(figures), flush=True)
     script = os.path.relpath(os.path.abspath(sys.argv[0]), ROOT)
@@ -43,7 +44,7 @@ def publish(figures: dict) -> str:
         return subprocess.run(["git", *cmd], cwd=ROOT, capture_output=True, text=True).stdout.strip()
 
     commit = git("rev-parse", "--short=12", "HEAD") or "unknown"
-    if git("status", "--porcelain", "--untracked-files=no", "--", ".", ":!docs/results"):
+    if git("status", "--porcelain", "--untracked-files=no", "--", *CODE):
         commit += "+dirty"
     name = os.path.splitext(os.path.basename(script))[0]
     if args:
