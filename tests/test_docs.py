@@ -103,3 +103,64 @@ def test_the_check_sees_a_retired_option():
     r = subprocess.run([sys.executable, "-c", PARSE_ONLY, '[["bench/ssl_suite.py", ["--no-such-option"]]]'],
                        cwd=REPO, capture_output=True, text=True, timeout=300)
     assert "exit 2" in r.stdout.splitlines()[-1]
+
+
+# -- records: what a bench measured, kept by bench/common.py:publish --------------------------------------
+
+RECORD = re.compile(r"docs/results/[\w.-]+\.json")
+NUMBER = re.compile(r"(?<![\w.])-?\d+\.\d+")
+
+
+def records() -> dict[str, dict]:
+    return {os.path.relpath(p, REPO): json.load(open(p)) for p in glob.glob(os.path.join(REPO, "docs/results/*.json"))}
+
+
+def leaves(value):
+    if isinstance(value, dict):
+        return [x for v in value.values() for x in leaves(v)]
+    if isinstance(value, list):
+        return [x for v in value for x in leaves(v)]
+    return [value] if isinstance(value, (int, float)) and not isinstance(value, bool) else []
+
+
+def unrecorded(cell: str, cited: list[dict]) -> list[str]:
+    """The decimal figures of a table cell that none of the cited records holds."""
+    values = [v for record in cited for v in leaves(record["figures"])]
+    return [n for n in NUMBER.findall(cell) if not any(abs(float(n) - v) < 1e-9 for v in values)]
+
+
+def test_every_record_names_its_command_commit_and_date_and_the_command_parses():
+    kept = records()
+    assert kept, "no bench records under docs/results/"
+    benches = []
+    for path, record in kept.items():
+        assert set(record) == {"command", "commit", "date", "figures"}, path
+        assert re.fullmatch(r"[0-9a-f]{7,40}(\+dirty)?", record["commit"]), path
+        assert re.fullmatch(r"\d{4}-\d{2}-\d{2}", record["date"]) and leaves(record["figures"]), path
+        match = BENCH.match(record["command"])
+        assert match, (path, record["command"])
+        benches.append((match.group(1), shlex.split(match.group(2))))
+    r = subprocess.run([sys.executable, "-c", PARSE_ONLY, json.dumps(benches)], cwd=REPO, capture_output=True,
+                       text=True, timeout=600)
+    assert r.returncode == 0 and not json.loads(r.stdout.splitlines()[-1]), r.stdout[-2000:] + r.stderr[-2000:]
+
+
+def test_every_figure_a_readme_row_quotes_from_a_record_is_in_it():
+    """A Measured row that cites records (`docs/results/NAME.json`) quotes in its figure cell only decimals that
+    those records hold; a retyped, rounded-differently or stale figure fails here."""
+    kept, rows = records(), 0
+    for line in open(os.path.join(REPO, "README.md")).read().splitlines():
+        cited = RECORD.findall(line)
+        if not cited or not line.startswith("|"):
+            continue
+        rows += 1
+        assert all(c in kept for c in cited), (cited, sorted(kept))
+        figures = line.split("|")[2]
+        assert not unrecorded(figures, [kept[c] for c in cited]), (unrecorded(figures, [kept[c] for c in cited]), line[:120])
+    assert rows >= 3
+
+
+def test_the_record_check_sees_a_retyped_figure():
+    record = {"figures": {"ratio": 3.304, "parts": {"mitrans": 0.00662}}}
+    assert unrecorded(" 3.304 and 0.00662 ", [record]) == []
+    assert unrecorded(" 3.30 and 0.0066 ", [record]) == ["3.30", "0.0066"]
