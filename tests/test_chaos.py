@@ -130,11 +130,13 @@ class Progress:
         return round(later[0] - wall, 1) if later else None
 
 
-def check_finished(out, steps=STEPS):
+def check_finished(out, steps=STEPS, workers=2, resizes=()):
+    """The run finished every step at `workers`, resized as `resizes` ((from, to), ...) says, its ledgers clean."""
     summary = read_json(f"{out}/summary.json")
-    assert summary["steps"] == steps and summary["workers"] == 2
+    assert summary["steps"] == steps and summary["workers"] == workers
+    assert [(r["from"], r["to"]) for r in summary["resizes"]] == list(resizes), summary["resizes"]
     ledger = check_ledgers(out)
-    assert ledger["labeled"]["samples"] == 2 * steps * 8  # one labeled batch per rank per step
+    assert ledger["labeled"]["samples"] == steps * 16  # the global batch at every size
     return summary, ledger
 
 
@@ -325,11 +327,7 @@ def test_elastic_run_whose_node_never_returns_finishes_on_the_workers_left(clust
     cluster.node.crash()
     code, text = finish(proc, log)
     assert code == 0, text[-3000:]
-    summary = read_json(f"{out}/summary.json")
-    assert summary["steps"] == STEPS and summary["workers"] == 1
-    assert [(r["from"], r["to"]) for r in summary["resizes"]] == [(2, 1)], summary["resizes"]
-    ledger = check_ledgers(out)
-    assert ledger["labeled"]["samples"] == STEPS * 16  # the global batch at both sizes
+    summary, ledger = check_finished(out, workers=1, resizes=[(2, 1)])
     chaos_report(**fault_figures("second node lost for good (elastic 1:2)", summary, STEPS,
                                  shrunk.seconds_after(fault), ledger, resizes=summary["resizes"]))
 
@@ -350,10 +348,6 @@ def test_elastic_run_grows_when_a_node_joins(cluster, tmp_path, chaos_report):
     grown = Progress(log, r"1 -> 2 workers")
     code, text = finish(proc, log)
     assert code == 0, text[-3000:]
-    summary = read_json(f"{out}/summary.json")
-    assert summary["steps"] == steps and summary["workers"] == 2
-    assert [(r["from"], r["to"]) for r in summary["resizes"]] == [(1, 2)], summary["resizes"]
-    ledger = check_ledgers(out)
-    assert ledger["labeled"]["samples"] == steps * 16
+    summary, ledger = check_finished(out, steps, resizes=[(1, 2)])
     chaos_report(**fault_figures("a node joins an elastic run one node short (1:2)", summary, steps,
                                  grown.seconds_after(joined), ledger, resizes=summary["resizes"]))

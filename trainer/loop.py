@@ -271,7 +271,7 @@ class Trainer:
         self.metrics.set("step", self.step)
         self._progress()
         return StepOutput(sum(o.loss.detach() for o in outs) / len(outs),
-                                    {k: sum(o.parts[k] for o in outs) / len(outs) for k in outs[0].parts})
+                          {k: sum(o.parts[k] for o in outs) / len(outs) for k in outs[0].parts})
 
     def _loss(self, batch_l: dict, batch_u: Optional[dict], generator: torch.Generator) -> StepOutput:
         """One micro-batch's loss by the configured method."""
