@@ -11,8 +11,9 @@
   each the Trainer of a run (DeepSpeed engine, the worker pairing bank with its `all_gather` at the step's
   end and its query each micro-batch), `train_step` timed without its data wait, the two methods in turns;
   with its parts (the bank's calls, per step; rank 0's). Goal: at most 3.4.
-- `host_syncs_per_step`: the host reads (see HostReads) in one non-log step of each of those Trainers, in its
-  micro-batches' forward, loss and backward and the bank's step end (goal: at most 4, whatever the batch).
+- `host_syncs_per_step`: the host reads (see HostReads) in one non-log `train_step` of each of those Trainers,
+  its batches' loading aside, the boxes drawn as on a GPU (`host_reads_per_step`; goal: at most 4, whatever the
+  batch; tests/test_host_reads.py holds it).
 
 Medians over repeated steps after warm-up. images_per_s counts the images a step consumes (the labeled batch;
 GuidedMix: labeled and unlabeled), what a GPU asks of its loaders. Prints one JSON line.
@@ -90,13 +91,47 @@ class HostReads:
             setattr(owner, name, original)
 
     def inside(self, fn):
-        def counting(*args, **kwargs):
-            self.counting = True
+        return self._while(fn, True)
+
+    def outside(self, fn):
+        return self._while(fn, False)
+
+    def _while(self, fn, counting: bool):
+        def call(*args, **kwargs):
+            before, self.counting = self.counting, counting
             try:
                 return fn(*args, **kwargs)
             finally:
-                self.counting = False
-        return counting
+                self.counting = before
+        return call
+
+
+class _LoadedUncounted:
+    """A Trainer's stream whose batches load with the count paused: a loader's work is the host's anyway."""
+
+    def __init__(self, stream, reads: HostReads):
+        self.stream, self.reads = stream, reads
+
+    def __next__(self):
+        return self.reads.outside(next)(self.stream)
+
+    def __getattr__(self, name):
+        return getattr(self.stream, name)
+
+
+def host_reads_per_step(trainer) -> int:
+    """The host reads of one `train_step` of `trainer` (a non-log step: the Trainer reads nothing back unless it
+    logs), the loading of its batches aside, with the mixing boxes drawn as a GPU run draws them: as tensors
+    (`ssl.region_boxes`; on a CPU generator they are drawn one by one, reading host values, not a device's)."""
+    streams, one_by_one = trainer.streams, ssl.region_boxes_one_by_one
+    with HostReads() as reads:
+        trainer.streams = {split: _LoadedUncounted(stream, reads) for split, stream in streams.items()}
+        ssl.region_boxes_one_by_one = ssl.region_boxes
+        try:
+            reads.inside(trainer.train_step)()
+        finally:
+            trainer.streams, ssl.region_boxes_one_by_one = streams, one_by_one
+    return reads.count
 
 
 def median_seconds(*fns, repeats: int, warmup: int = 3, sync=lambda: None) -> list[float]:
@@ -164,17 +199,7 @@ def default_recipe_worker(rank: int, world_size: int, port: int, config: str, ur
     for _ in range(repeats):
         for method, run in runs.items():
             times[method].append(run())
-    syncs = {}
-    with HostReads() as reads:  # a non-log step's micro-batches (forward, loss, backward) and the bank's step end
-        for method, trainer in trainers.items():
-            trainer._loss = reads.inside(trainer._loss)
-            trainer.engine.micro_step = reads.inside(trainer.engine.micro_step)
-            pairing = getattr(trainer.method, "pairing", None)
-            if pairing is not None:
-                pairing.end_step = reads.inside(pairing.end_step)
-            reads.count = 0
-            trainer.train_step()
-            syncs[method] = reads.count
+    syncs = {method: host_reads_per_step(trainer) for method, trainer in trainers.items()}
     if rank == 0:
         with open(result, "w") as f:
             json.dump({"host_syncs_per_step": syncs, "micro_steps": trainers["guidedmix"].micro_steps,

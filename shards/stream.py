@@ -75,6 +75,8 @@ class StreamSpec:
     # a folder on this node's disk for its copy of remote shards (None: none), and its size limit
     node_cache: Optional[str] = None
     node_cache_bytes: int = 0
+    # batches in page-locked memory, from which a GPU copies without the host waiting (`non_blocking`)
+    pin_memory: bool = False
 
     @property
     def train(self) -> bool:
@@ -557,7 +559,8 @@ class ShardStream:
     def _loader(self) -> Iterator[dict]:
         workers = self.spec.loader_workers
         return iter(DataLoader(_Dataset(self.plan, self.next_step), batch_size=None, num_workers=workers,
-                               persistent_workers=False, prefetch_factor=2 if workers else None))
+                               pin_memory=self.spec.pin_memory, persistent_workers=False,
+                               prefetch_factor=2 if workers else None))
 
     def close(self) -> None:
         """Stop the loader workers now (else they stop when the stream is collected); iterating again starts

@@ -19,9 +19,9 @@ from trainer.metrics import Metrics
 
 def batch(n, width=16, size=8, seed=0):
     g = torch.Generator().manual_seed(seed)
-    emb = F.normalize(torch.randn(n, width, generator=g), dim=1).numpy()
-    images = torch.randint(0, 256, (n, 3, size, size), generator=g, dtype=torch.uint8).numpy()
-    masks = torch.randint(0, 7, (n, size, size), generator=g, dtype=torch.uint8).numpy()
+    emb = F.normalize(torch.randn(n, width, generator=g), dim=1)
+    images = torch.randint(0, 256, (n, 3, size, size), generator=g, dtype=torch.uint8)
+    masks = torch.randint(0, 7, (n, size, size), generator=g, dtype=torch.uint8)
     return emb, images, masks
 
 
@@ -33,8 +33,8 @@ def test_matches_are_the_brute_force_argmax_over_the_whole_bank_from_every_worke
             emb, images, masks = batch(6, seed=10 * step + rank)
             bank.push(emb, images, masks, rank, step)
             pushed.append((emb, images, masks))
-    all_emb = np.concatenate([p[0] for p in pushed])
-    all_images = np.concatenate([p[1] for p in pushed])
+    all_emb = torch.cat([p[0] for p in pushed])
+    all_images = torch.cat([p[1] for p in pushed])
     query = batch(50, seed=99)[0]
     answer = bank.query(query, step=5)
     expected = (query @ all_emb.T).argmax(1)
@@ -58,29 +58,29 @@ def test_the_bank_draws_by_class_from_what_workers_push_and_report():
     classes = 3
     bank = pairing.PairingBank(PairingConfig(bank_size=64, similarity="need", temperature=0.05))
     emb, images, _ = batch(6)
-    masks = np.zeros((6, 8, 8), np.uint8)
+    masks = torch.zeros(6, 8, 8, dtype=torch.uint8)
     masks[::2, :4] = 1  # even samples hold class 1, odd ones class 2
     masks[1::2, :4] = 2
-    shares = guidedmix.image_class_shares(torch.from_numpy(masks).long(), classes).numpy()
+    shares = guidedmix.image_class_shares(masks.long(), classes)
     assert bank.query(emb[:2], 0) is None  # no score reported yet: the worker pairs in-batch
     # two workers report: class 1 learnt well (IoU 0.9), class 2 badly (IoU 0.1), then a push without a report
     for rank in range(2):
-        overlap = np.array([[90, 90, 10], [100, 100, 100]], np.float32)
+        overlap = torch.tensor([[90.0, 90, 10], [100, 100, 100]])
         bank.push(emb, images, masks, rank, 0, shares, overlap)
     bank.push(emb, images, masks, 0, 1, shares)
     assert bank.need().tolist() == pytest.approx([0.1, 0.1, 0.9])  # the decayed sums keep each class's IoU
     answer = bank.query(batch(200, seed=3)[0], 2)
-    assert (answer["index"] % 2 == 1).mean() > 0.9  # the samples of the badly learnt class
+    assert (answer["index"] % 2 == 1).float().mean() > 0.9  # the samples of the badly learnt class
     # complement: queries whose predictions hold background and class 2 get partners with class 1
     bank.cfg = PairingConfig(bank_size=64, similarity="complement", temperature=0.05)
-    predicted = np.tile(np.array([[0.7, 0.0, 0.3]], np.float32), (200, 1))
+    predicted = torch.tensor([[0.7, 0.0, 0.3]]).repeat(200, 1)
     answer = bank.query(batch(200, seed=4)[0], 2, predicted)
-    assert (answer["index"] % 2 == 0).mean() > 0.9
+    assert (answer["index"] % 2 == 0).float().mean() > 0.9
     assert bank.query(batch(2, seed=4)[0], 2) is None  # complement without the queries' shares: in-batch
-    with pytest.raises(ValueError, match="shares must be a finite float32 array of 6 x 3"):
-        bank.push(emb, images, masks, 0, 3, np.ones((6, 4), np.float32))
-    with pytest.raises(ValueError, match="overlap must be"):
-        bank.push(emb, images, masks, 0, 3, shares, np.full((2, 3), np.nan, np.float32))
+    with pytest.raises(ValueError, match="shares must be float32 6 x 3"):
+        bank.push(emb, images, masks, 0, 3, torch.ones(6, 4))
+    with pytest.raises(ValueError, match="overlap must be float32 2 x 3"):
+        bank.push(emb, images, masks, 0, 3, shares, torch.ones(2, 3, dtype=torch.float64))
 
 
 def test_bad_input_to_the_bank_is_a_clear_error():
@@ -93,13 +93,20 @@ def test_bad_input_to_the_bank_is_a_clear_error():
     with pytest.raises(ValueError, match="width 32"):
         bank.query(emb, 1)
     with pytest.raises(ValueError, match="float32"):
-        bank.query(batch(2)[0].astype(np.float64), 1)
+        bank.query(batch(2)[0].double(), 1)
     with pytest.raises(ValueError, match="uint8"):
-        bank.push(batch(4)[0], batch(4)[1].astype(np.float32), batch(4)[2], 0, 1)
-    with pytest.raises(ValueError, match="NaN"):
-        bank.query(np.full((1, 16), np.nan, np.float32), 1)
+        bank.push(batch(4)[0], batch(4)[1].float(), batch(4)[2], 0, 1)
     with pytest.raises(ValueError, match="bank_size"):
         pairing.PairingBank(PairingConfig(bank_size=0, similarity="most"))
+    # what reaches the service over the wire is checked for values too
+    service = pairing.PairingService(PairingConfig(bank_size=8, similarity="most"), Metrics())
+    emb, images, masks = (part.numpy() for part in batch(4))
+    service.push(emb, images, masks, 0, 0)
+    with pytest.raises(ValueError, match="embeddings contain NaN"):
+        service.query(np.full((1, 16), np.nan, np.float32), 1)
+    with pytest.raises(ValueError, match="overlap contain NaN"):
+        service.push(emb, images, masks, 0, 1, None, np.full((2, 3), np.inf, np.float32))
+    assert service.query(emb[:2], 1)["images"].shape == (2, 3, 8, 8)  # numpy out, as the wire takes it
 
 
 def test_bank_size_zero_in_the_config_is_refused_with_one_line(tmp_path):
@@ -110,8 +117,8 @@ def test_bank_size_zero_in_the_config_is_refused_with_one_line(tmp_path):
 
 def test_images_survive_the_uint8_round_trip():
     pixels = torch.rand(2, 3, 8, 8) * 255  # any image a loader can produce, between grey levels
-    x = pairing.from_uint8(pixels.numpy(), "cpu")
-    back = pairing.from_uint8(pairing.to_uint8(x).numpy(), "cpu")
+    x = pairing.from_uint8(pixels, "cpu")
+    back = pairing.from_uint8(pairing.to_uint8(x), "cpu")
     assert (back - x).abs().max() < 0.5 / (0.224 * 255)  # half a grey level over the normalising std
 
 
@@ -144,9 +151,9 @@ def test_outside_ray_the_bank_lives_in_the_process():
     client = pairing.PairingClient(cfg, "runs/x", rank=0, in_ray=False, metrics=Metrics())
     assert client.query(torch.randn(2, 16), None, 0, "cpu") is None and client.fallbacks == 1
     emb, _, _ = batch(4)
-    client.push(torch.from_numpy(emb), torch.randn(4, 3, 8, 8), torch.randint(0, 7, (4, 8, 8)), step=0)
+    client.push(emb, torch.randn(4, 3, 8, 8), torch.randint(0, 7, (4, 8, 8)), step=0)
     client.end_step(0)
-    images, masks = client.query(torch.from_numpy(emb[:2]), None, 1, "cpu")
+    images, masks = client.query(emb[:2], None, 1, "cpu")
     assert images.shape == (2, 3, 8, 8) and masks.shape == (2, 8, 8) and client.answered == 1
 
 
@@ -156,12 +163,12 @@ def test_a_worker_bank_lives_in_the_process_even_inside_ray():
     cfg = Config().guidedmix.pairing.model_copy(update={"mode": "worker", "bank_size": 32, "similarity": "random"})
     client = pairing.PairingClient(cfg, "runs/x", rank=0, in_ray=True, metrics=Metrics())
     emb, _, _ = batch(4)
-    client.push(torch.from_numpy(emb), torch.randn(4, 3, 8, 8), torch.randint(0, 7, (4, 8, 8)), step=0)
-    assert client.query(torch.from_numpy(emb[:2]), None, 0, "cpu") is None  # until the step ends
+    client.push(emb, torch.randn(4, 3, 8, 8), torch.randint(0, 7, (4, 8, 8)), step=0)
+    assert client.query(emb[:2], None, 0, "cpu") is None  # until the step ends
     client.end_step(0)
-    images, masks = client.query(torch.from_numpy(emb[:2]), None, 1, "cpu")
+    images, masks = client.query(emb[:2], None, 1, "cpu")
     assert images.shape == (2, 3, 8, 8) and client.answered == 1 and client.actor is None
-    assert client.local.bank.size == 4
+    assert client.local.size == 4
 
 
 def _worker_bank_draws(rank: int, world: int, port: int, results) -> None:
@@ -188,7 +195,7 @@ def _worker_bank_draws(rank: int, world: int, port: int, results) -> None:
             client.push(torch.randn(4, 16, generator=g), images, masks, step,
                         guidedmix.image_class_shares(masks, classes), overlap)
         client.end_step(step)
-    bank = client.local.bank
+    bank = client.local
     results[rank] = {"draws": draws, "masks": bank.masks.tolist(), "need": bank.need().tolist(),
                      "pushed": bank.pushed}
     if world > 1:
@@ -270,24 +277,24 @@ def test_late_calls_never_queue_up_behind_a_busy_service(ray_client, tmp_path):
     actor = pairing.start_service(cfg, out)
     try:
         emb, images, masks = batch(4)
-        x, y = pairing.from_uint8(images, "cpu"), torch.from_numpy(masks).long()
+        x, y = pairing.from_uint8(images, "cpu"), masks.long()
         client = pairing.PairingClient(cfg, out, rank=0, in_ray=True, metrics=Metrics())
         # a step while the service is idle: it learns how long this worker's calls take at best
-        assert client.query(torch.from_numpy(emb[:2]), None, 0, "cpu") is None  # empty bank
+        assert client.query(emb[:2], None, 0, "cpu") is None  # empty bank
         ray.get(actor.inject_delay.remote(5.0))
-        busy = actor.query.remote(emb, 0)  # the actor answers one call at a time: it is busy for 5 s
+        busy = actor.query.remote(emb.numpy(), 0)  # the actor answers one call at a time: it is busy for 5 s
         started = time.monotonic()
         for step in range(10):
-            client.push(torch.from_numpy(emb), x, y, step)
-            assert client.query(torch.from_numpy(emb[:2]), None, step, "cpu") is None
+            client.push(emb, x, y, step)
+            assert client.query(emb[:2], None, step, "cpu") is None
         assert time.monotonic() - started < 3.0 and client.fallbacks == 11
         ray.get(busy, timeout=30)
         ray.get(actor.inject_delay.remote(0.0))
         stats = ray.get(actor.stats.remote())
         # none of the ten late calls was worked on
         assert stats["queries"] == 2 and stats["pushes"] == 0 and stats["late_calls"] == 10
-        client.push(torch.from_numpy(emb), x, y, 10)
-        images_back, masks_back = client.query(torch.from_numpy(emb[:2]), None, 10, "cpu")
+        client.push(emb, x, y, 10)
+        images_back, masks_back = client.query(emb[:2], None, 10, "cpu")
         assert images_back.shape == (2, 3, 8, 8) and masks_back.shape == (2, 8, 8)
         assert ray.get(actor.stats.remote())["pushes"] == 1 and client.dropped_pushes == 0
     finally:

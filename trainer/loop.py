@@ -54,7 +54,8 @@ def stream_spec(cfg: Config, split: str, ctx: WorkerContext) -> StreamSpec:
         photometric=d.photometric, shuffle_block=d.shuffle_block, sample_run=d.sample_run,
         storage_options=dict(d.storage_options),
         allow_pipe=d.allow_pipe, retries=d.retries, readahead=d.readahead,
-        byte_ranges=d.byte_ranges, node_cache=d.node_cache, node_cache_bytes=int(d.node_cache_gb * 2**30))
+        byte_ranges=d.byte_ranges, node_cache=d.node_cache, node_cache_bytes=int(d.node_cache_gb * 2**30),
+        pin_memory=train and ctx.device.type == "cuda")
 
 
 def micro_generator(seed: int, step: int, micro: int, device) -> torch.Generator:
@@ -275,12 +276,13 @@ class Trainer:
 
     def _loss(self, batch_l: dict, batch_u: Optional[dict], generator: torch.Generator) -> StepOutput:
         """One micro-batch's loss by the configured method."""
-        device = self.ctx.device
-        x_u = batch_u["image"].to(device) if batch_u is not None else None
-        out = self.method.loss(self.module, batch_l["image"].to(device), batch_l["mask"].to(device), x_u,
+        def on_device(tensor):  # from pinned memory on a GPU: the host does not wait for the copy
+            return None if tensor is None else tensor.to(self.ctx.device, non_blocking=True)
+        x_u = on_device(batch_u["image"]) if batch_u is not None else None
+        out = self.method.loss(self.module, on_device(batch_l["image"]), on_device(batch_l["mask"]), x_u,
                                self.step, generator)
         if out.pseudo is not None:
-            self.pseudo_score.add(out.pseudo.detach(), batch_u.get("withheld_mask"))
+            self.pseudo_score.add(out.pseudo.detach(), on_device(batch_u.get("withheld_mask")))
         return out
 
     def _count(self, batches: dict) -> None:

@@ -80,11 +80,12 @@ SPECS = {
                                   WORKER, FAST_BUCKETS),
     "pairing_fallbacks_total": Spec("counter", "Steps that paired in-batch because the service was late or failed",
                                     WORKER),
-    "pairing_bank_size": Spec("gauge", "Labeled samples in the pairing service's bank", ("run",)),
-    "pairing_staleness_steps": Spec("gauge", "Mean steps since insert of the bank entries in the last answer",
+    "pairing_bank_size": Spec("gauge", "Labeled samples in the pairing bank (the service's or the worker's)", ("run",)),
+    "pairing_staleness_steps": Spec("gauge", "Mean steps since insert of the bank entries in the service's last answer "
+                                    "(a worker bank: in its answers since the last log step)",
                                     ("run",)),
     "pairing_class_iou": Spec("gauge", "Running IoU (0-1) of each class on the labeled batches the workers report "
-                              "to the pairing service: what `pairing.similarity: need` pairs by", ("run", "class")),
+                              "to the pairing bank: what `pairing.similarity: need` pairs by", ("run", "class")),
 }
 
 

@@ -46,17 +46,42 @@ def sample_lam(batch: int, height: int, width: int, lam_max: float, mode: str,
     its pixels of whole classes (class)."""
     if mode == "class":
         return class_regions(y_r, lam_max, generator).unsqueeze(1).float()
-    u = torch.rand(batch, generator=generator, device=drawn_on(generator)).to(device)
+    u = torch.rand(batch, generator=generator, device=drawn_on(generator))
     if mode == "interp":
-        return (u * lam_max).view(batch, 1, 1, 1).expand(batch, 1, height, width).contiguous()
+        return (u * lam_max).to(device).view(batch, 1, 1, 1).expand(batch, 1, height, width).contiguous()
     # region: a box covering a U(0, lam_max) share of the image, so lam_max bounds the pasted area
-    lam = torch.zeros(batch, 1, height, width, device=device)
-    side = (u * lam_max).sqrt()
-    for i in range(batch):
-        bh, bw = int(round(height * side[i].item())), int(round(width * side[i].item()))
-        top = int(torch.randint(0, height - bh + 1, (1,), generator=generator, device=drawn_on(generator)))
-        left = int(torch.randint(0, width - bw + 1, (1,), generator=generator, device=drawn_on(generator)))
-        lam[i, :, top:top + bh, left:left + bw] = 1.0
+    on_host = generator is None or generator.device.type == "cpu"
+    return (region_boxes_one_by_one if on_host else region_boxes)((u * lam_max).sqrt(), height, width, generator,
+                                                                  device)
+
+
+def region_boxes(side: torch.Tensor, height: int, width: int, generator: Optional[torch.Generator] = None,
+                 device=None) -> torch.Tensor:
+    """B x 1 x H x W: per pair a box of round(side * H) x round(side * W) pixels at a uniform position, drawn as
+    tensors on the generator's device: no value is read back to the host (on a GPU, no wait for the device)."""
+    side = side.double()  # the sides as Python's round() takes them
+    box_h, box_w = (height * side).round().long(), (width * side).round().long()
+    corner = torch.rand(side.shape[0], 2, generator=generator, device=drawn_on(generator)).to(side)
+    top = (corner[:, 0] * (height - box_h + 1)).long().clamp(max=height - box_h)
+    left = (corner[:, 1] * (width - box_w + 1)).long().clamp(max=width - box_w)
+    rows = torch.arange(height, device=side.device).view(1, height, 1)
+    cols = torch.arange(width, device=side.device).view(1, 1, width)
+    box = ((rows >= top.view(-1, 1, 1)) & (rows < (top + box_h).view(-1, 1, 1))
+           & (cols >= left.view(-1, 1, 1)) & (cols < (left + box_w).view(-1, 1, 1)))
+    return box.unsqueeze(1).float().to(device)
+
+
+def region_boxes_one_by_one(side: torch.Tensor, height: int, width: int,
+                            generator: Optional[torch.Generator] = None, device=None) -> torch.Tensor:
+    """`region_boxes` on a CPU generator, one box at a time, each corner a torch.randint: the draws every CPU
+    run and study table has made (torch has no tensor op that draws torch.randint(0, n)'s values for several
+    n at once). Its reads are of the generator's draws, host memory: no wait for a device."""
+    lam = torch.zeros(side.shape[0], 1, height, width, device=device)
+    for i, s in enumerate(side.tolist()):
+        box_h, box_w = round(height * s), round(width * s)
+        top = int(torch.randint(0, height - box_h + 1, (1,), generator=generator))
+        left = int(torch.randint(0, width - box_w + 1, (1,), generator=generator))
+        lam[i, :, top:top + box_h, left:left + box_w] = 1.0
     return lam
 
 

@@ -24,7 +24,8 @@ class GuidedMix(Method):
         self.teacher = copy.deepcopy(model).to(ctx.device).eval() if gm.teacher == "ema" else None
         self.pairing = None
         if gm.pairing.mode in ("service", "worker"):
-            self.pairing = PairingClient(gm.pairing, cfg.out, ctx.rank, ctx.in_ray, metrics, cfg.train.seed)
+            self.pairing = PairingClient(gm.pairing, cfg.out, ctx.rank, ctx.in_ray, metrics, cfg.train.seed,
+                                         ctx.device)
 
     def loss(self, model, x_l, y_l, x_u, step, generator):
         find = None

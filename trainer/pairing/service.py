@@ -26,11 +26,12 @@ def service_name(out: str) -> str:
 
 
 class PairingService:
-    """The bank behind a Ray actor (or in-process): counts what it serves, for metrics and tests."""
+    """The bank behind a Ray actor: takes and gives numpy arrays (what travels over the wire), checks their
+    values, and counts what it serves, for metrics and tests."""
 
     def __init__(self, cfg: PairingConfig, metrics: Metrics, seed: int = 0):
         self.bank = PairingBank(cfg, seed)
-        self.metrics = metrics  # in-process: the worker's; the actor: Ray's
+        self.metrics = metrics  # Ray's
         self.delay_s = 0.0
         self.pushes = self.queries = self.late_calls = 0
         self.quickest: dict[int, float] = {}  # per rank, the shortest lag from a call's sending to its start
@@ -41,26 +42,29 @@ class PairingService:
     def ready(self) -> bool:
         return True
 
-    def push(self, embeddings, images, masks, rank: int, step: int, shares=None, overlap=None) -> None:
-        self.bank.push(embeddings, images, masks, rank, step, shares, overlap)
+    def push(self, embeddings: np.ndarray, images: np.ndarray, masks: np.ndarray, rank: int, step: int,
+             shares: Optional[np.ndarray] = None, overlap: Optional[np.ndarray] = None) -> None:
+        self.bank.push(_checked("embeddings", embeddings), _checked("images", images), _checked("masks", masks),
+                       rank, step, _checked("shares", shares), _checked("overlap", overlap))
         self.pushes += 1
         self.metrics.set("pairing_bank_size", self.bank.size)
-        need = self.bank.need()
-        if need is not None and time.monotonic() - self._class_iou_set >= 1.0:  # a gauge per class: once a second
+        if time.monotonic() - self._class_iou_set >= 1.0:  # a gauge per class: once a second
             self._class_iou_set = time.monotonic()
-            for c, value in enumerate((1 - need).tolist()):
-                self.metrics.set("pairing_class_iou", value, **{"class": c})
+            set_class_iou(self.metrics, self.bank)
 
-    def query(self, embeddings, step: int, shares=None, generator: Optional[torch.Generator] = None) -> Optional[dict]:
+    def query(self, embeddings: np.ndarray, step: int, shares: Optional[np.ndarray] = None) -> Optional[dict]:
+        """The bank's answer as numpy arrays, or None: pair in-batch."""
         started = time.perf_counter()
         if self.delay_s:
             time.sleep(self.delay_s)
-        answer = self.bank.query(embeddings, step, shares, generator)
+        answer = self.bank.query(_checked("embeddings", embeddings), step, _checked("shares", shares))
         self.queries += 1
         self.latencies.append(time.perf_counter() - started)
-        if answer is not None:
-            self.staleness.extend(answer["staleness"].tolist())
-            self.metrics.set("pairing_staleness_steps", float(answer["staleness"].mean()))
+        if answer is None:
+            return None
+        answer = {name: value.numpy() for name, value in answer.items()}
+        self.staleness.extend(answer["staleness"].tolist())
+        self.metrics.set("pairing_staleness_steps", float(answer["staleness"].mean()))
         return answer
 
     @ray.method(num_returns=2)
@@ -103,6 +107,25 @@ class PairingService:
                 "late_calls": self.late_calls,
                 "query_p50_s": latencies[len(latencies) // 2] if latencies else 0.0,
                 "staleness_mean": float(np.mean(self.staleness)) if self.staleness else 0.0}
+
+
+def set_class_iou(metrics: Metrics, bank: PairingBank) -> None:
+    """The bank's running per-class IoU as a gauge per class (a read of the bank: not every step)."""
+    need = bank.need()
+    if need is not None:
+        for c, value in enumerate((1 - need).tolist()):
+            metrics.set("pairing_class_iou", value, **{"class": c})
+
+
+def _checked(name: str, array: Optional[np.ndarray]) -> Optional[torch.Tensor]:
+    """An array from the wire as a tensor, once its values are known to be numbers (the bank checks shapes)."""
+    if array is None:
+        return None
+    if not isinstance(array, np.ndarray):
+        raise ValueError(f"pairing: {name} must be a numpy array, got {type(array).__name__}")
+    if array.dtype.kind == "f" and not np.isfinite(array).all():
+        raise ValueError(f"pairing: {name} contain NaN or infinity")
+    return torch.from_numpy(array.copy())  # Ray hands in read-only arrays
 
 
 def start_service(pairing_cfg, out: str, seed: int = 0):
