@@ -30,6 +30,7 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 from bench.common import loopback_s3  # noqa: E402
+from shards.storage import Storage  # noqa: E402
 from trainer import checkpoint, guidedmix  # noqa: E402
 from trainer.config import load_config  # noqa: E402
 from trainer.engine import build_engine  # noqa: E402
@@ -98,14 +99,14 @@ def main():
                           torch.device("cpu"), False, args.batch, 1)
     megabytes = 3 * sum(p.numel() * 4 for p in model.parameters()) / 2**20  # weights and AdamW's two moments
     result = {"backbone": args.backbone, "checkpoint_mb": round(megabytes)}
-    result["local"] = stretches(engine, checkpoint.CheckpointStore(tempfile.mkdtemp(prefix="gm-stall-"), None, 1),
+    result["local"] = stretches(engine, checkpoint.CheckpointStore(Storage(tempfile.mkdtemp(prefix="gm-stall-"), retries=1)),
                                 args.rounds, args.batch, args.size)
     with loopback_s3(args.latency_ms) as (_, far_url, servers):
         os.environ["AWS_ENDPOINT_URL"] = far_url
         import fsspec
 
         fsspec.filesystem("s3", skip_instance_cache=True).mkdir("stall")
-        result["s3"] = stretches(engine, checkpoint.CheckpointStore("s3://stall/run", None, 1), args.rounds,
+        result["s3"] = stretches(engine, checkpoint.CheckpointStore(Storage("s3://stall/run", retries=1)), args.rounds,
                                  args.batch, args.size, [psutil.Process(server.pid) for server in servers])
         result["s3"]["latency_ms"] = args.latency_ms
     print(json.dumps(result))

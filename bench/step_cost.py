@@ -123,14 +123,14 @@ def host_reads_per_step(trainer) -> int:
     """The host reads of one `train_step` of `trainer` (a non-log step: the Trainer reads nothing back unless it
     logs), the loading of its batches aside, with the mixing boxes drawn as a GPU run draws them: as tensors
     (`ssl.region_boxes`; on a CPU generator they are drawn one by one, reading host values, not a device's)."""
-    streams, one_by_one = trainer.streams, ssl.region_boxes_one_by_one
+    streams, one_by_one = trainer.streams.streams, ssl.region_boxes_one_by_one
     with HostReads() as reads:
-        trainer.streams = {split: _LoadedUncounted(stream, reads) for split, stream in streams.items()}
+        trainer.streams.streams = {split: _LoadedUncounted(stream, reads) for split, stream in streams.items()}
         ssl.region_boxes_one_by_one = ssl.region_boxes
         try:
             reads.inside(trainer.train_step)()
         finally:
-            trainer.streams, ssl.region_boxes_one_by_one = streams, one_by_one
+            trainer.streams.streams, ssl.region_boxes_one_by_one = streams, one_by_one
     return reads.count
 
 

@@ -32,11 +32,11 @@ def _shards_build(args) -> int:
 
 
 def _shards_inspect(args) -> int:
-    storage = commands.storage_config(args).data
-    manifest = read_manifest(args.url, storage.storage_options, storage.retries)
+    storage = commands.storage_config(args).storage(args.url)
+    manifest = read_manifest(storage)
     result = summary(manifest)
     if args.verify:
-        problems = verify(args.url, manifest, storage.storage_options, storage.retries)
+        problems = verify(storage, manifest)
         result["verified"] = not problems
         result["problems"] = problems
     print(json.dumps(result, indent=1))

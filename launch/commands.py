@@ -6,7 +6,6 @@ import json
 import logging
 import os
 
-import fsspec
 import numpy as np
 from PIL import Image
 
@@ -59,10 +58,7 @@ def _config(args, extra: list[str] = ()):
 
 def _on_ray(cfg: Config, args) -> dict:
     """driver.run behind the quiet console (launch/console.py)."""
-    def upload(url, data):
-        outputs.write_bytes(url, data, cfg.data.storage_options, cfg.data.retries)
-
-    with console.quiet(cfg.out, args.verbose, upload):
+    with console.quiet(cfg.storage(cfg.out), args.verbose):
         return driver.run(cfg, getattr(args, "address", None))
 
 
@@ -77,12 +73,12 @@ def _train(args) -> int:
 
 def _eval(args) -> int:
     check_url(args.data)
-    storage = storage_config(args).data
-    cfg, classes, model = load_trained(args.checkpoint, storage.storage_options, storage.retries)
+    storage = storage_config(args)
+    cfg, classes, model = load_trained(storage.storage(args.checkpoint))
     raw = apply_overrides(cfg.model_dump(), args.overrides)
-    raw["data"].update(url=args.data, storage_options=storage.storage_options, retries=storage.retries)
+    raw["data"].update(url=args.data, storage_options=storage.data.storage_options, retries=storage.data.retries)
     cfg = Config.model_validate(raw)
-    manifest = read_manifest(cfg.data.url, cfg.data.storage_options, cfg.data.retries)
+    manifest = read_manifest(cfg.storage())
     if manifest["classes"] != classes:
         raise BadInput(f"--data {args.data}: its classes differ from the checkpoint's")
     miou, per_class, _ = evaluate_model(model, cfg, WorkerContext(), manifest)
@@ -93,10 +89,9 @@ def _eval(args) -> int:
 def _predict(args) -> int:
     check_url(args.images)
     check_url(args.out)
-    storage = storage_config(args).data
-    options = storage.storage_options
-    cfg, classes, model = load_trained(args.checkpoint, options, storage.retries)
-    fs, pattern = fsspec.core.url_to_fs(args.images, **options)
+    storage = storage_config(args)
+    cfg, classes, model = load_trained(storage.storage(args.checkpoint))
+    fs, pattern = storage.storage(args.images).filesystem()
     paths = sorted(fs.glob(pattern))
     if not paths:
         raise BadInput(f"--images {args.images}: matches no file")
@@ -109,10 +104,9 @@ def _predict(args) -> int:
                                  cfg.eval.stride, cfg.eval.flip)
         pred = probs.argmax(1)[0].numpy().astype(np.uint8)
         stem = os.path.splitext(os.path.basename(path))[0]
-        outputs.write_bytes(join(args.out, f"{stem}.png"), outputs.png_bytes(Image.fromarray(pred)), options,
-                            storage.retries)
-        outputs.write_bytes(join(args.out, f"{stem}-overlay.png"), outputs.png_bytes(outputs.overlay(image, pred)),
-                            options, storage.retries)
+        out = storage.storage(args.out)
+        out.at(f"{stem}.png").write(outputs.png_bytes(Image.fromarray(pred)))
+        out.at(f"{stem}-overlay.png").write(outputs.png_bytes(outputs.overlay(image, pred)))
     print(json.dumps({"images": len(paths), "out": args.out}))
     return 0
 

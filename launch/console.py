@@ -18,7 +18,7 @@ import sys
 import tempfile
 import time
 
-from shards.storage import join, local_path
+from shards.storage import Storage, local_path
 
 LOG_FORMAT = "%(asctime)s %(name)s %(levelname)s %(message)s"
 _TIMESTAMP = r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}"
@@ -94,12 +94,13 @@ class _Router(io.TextIOBase):
 
 
 @contextlib.contextmanager
-def quiet(out: str, verbose: bool, upload):
+def quiet(out: Storage, verbose: bool):
     """Route this process's stdout and stderr (and the logging handlers already writing to them) through the
     filter while the block runs. The log file is `<out>/logs/console-<time>.log`; where --out is not a local
-    folder it is written locally first and `upload(url, data)` copies it there at the end."""
+    folder it is written locally first and copied there at the end."""
     name = f"console-{time.strftime('%Y%m%d-%H%M%S')}.log"
-    url = join(out, "logs", name)
+    log_storage = out.at("logs", name)
+    url = log_storage.url
     remote = local_path(url) is None
     path = os.path.join(tempfile.mkdtemp(prefix="guidedmix-log-"), name) if remote else local_path(url)
     real = sys.stdout, sys.stderr
@@ -123,7 +124,7 @@ def quiet(out: str, verbose: bool, upload):
             handler.setStream(real[1] if handler.stream is routers[1] else real[0])
         if logfile.close() and remote:
             with open(path, "rb") as f:
-                upload(url, f.read())
+                log_storage.write(f.read())
         if remote:
             shutil.rmtree(os.path.dirname(path), ignore_errors=True)
 

@@ -21,7 +21,7 @@ from ray.train.torch import TorchTrainer
 
 from shards.errors import BadInput, BankFailure, StorageFailure
 from shards.manifest import read_manifest
-from shards.storage import filesystem, join, with_retries
+from shards.storage import join
 from trainer.config import CREDENTIALS_HELP, Config
 from trainer.loop import WorkerContext, train
 from trainer.outputs import SUMMARY
@@ -41,16 +41,15 @@ def absolute(url: str) -> str:
 
 def finished_summary(cfg: Config):
     """The summary of a run under --out that already reached the requested steps, else None."""
-    url = join(cfg.out, SUMMARY)
-    fs, path = filesystem(url, cfg.data.storage_options)
+    stored = cfg.storage(cfg.out).at(SUMMARY)
     try:
-        summary = json.loads(with_retries(lambda: fs.cat_file(path), url, cfg.data.retries))
+        summary = json.loads(stored.read())
     except FileNotFoundError:
         return None
     except ValueError:
         summary = None
     if not isinstance(summary, dict) or not isinstance(summary.get("steps"), int):
-        raise BadInput(f"{url}: not a summary this program wrote (move it away to train into {cfg.out})")
+        raise BadInput(f"{stored.url}: not a summary this program wrote (move it away to train into {cfg.out})")
     return summary if summary["steps"] >= cfg.train.steps else None
 
 
@@ -118,7 +117,7 @@ def run(cfg: Config, address: str | None = None) -> dict:
     if done:
         log.info("run under %s already finished (%d steps, mIoU %.4f)", cfg.out, done["steps"], done["miou"])
         return done
-    read_manifest(cfg.data.url, cfg.data.storage_options, cfg.data.retries)  # bad data fails before Ray starts
+    read_manifest(cfg.storage())  # bad data fails before Ray starts
     address = cluster_address(address)
     if not address:
         # the embedded local Ray stays on loopback: Ray otherwise binds the machine's interface address,

@@ -196,17 +196,13 @@ def sweep(args) -> dict:
     if args.steps:
         overrides.append(f"train.steps={args.steps}")
     trials = plan(args.config, overrides, read_grid(args.grid), args.seeds, args.out)
-    options, retries = trials[0].config.data.storage_options, trials[0].config.data.retries
-
-    def upload(url, data):
-        outputs.write_bytes(url, data, options, retries)
-
-    with console.quiet(args.out, args.verbose, upload):
+    out = trials[0].config.storage(args.out)
+    with console.quiet(out, args.verbose):
         # Tune's records beside the trials where the sweep's folder is local
         result = table(trials, run_trials(trials, args.parallel, args.address, local_path(join(args.out, "tune"))))
     command = shlex.join(["guidedmix", *sys.argv[1:]])
-    outputs.write_bytes(join(args.out, "sweep.md"), markdown(result, command).encode(), options, retries)
-    outputs.write_json(join(args.out, "sweep.json"), result, options, retries)
+    out.at("sweep.md").write(markdown(result, command).encode())
+    outputs.write_json(out.at("sweep.json"), result)
     return result
 
 

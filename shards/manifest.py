@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 from .errors import BadInput, StorageFailure
-from .storage import describe_error, filesystem, join, with_retries
+from .storage import Storage, describe_error, join
 from .tario import count_samples
 
 MANIFEST = "manifest.json"
@@ -56,11 +56,11 @@ def _check_shard(info: ShardInfo, path: str) -> None:
                            "crc32 one checksum a sample")
 
 
-def read_manifest(url: str, storage_options: dict | None, retries: int) -> dict:
-    path = join(url, MANIFEST)
+def read_manifest(storage: Storage) -> dict:
+    """The manifest of the shard set at `storage`, checked."""
+    path = join(storage.url, MANIFEST)
     try:
-        fs, p = filesystem(path, storage_options)
-        text = with_retries(lambda: fs.cat_file(p), path, retries)
+        text = storage.at(MANIFEST).read()
     except FileNotFoundError:
         raise BadInput(f"{path}: no manifest (not a shard set, or its build did not finish)") from None
     except (BadInput, StorageFailure):
@@ -92,15 +92,14 @@ def summary(manifest: dict) -> dict:
     }
 
 
-def verify(url: str, manifest: dict, storage_options: dict | None, retries: int) -> list[str]:
+def verify(storage: Storage, manifest: dict) -> list[str]:
     """Read every shard; return one line per problem (missing, wrong checksum, wrong sample count)."""
     problems = []
     for split in SPLITS:
         for shard in shard_infos(manifest, split):
-            path = join(url, shard.name)
+            path = join(storage.url, shard.name)
             try:
-                fs, p = filesystem(path, storage_options)
-                data = with_retries(lambda: fs.cat_file(p), path, retries)
+                data = storage.at(shard.name).read()
             except (OSError, StorageFailure) as e:
                 problems.append(describe_error(path, e))
                 continue

@@ -5,10 +5,12 @@ or from storage options. `pipe:` URLs run shell commands, so they are refused un
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import posixpath
 import time
-from typing import Callable, TypeVar
+from dataclasses import dataclass, field
+from typing import Any, Callable, TypeVar
 from urllib.parse import urlsplit
 
 import fsspec
@@ -110,3 +112,42 @@ def with_retries(fn: Callable[[], T], url: str, retries: int, base_delay: float 
             log.warning("%s: retry %d/%d in %.1fs", describe_error(url, e), attempt + 1, retries, delay)
             time.sleep(delay)
     raise AssertionError("unreachable")
+
+
+@dataclass(frozen=True)
+class Storage:
+    """A place in storage and how to reach it: its URL, the fsspec options that go with it (credentials among
+    them: left out of its repr, so out of every log line) and how many times a transient failure is retried.
+    Built once from the config (`Config.storage`) and passed whole; `at(name)` names a place under it. The one
+    place that builds a filesystem and retries calls on it."""
+
+    url: str
+    options: dict = field(default_factory=dict, repr=False)
+    retries: int = 3
+
+    def at(self, *names: str) -> "Storage":
+        return self.for_url(join(self.url, *names))
+
+    def for_url(self, url: str) -> "Storage":
+        """Another place reached the same way (the same options and retries)."""
+        return dataclasses.replace(self, url=url)
+
+    def filesystem(self) -> tuple[Any, str]:
+        return filesystem(self.url, self.options)
+
+    def call(self, operation: Callable[[Any, str], T]) -> T:
+        """`operation(fs, path)` on this place, transient failures retried (`with_retries`)."""
+        fs, path = self.filesystem()
+        return with_retries(lambda: operation(fs, path), self.url, self.retries)
+
+    def read(self) -> bytes:
+        return self.call(lambda fs, path: fs.cat_file(path))
+
+    def write(self, data: bytes) -> None:
+        """One object written whole (its folder made first, where the store has folders)."""
+        def write(fs, path):
+            parent = path.rsplit("/", 1)[0]
+            if parent and parent != path:
+                fs.makedirs(parent, exist_ok=True)
+            fs.pipe_file(path, data)
+        self.call(write)

@@ -338,7 +338,7 @@ def ledger_report(out: str) -> dict:
 
     summary = read_json(f"{out}/summary.json")
     cfg, steps = Config.model_validate(summary["config"]), summary["steps"]
-    manifest = read_manifest(cfg.data.url, cfg.data.storage_options, cfg.data.retries)
+    manifest = read_manifest(cfg.storage())
     fs, path = fsspec.core.url_to_fs(f"{out}/ledger")
     ledgers = [read_json(f"{out}/ledger/{name.rsplit('/', 1)[-1]}") for name in sorted(fs.ls(path, detail=False))]
     report = {}

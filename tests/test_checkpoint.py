@@ -9,13 +9,14 @@ import threading
 import pytest
 import torch
 
+from shards.storage import Storage
 from trainer import checkpoint
 
 
 def held_store(out, gate: threading.Event) -> checkpoint.CheckpointStore:
     """A store whose background work (writing the files, uploading, committing) waits for `gate`: a slow disk
     and object store."""
-    store = checkpoint.CheckpointStore(str(out), None, 1)
+    store = checkpoint.CheckpointStore(Storage(str(out), retries=1))
     write_and_commit = store._write_and_commit
 
     def held(*args):
@@ -49,7 +50,7 @@ def test_the_step_goes_on_while_the_checkpoint_uploads_and_the_checkpoint_holds_
 
 def test_rank_0_commits_only_once_every_rank_has_written_its_files(tmp_path):
     gate = threading.Event()
-    rank_0, rank_1 = checkpoint.CheckpointStore(str(tmp_path), None, 1), held_store(tmp_path, gate)
+    rank_0, rank_1 = checkpoint.CheckpointStore(Storage(str(tmp_path), retries=1)), held_store(tmp_path, gate)
     rank_0.save("step-00000002", 0, 2, saves(torch.ones(2), rank=0))
     rank_1.save("step-00000002", 1, 2, saves(torch.ones(2), rank=1))
     committed = threading.Thread(target=rank_0.wait)
@@ -79,7 +80,7 @@ def test_a_new_checkpoint_waits_for_the_previous_commit(tmp_path):
 
 
 def test_a_failed_background_write_is_raised_in_the_training_thread_and_latest_stays(tmp_path, monkeypatch):
-    store = checkpoint.CheckpointStore(str(tmp_path), None, 1)
+    store = checkpoint.CheckpointStore(Storage(str(tmp_path), retries=1))
     store.save("step-00000001", 0, 1, saves(torch.zeros(1)))
     store.wait()
 

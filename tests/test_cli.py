@@ -8,6 +8,7 @@ from PIL import Image
 
 from conftest import check_ledgers, ledger_report, read_json, run_cli
 from shards.errors import BadInput
+from shards.storage import Storage
 from trainer.config import Config, load_config
 from trainer.loop import WorkerContext, train
 
@@ -170,8 +171,8 @@ def test_results_are_written_through_a_flaky_store(monkeypatch):
         return real(self, path, value, **kwargs)
 
     monkeypatch.setattr(MemoryFileSystem, "pipe_file", flaky)
-    outputs.write_json("memory://flaky/summary.json", {"steps": 3}, None, retries=2)
+    outputs.write_json(Storage("memory://flaky/summary.json", retries=2), {"steps": 3})
     assert json.loads(MemoryFileSystem().cat_file("/flaky/summary.json")) == {"steps": 3}
     failures["left"] = 3
     with pytest.raises(StorageFailure, match="memory://flaky/summary.json"):
-        outputs.write_json("memory://flaky/summary.json", {"steps": 4}, None, retries=2)
+        outputs.write_json(Storage("memory://flaky/summary.json", retries=2), {"steps": 4})

@@ -19,6 +19,8 @@ from shards.errors import BadInput, StorageFailure
 from shards.manifest import read_manifest, summary, verify
 from shards.node_cache import NodeCache
 from shards import order
+from shards.samples import skip_bad_sample
+from shards.storage import Storage
 from shards.stream import ShardStream, StreamSpec
 from trainer.config import DataConfig
 
@@ -71,7 +73,7 @@ def stream_all(url, split, **kw):
 
 def whole_shards(url):
     """The manifest of `url` as shard sets built before per-sample offsets read it: shards fetched whole."""
-    manifest = read_manifest(url, None, RETRIES)
+    manifest = read_manifest(Storage(url, retries=RETRIES))
     for split in manifest["splits"].values():
         for shard in split["shards"]:
             shard.pop("offsets"), shard.pop("crc32")
@@ -167,7 +169,7 @@ def test_folder_split_is_reproducible_and_list_file_is_exact(tmp_path):
         if name != "out":
             build.build(src, str(tmp_path / name), 3, progress=False, shuffle=shuffle)
         written[name] = [b["keys"] for b in stream_all(str(tmp_path / name), "val", batch_size=64)] + [
-            [k for shard in read_manifest(str(tmp_path / name), None, RETRIES)["splits"]["unlabeled"]["shards"]
+            [k for shard in read_manifest(Storage(str(tmp_path / name), retries=RETRIES))["splits"]["unlabeled"]["shards"]
              for k in dict.fromkeys(m.name.split(".")[0] for m in tarfile.open(tmp_path / name / shard["name"]))]]
     assert written["shuffled"] == written["again"] and written["shuffled"][-1] != written["out"][-1]
     assert sorted(written["shuffled"][-1]) == sorted(written["out"][-1])
@@ -220,12 +222,12 @@ def test_s3_build_inspect_verify_and_stream(s3, tmp_path):
     assert [b["keys"] for b in remote] == [b["keys"] for b in here]
     assert all(np.array_equal(a["mask"], b["mask"]) for a, b in zip(remote, here))
     # builds are byte-reproducible: the same data gives the same checksums wherever it is written
-    remote_manifest = read_manifest("s3://test/ds", None, RETRIES)
+    remote_manifest = read_manifest(Storage("s3://test/ds", retries=RETRIES))
     assert local["splits"]["val"]["shards"][0]["sha256"] == remote_manifest["splits"]["val"]["shards"][0]["sha256"]
     # a tampered shard fails verification
     fs = fsspec.filesystem("s3")
     fs.pipe_file("test/ds/val-000000.tar", b"garbage")
-    assert any("sha256" in p for p in verify("s3://test/ds", remote_manifest, None, RETRIES))
+    assert any("sha256" in p for p in verify(Storage("s3://test/ds", retries=RETRIES), remote_manifest))
 
 
 @pytest.mark.parametrize("run", [1, 3])
@@ -332,11 +334,11 @@ def test_the_manifest_indexes_each_sample_as_an_independent_reading_of_the_tar_d
 
     copy = str(tmp_path / "copy")
     shutil.copytree(synthetic_url, copy)
-    written = read_manifest(copy, None, RETRIES)
+    written = read_manifest(Storage(copy, retries=RETRIES))
     for split in written["splits"].values():
         for shard in split["shards"]:
             _index_again(f"{copy}/{shard['name']}")
-    assert read_manifest(copy, None, RETRIES) == written
+    assert read_manifest(Storage(copy, retries=RETRIES)) == written
 
 
 @pytest.mark.parametrize("ranged,sample_run", [(True, 1), (False, 1), (True, 4)])
@@ -355,14 +357,24 @@ def test_corrupt_sample_and_truncated_shard_are_skipped_and_counted(tmp_path, ca
     open(f"{url}/{shard_a}", "wb").write(raw)
     raw = open(f"{url}/{shard_b}", "rb").read()
     open(f"{url}/{shard_b}", "wb").write(raw[: len(raw) // 2 + 100])
-    stream = ShardStream(StreamSpec(url=url, split="labeled", batch_size=2, retries=RETRIES, loader_workers=0,
-                                    sample_run=sample_run), None if ranged else whole_shards(url))
+    spec = StreamSpec(url=url, split="labeled", batch_size=2, retries=RETRIES, loader_workers=0, sample_run=sample_run)
+    manifest = None if ranged else whole_shards(url)
+    seen = []  # the default handler, watched
+    stream = ShardStream(spec, manifest, on_bad_sample=lambda bad: seen.append(bad) or skip_bad_sample(bad))
     batches = [next(stream) for _ in range(6)]
-    assert stream.skipped >= 2
+    assert stream.skipped >= 2 and stream.skipped == len(seen)
     assert all(b["image"].shape[0] == 2 for b in batches)  # equal batches: readable samples fill the gaps
     assert bad_key not in {k for b in batches for k in b["keys"]}  # keys: what was really consumed
     assert any(bad_key in r.message and shard_a in r.message for r in caplog.records)
     assert any(shard_b in r.message and "unreadable" in r.message for r in caplog.records)
+    assert {bad.shard for bad in seen} == {shard_a, shard_b}
+    # a handler that raises stops the stream at the first bad sample, with its error
+    def refuse(bad):
+        raise BadInput(f"{bad.shard} {bad.sample}: {bad.reason}")
+    refusing = ShardStream(spec, manifest, on_bad_sample=refuse)
+    with pytest.raises(BadInput, match=f"({shard_a}|{shard_b}) (key|sample)"):
+        for _ in range(6):
+            next(refusing)
 
 
 @pytest.mark.parametrize("case", ["missing_root", "class_beyond", "unreadable_image", "bad_scheme", "no_manifest",
@@ -454,10 +466,10 @@ def test_read_ahead_fetches_the_next_micro_batch_while_one_is_decoded(synthetic_
     fetched, and nothing else is."""
     import threading
 
-    from shards import stream as stream_module
+    from shards import fetch
 
-    fetched, real = [], stream_module._Worker._ranges_of
-    monkeypatch.setattr(stream_module._Worker, "_ranges_of", lambda self, key: fetched.append(key) or real(self, key))
+    fetched, real = [], fetch.RangeFetch.ranges_of
+    monkeypatch.setattr(fetch.RangeFetch, "ranges_of", lambda self, key: fetched.append(key) or real(self, key))
     s = ShardStream(StreamSpec(url=synthetic_url, split="unlabeled", batch_size=4, retries=RETRIES, readahead=2,
                                loader_workers=0))
     next(s)
@@ -474,16 +486,16 @@ def test_read_ahead_fetches_the_next_shard_while_one_is_decoded(synthetic_url, m
     blocks and the ones ahead."""
     import threading
 
-    from shards import stream as stream_module
+    from shards import fetch
 
     fetched, released = [], threading.Event()
-    real = stream_module._Worker._shard_bytes
+    real = fetch.ShardStore.whole
 
-    def fetch(self, name):
+    def whole(self, name):
         fetched.append(name)
         return real(self, name)
 
-    monkeypatch.setattr(stream_module._Worker, "_shard_bytes", fetch)
+    monkeypatch.setattr(fetch.ShardStore, "whole", whole)
     s = ShardStream(StreamSpec(url=synthetic_url, split="unlabeled", batch_size=4, retries=RETRIES, shuffle_block=1,
                                readahead=1, loader_workers=0), whole_shards(synthetic_url))
     first_shard = s.plan.blocks(0).shards[0][0]
@@ -492,7 +504,7 @@ def test_read_ahead_fetches_the_next_shard_while_one_is_decoded(synthetic_url, m
     while len(fetched) < 2 and time.monotonic() < deadline:
         time.sleep(0.01)
     assert fetched[:2] == [first_shard, s.plan.blocks(0).shards[1][0]], fetched
-    cache = stream_module._ReadAhead(lambda name: released.wait(5) and name, threads=2)
+    cache = fetch.ReadAhead(lambda name: released.wait(5) and name, threads=2)
     cache.want("abc")
     cache.retain("bc")
     assert list(cache.held) == ["b", "c"]
@@ -503,16 +515,16 @@ def test_read_ahead_fetches_the_next_shard_while_one_is_decoded(synthetic_url, m
 
 def test_each_shard_is_hashed_once_per_worker_and_run(synthetic_url, monkeypatch):
     """Whole shards: epochs after the first trust what the first verified, no shard is hashed twice."""
-    from shards import stream as stream_module
+    from shards import fetch
 
     hashed = Counter()
-    real = stream_module.hashlib.sha256
+    real = fetch.hashlib.sha256
 
     def counting(data):
         hashed[len(data)] += 1
         return real(data)
 
-    monkeypatch.setattr(stream_module.hashlib, "sha256", counting)
+    monkeypatch.setattr(fetch.hashlib, "sha256", counting)
     s = ShardStream(StreamSpec(url=synthetic_url, split="labeled", batch_size=4, retries=RETRIES, loader_workers=0),
                     whole_shards(synthetic_url))
     shards_in_split = len(s.infos)
@@ -627,7 +639,7 @@ def test_a_node_cache_reads_each_shard_once_a_node_and_streams_the_same_batches(
         gets = shard_gets(moto_log) - before
         if not warm:
             time.sleep(1)  # downloads still running when the streams stopped finish in the background
-            shards = read_manifest(synthetic_url, None, RETRIES)["splits"]["unlabeled"]["shards"]
+            shards = read_manifest(Storage(synthetic_url, retries=RETRIES))["splits"]["unlabeled"]["shards"]
             cached = sorted(os.listdir(cache))
             assert cached == sorted(f"{s['sha256'][:32]}-{s['name'].replace('/', '_')}" for s in shards)  # no .part
             assert shard_gets(moto_log)["200"] - before["200"] == len(shards)  # each whole once, not once a worker
@@ -641,7 +653,7 @@ def test_a_node_cache_keeps_to_its_limit_and_leaves_a_download_to_the_process_th
     """Past its limit the least recently used shards leave; a shard another process is downloading is read
     from the store meanwhile (not downloaded twice), and a claim left by a dead process is taken over."""
     fsspec.filesystem("s3").put(synthetic_url + "/", "test/cached/", recursive=True)
-    shards = read_manifest(synthetic_url, None, RETRIES)["splits"]["unlabeled"]["shards"]
+    shards = read_manifest(Storage(synthetic_url, retries=RETRIES))["splits"]["unlabeled"]["shards"]
     sizes = [os.path.getsize(os.path.join(synthetic_url, s["name"])) for s in shards]
     cache = tmp_path / "node-cache"
     limit = max(sizes) * 2
@@ -685,7 +697,7 @@ def test_texture_scenes_are_real_pixels_with_exact_masks_and_reproducible(tmp_pa
         r = run_cli("shards", "build", "--source", preset, "--train-images", "48", "--val-images", "16",
                     "--image-size", "32", "--labeled", "1/4", "--out", out, "--quiet")
         assert r.returncode == 0, r.stderr
-        outs.append(read_manifest(out, None, RETRIES))
+        outs.append(read_manifest(Storage(out, retries=RETRIES)))
     assert outs[0]["splits"] == outs[1]["splits"]  # same shard checksums
     assert len(outs[0]["classes"]) == classes and outs[0]["classes"][0] == "background"
     batches = stream_all(str(tmp_path / "a"), "val", batch_size=8)

@@ -40,7 +40,7 @@ from typing import Callable, Optional
 import torch
 
 from shards.errors import BadInput, StorageFailure
-from shards.storage import describe_error, filesystem, join, with_retries
+from shards.storage import Storage, describe_error, join, with_retries
 
 from .config import Config
 from .model import build_model
@@ -61,10 +61,10 @@ class CheckpointError(StorageFailure):
 
 
 class CheckpointStore:
-    def __init__(self, out: str, storage_options: Optional[dict], retries: int, keep: int = 2):
-        self.root = join(out, "checkpoints")
-        self.fs, self.path = filesystem(self.root, storage_options)
-        self.keep, self.retries = keep, retries
+    def __init__(self, run: Storage, keep: int = 2):
+        checkpoints = run.at("checkpoints")
+        self.root, (self.fs, self.path) = checkpoints.url, checkpoints.filesystem()
+        self.keep, self.retries = keep, run.retries
         self._pending: Optional[concurrent.futures.Future] = None
 
     def _retry(self, fn, url):
@@ -298,14 +298,14 @@ def load_model_weights(local_dir: str) -> dict:
     return {k: v.float() for k, v in state.items()}
 
 
-def load_trained(url: str, storage_options: Optional[dict], retries: int):
+def load_trained(storage: Storage):
     """(config, classes, model in eval mode) from a run folder (its latest checkpoint) or one of its
     checkpoints, written by either engine."""
-    url = url.rstrip("/")
+    url = storage.url.rstrip("/")
     run, _, name = url.rpartition("/checkpoints/")
     if not run:
         run, name = url, None
-    store = CheckpointStore(run, storage_options, retries)
+    store = CheckpointStore(storage.for_url(run))
     name = name or store.latest()
     if not name:
         raise BadInput(f"{url}: no committed checkpoint")

@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from shards import order
 from shards.errors import BadInput
+from shards.storage import Storage
 
 
 class _Strict(BaseModel):
@@ -259,6 +260,11 @@ class Config(_Strict):
         data = self.model_dump()
         data["data"]["storage_options"] = _without_secrets(data["data"]["storage_options"], drop_secrets)
         return data
+
+    def storage(self, url: Optional[str] = None) -> Storage:
+        """Where `url` lives (default: the data) reached as the config says: `data.storage_options` and
+        `data.retries` go with every read and write of a run, its data, checkpoints and outputs alike."""
+        return Storage(self.data.url if url is None else url, dict(self.data.storage_options), self.data.retries)
 
     def secret_keys(self) -> list[str]:
         """Dotted names of the credentials this config holds (in `data.storage_options`, at any depth)."""

@@ -8,12 +8,12 @@ between log steps: the host reads them only when it writes a log line.
 from __future__ import annotations
 
 import dataclasses
+import io
 import logging
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
-import fsspec
 import numpy as np
 import torch
 
@@ -21,13 +21,15 @@ from shards.errors import BadInput
 from shards.manifest import read_manifest
 from shards.stream import ShardStream, StreamSpec
 
-from . import checkpoint, evaluate, outputs
+from . import evaluate, outputs
 from .collectives import all_reduce, average_buffers
 from .config import Config
 from .engine import build_engine
 from .methods import METHODS, build_method
-from .metrics import for_this_process, run_label
+from .metrics import declare_training_series, for_this_process, run_label
 from .model import build_model, load_backbone_weights
+from .checkpointer import Checkpointer
+from .run import RunRecord, SampleLedger, StepLog, run_summary
 from .ssl import StepOutput
 from .tracking import Tracker
 
@@ -72,8 +74,8 @@ def load_model(cfg: Config, num_classes: int):
     model = build_model(cfg.model, num_classes, cfg.guidedmix.mitrans.reduction)
     if cfg.model.pretrained:
         try:
-            with fsspec.open(cfg.model.pretrained, "rb", **cfg.data.storage_options) as f:
-                load_backbone_weights(model, torch.load(f, map_location="cpu", weights_only=True))
+            weights = io.BytesIO(cfg.storage(cfg.model.pretrained).read())
+            load_backbone_weights(model, torch.load(weights, map_location="cpu", weights_only=True))
         except FileNotFoundError:
             raise BadInput(f"model.pretrained: {cfg.model.pretrained} not found") from None
         except ValueError as e:
@@ -109,136 +111,44 @@ def evaluate_model(module, cfg: Config, ctx: WorkerContext, manifest: dict, keep
     return miou, per_class, kept
 
 
-class _Progress:
-    def __init__(self, total: int, start: int, images_per_step: int):
-        self.total, self.start, self.images = total, start, images_per_step
-        self.t0 = time.monotonic()
-
-    def line(self, step: int, record: dict) -> str:
-        done = step - self.start
-        elapsed = time.monotonic() - self.t0
-        rate = done * self.images / max(elapsed, 1e-9)
-        eta = (self.total - step) * elapsed / max(done, 1)
-        losses = " ".join(f"{k} {record[k] + 0.0:.3f}" for k in ("sup", "unsup", "mix") if k in record)  # no -0.000
-        pseudo = f"pseudo {record['pseudo_coverage']:.0%} px" if "pseudo_coverage" in record else ""
-        if "pseudo_accuracy" in record:
-            pseudo += f", {record['pseudo_accuracy']:.0%} right"
-        return (f"step {step}/{self.total} | loss {record['loss']:.3f} ({losses}) | "
-                f"{pseudo + ' | ' if pseudo else ''}lr {record['lr']:.2e} | {rate:.1f} img/s | "
-                f"ETA {int(eta // 60)}m{int(eta % 60):02d}s")
+def build_model_for(cfg: Config, ctx: WorkerContext, num_classes: int) -> torch.nn.Module:
+    """The model as this worker trains it: batch norm synchronised across GPU workers."""
+    model = load_model(cfg, num_classes)
+    if cfg.model.sync_bn and ctx.world_size > 1:
+        if ctx.device.type == "cuda":
+            model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        elif ctx.rank == 0:
+            log.debug("model.sync_bn: torch syncs batch norm on GPUs only; CPU workers keep per-worker statistics")
+    return model
 
 
-class Trainer:
-    """Model, engine, method, streams, metrics and checkpoint store of one worker, built from the
-    config; `resume()`, then `train_step()` until done with `log()`, `evaluate()` and `save()` between steps,
-    then `finish()`."""
+class TrainStreams:
+    """This worker's streams of the method's training splits, read a micro-batch of each at a time."""
 
-    def __init__(self, cfg: Config, ctx: WorkerContext):
-        self.cfg, self.ctx = cfg, ctx
-        self.started = time.monotonic()
-        torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
-        self.manifest = read_manifest(cfg.data.url, cfg.data.storage_options, cfg.data.retries)
-        self.classes = self.manifest["classes"]
-        splits = METHODS[cfg.train.method].splits
-        self.streams = {s: ShardStream(stream_spec(cfg, s, ctx), self.manifest) for s in splits}
-
-        model = load_model(cfg, len(self.classes))
-        use_gpu = ctx.device.type == "cuda"
-        if cfg.model.sync_bn and ctx.world_size > 1:
-            if use_gpu:
-                model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
-            elif ctx.rank == 0:
-                log.debug("model.sync_bn: torch syncs batch norm on GPUs only; CPU workers keep per-worker statistics")
-        self.metrics = for_this_process(ctx.in_ray, cfg.train.metrics_port if ctx.rank == 0 else 0,
-                                        cfg.train.metrics_host, rank=ctx.rank, run=run_label(cfg.out))
-        self._declare_metrics(splits)
-        # before the engine wraps the model: a teacher copies it as it is
-        self.method = build_method(cfg, model, ctx, self.metrics, len(self.classes))
-        bf16 = cfg.train.precision == "bf16" or (cfg.train.precision == "auto" and use_gpu)
-        micro = self.streams["labeled"].layout
-        self.engine = build_engine(model, cfg, ctx.device, bf16, micro.micro, micro.micro_steps, rank=ctx.rank,
-                                   world_size=ctx.world_size)
-        self.module = self.engine.module
-        self.store = checkpoint.CheckpointStore(cfg.out, cfg.data.storage_options, cfg.data.retries)
-
-        self.step, self.history, self.elapsed_before, self.resumed_from = 0, [], 0.0, None
-        self.resizes: list[dict] = []  # {step, from, to}: each time the group came back at another size
-        self.tracker: Optional[Tracker] = None  # rank 0's, from resume() on
-        self.ledger = {s: [] for s in self.streams}
-        self.consumed = {s: 0 for s in self.streams}  # samples trained on (a corrupt one's stand-in is not one)
-        self.images_per_step = sum(cfg.global_batch(s) for s in self.streams)
+    def __init__(self, cfg: Config, ctx: WorkerContext, manifest: dict, splits):
+        self.cfg, self.manifest = cfg, manifest
+        self.streams = {s: ShardStream(stream_spec(cfg, s, ctx), manifest) for s in splits}
         micro_steps = {s: stream.layout.micro_steps for s, stream in self.streams.items()}
         if len(set(micro_steps.values())) > 1:
             raise BadInput(f"data.global_batch: at {ctx.world_size} workers the labeled and unlabeled shares need "
                            f"different numbers of micro-batches ({micro_steps}); scale both batch sizes alike")
-        self.micro_steps = micro_steps["labeled"]
-        self.pseudo_score = evaluate.PseudoMaskScore(len(self.classes))  # watches for collapse between log lines
+        self.layout = self.streams["labeled"].layout
         self.counted_skipped = 0
-        self.data_wait = 0.0
-        self.progress = _Progress(cfg.train.steps, 0, self.images_per_step)
 
-    def _declare_metrics(self, splits) -> None:
-        """Every series the run will record, from its start: what the alert rules compare against."""
-        m, train = self.metrics, self.cfg.train
-        m.set("run_info", 1, config_hash=self.cfg.digest())
-        m.set("steps_target", train.steps)
-        m.set("checkpoint_every_steps", train.ckpt_every)
-        for split in splits:
-            m.declare("samples_total", split=split)
-        for name in ("corrupt_samples_total", "step_duration_seconds", "data_wait_seconds",
-                     "checkpoint_duration_seconds", "checkpoint_stall_seconds"):
-            m.declare(name)
-        self._progress()
+    def next(self) -> dict:
+        return {split: next(stream) for split, stream in self.streams.items()}
 
-    def _progress(self) -> None:
-        self.metrics.set("progress_timestamp_seconds", time.time())
+    def skipped(self) -> int:
+        """Bad samples skipped so far (shards/samples.py)."""
+        return sum(s.skipped for s in self.streams.values())
 
-    def elapsed(self) -> float:
-        """Training seconds of this run, earlier attempts included."""
-        return self.elapsed_before + time.monotonic() - self.started
+    def newly_skipped(self) -> int:
+        """Bad samples skipped since the last call (the first: since the streams' position was restored)."""
+        skipped, before = self.skipped(), self.counted_skipped
+        self.counted_skipped = skipped
+        return skipped - before
 
-    def resume(self) -> None:
-        """Continue from the latest committed checkpoint, if there is one: weights, optimiser, schedule,
-        history, stream position and ledger, whatever the world size that wrote it."""
-        self.resumed_from = self.store.latest()
-        if self.resumed_from:
-            local = self.store.download(self.resumed_from)
-            try:
-                client = self.engine.load(local)
-                states = checkpoint.read_rank_states(local)
-                parts = checkpoint.read_parts(local, self.method.parts)
-            finally:
-                checkpoint.remove_local(local)
-            self.step, self.history, self.elapsed_before = client["step"], client["history"], client["elapsed"]
-            self.resizes = client.get("resizes", [])
-            before = client.get("world_size", len(states))
-            if before != self.ctx.world_size:
-                self.resizes.append({"step": self.step, "from": before, "to": self.ctx.world_size})
-            for name, stream in self.streams.items():  # the global step: the same in every rank's state
-                stream.load_state_dict(states[0]["streams"][name])
-            self.method.load_state(parts, self.step, self._replay)
-            # each rank keeps its own ledger and count; rank 0 takes over those of ranks that are gone
-            mine = [self.ctx.rank] + (list(range(self.ctx.world_size, before)) if self.ctx.rank == 0 else [])
-            for rank in mine:
-                for split, entries in states.get(rank, {}).get("ledger", {}).items():
-                    self.ledger[split] += entries
-                for split, count in states.get(rank, {}).get("consumed", {}).items():
-                    self.consumed[split] += count
-            if self.ctx.rank == 0:
-                log.info("resumed from %s at step %d%s", self.resumed_from, self.step,
-                         f", {before} -> {self.ctx.world_size} workers" if before != self.ctx.world_size else "")
-        self.counted_skipped = sum(s.skipped for s in self.streams.values())
-        self.progress = _Progress(self.cfg.train.steps, self.step, self.images_per_step)  # rate from here on
-        self.metrics.set("step", self.step)
-        self.metrics.set("checkpoint_last_step", self.step)  # the checkpoint resumed from, or 0: none yet
-        mious = [h["miou"] for h in self.history if "miou" in h]
-        if mious:
-            self.metrics.set("eval_miou_best", max(mious))
-        self._progress()
-        self.tracker = Tracker(self.cfg, self.classes, self.step) if self.ctx.rank == 0 else None
-        self.module.train()
-
-    def _replay(self, first_step: int) -> ShardStream:
+    def replay(self, first_step: int) -> ShardStream:
         """The labeled stream from global step `first_step` on, whole global batches as one worker reads them
         (a method's resume reads again what it held of recent steps); the caller closes it."""
         spec = dataclasses.replace(stream_spec(self.cfg, "labeled", WorkerContext()), loader_workers=0)
@@ -246,30 +156,87 @@ class Trainer:
         stream.load_state_dict({"step": first_step})
         return stream
 
+    def state_dict(self) -> dict:
+        return {name: stream.state_dict() for name, stream in self.streams.items()}
+
+    def load_state_dict(self, state: dict) -> None:
+        for name, stream in self.streams.items():
+            stream.load_state_dict(state[name])
+
+
+class Trainer:
+    """One worker's typed parts, built from the config: streams, model and engine, method, metrics, checkpoint
+    store, the run's record and samples, its log step. `resume()`, then `train_step()` until done with `log()`,
+    `evaluate()` and `save()` between steps, then `finish()`."""
+
+    def __init__(self, cfg: Config, ctx: WorkerContext):
+        self.cfg, self.ctx = cfg, ctx
+        self.run = RunRecord()
+        torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
+        self.manifest = read_manifest(cfg.storage())
+        self.classes = self.manifest["classes"]
+        splits = METHODS[cfg.train.method].splits
+        self.streams = TrainStreams(cfg, ctx, self.manifest, splits)
+        self.micro_steps = self.streams.layout.micro_steps
+        self.samples = SampleLedger(splits, keys=cfg.train.ledger)
+        self.metrics = for_this_process(ctx.in_ray, cfg.train.metrics_port if ctx.rank == 0 else 0,
+                                        cfg.train.metrics_host, rank=ctx.rank, run=run_label(cfg.out))
+        declare_training_series(self.metrics, cfg, splits)
+        self.steplog = StepLog(self.metrics, self.classes, cfg.train.steps, sum(cfg.global_batch(s) for s in splits))
+        model = build_model_for(cfg, ctx, len(self.classes))
+        # before the engine wraps the model: a teacher copies it as it is
+        self.method = build_method(cfg, model, ctx, self.metrics, len(self.classes))
+        bf16 = cfg.train.precision == "bf16" or (cfg.train.precision == "auto" and ctx.device.type == "cuda")
+        self.engine = build_engine(model, cfg, ctx.device, bf16, self.streams.layout.micro, self.micro_steps,
+                                   rank=ctx.rank, world_size=ctx.world_size)
+        self.module = self.engine.module
+        self.checkpointer = Checkpointer(cfg, ctx, self.classes, self.engine, self.streams, self.samples, self.method,
+                                         self.run)
+        self.tracker: Optional[Tracker] = None  # rank 0's, from resume() on
+        self.data_wait = 0.0
+
+    def resume(self) -> None:
+        """Continue from the latest committed checkpoint, if there is one: weights, optimiser, schedule,
+        record, stream position, samples and the method's state, whatever the world size that wrote it."""
+        ctx = self.ctx
+        before = self.checkpointer.restore(self.streams.replay)
+        if before is not None and ctx.rank == 0:
+            log.info("resumed from %s at step %d%s", self.run.resumed_from, self.run.step,
+                     f", {before} -> {ctx.world_size} workers" if before != ctx.world_size else "")
+        self.streams.newly_skipped()  # those of earlier attempts were counted then
+        self.steplog.restart(self.run.step)  # rate from here on
+        self.metrics.set("step", self.run.step)
+        self.metrics.set("checkpoint_last_step", self.run.step)  # the checkpoint resumed from, or 0: none yet
+        if self.run.best_miou() is not None:
+            self.metrics.set("eval_miou_best", self.run.best_miou())
+        self._progress()
+        self.tracker = Tracker(self.cfg, self.classes, self.run.step) if ctx.rank == 0 else None
+        self.module.train()
+
     def train_step(self) -> StepOutput:
         """One optimiser step: this rank's share of the global batch, in micro-batches whose gradients
         accumulate; records metrics without reading any value back from the device. Returns the step's losses
         averaged over its micro-batches."""
-        self.store.poll()  # a checkpoint that failed in the background ends the run here
+        self.checkpointer.store.poll()  # a checkpoint that failed in the background ends the run here
         t_step, waited, outs = time.monotonic(), 0.0, []
         for micro in range(self.micro_steps):
             t_data = time.monotonic()
-            batches = {split: next(stream) for split, stream in self.streams.items()}
+            batches = self.streams.next()
             waited += time.monotonic() - t_data
             # the micro-batch's place in the global batch, the same at any world size
             place = self.ctx.rank * self.micro_steps + micro
             with self.engine.autocast():
                 out = self._loss(batches["labeled"], batches.get("unlabeled"),
-                                 micro_generator(self.cfg.train.seed, self.step, place, self.ctx.device))
+                                 micro_generator(self.cfg.train.seed, self.run.step, place, self.ctx.device))
             self.engine.micro_step(out.loss)
             outs.append(out)
             self._count(batches)
-        self.method.end_step(self.module, self.step)
-        self.step += 1
+        self.method.end_step(self.module, self.run.step)
+        self.run.step += 1
         self.data_wait = waited
         self.metrics.observe("step_duration_seconds", time.monotonic() - t_step - waited)
         self.metrics.observe("data_wait_seconds", waited)
-        self.metrics.set("step", self.step)
+        self.metrics.set("step", self.run.step)
         self._progress()
         return StepOutput(sum(o.loss.detach() for o in outs) / len(outs),
                           {k: sum(o.parts[k] for o in outs) / len(outs) for k in outs[0].parts})
@@ -280,69 +247,46 @@ class Trainer:
             return None if tensor is None else tensor.to(self.ctx.device, non_blocking=True)
         x_u = on_device(batch_u["image"]) if batch_u is not None else None
         out = self.method.loss(self.module, on_device(batch_l["image"]), on_device(batch_l["mask"]), x_u,
-                               self.step, generator)
+                               self.run.step, generator)
         if out.pseudo is not None:
-            self.pseudo_score.add(out.pseudo.detach(), on_device(batch_u.get("withheld_mask")))
+            self.steplog.pseudo_score.add(out.pseudo.detach(), on_device(batch_u.get("withheld_mask")))
         return out
 
     def _count(self, batches: dict) -> None:
-        m = self.metrics
         for split, batch in batches.items():
-            m.inc("samples_total", len(batch["keys"]), split=split)
-            self.consumed[split] += len(batch["keys"])
-            if self.cfg.train.ledger:
-                self.ledger[split] += [[batch["epoch"], k] for k in batch["keys"]]
-        skipped = sum(s.skipped for s in self.streams.values())
-        m.inc("corrupt_samples_total", skipped - self.counted_skipped)
-        self.counted_skipped = skipped
+            self.metrics.inc("samples_total", len(batch["keys"]), split=split)
+            self.samples.add(split, batch)
+        self.metrics.inc("corrupt_samples_total", self.streams.newly_skipped())
+
+    def _progress(self) -> None:
+        self.metrics.set("progress_timestamp_seconds", time.time())
 
     def log(self, out: StepOutput) -> None:
-        """The log step: losses read back from the device, a history record, metrics, Ray's report, a line."""
-        # the global batch's losses (every rank's mean), comparable between runs at any world size
-        names = [k for k, v in out.parts.items() if torch.is_tensor(v)]
-        losses = all_reduce(torch.stack([out.loss.detach(), *(out.parts[k] for k in names)]).float())
-        losses = losses.cpu() / self.ctx.world_size
-        record = {"step": self.step, "loss": float(losses[0]), **{k: float(v) for k, v in out.parts.items()},
-                  **{k: float(v) for k, v in zip(names, losses[1:])}, "lr": self.engine.lr(),
-                  "data_wait_s": self.data_wait, "seconds": round(self.elapsed(), 3)}
-        for name, values in self.method.stats().items():
-            record.update({f"{name}_{k}": v for k, v in values.items()})
-        record.update(self.pseudo_score.summary())
-        self.pseudo_score.reset()
-        m = self.metrics
-        m.set("learning_rate", record["lr"])
-        m.set("loss", record["loss"], part="total")
-        for part in ("sup", "unsup", "mix"):
-            if part in record:
-                m.set("loss", record[part], part=part)
-        for name in ("coverage", "accuracy"):
-            if f"pseudo_{name}" in record:
-                m.set(f"pseudo_mask_{name}", record[f"pseudo_{name}"])
-        if record.get("pseudo_coverage"):  # shares of nothing claimed are no shares
-            for key, metric in (("pseudo_class_freq", "pseudo_class_share"), ("true_class_freq", "true_class_share")):
-                for name, share in zip(self.classes, record.get(key, ())):
-                    m.set(metric, share, **{"class": name})
-        self.history.append(record)
+        """The log step (run.StepLog): a history record, Ray's report, rank 0's line and trackers."""
+        record = self.steplog.record(self.run.step, out, self.ctx.world_size, lr=self.engine.lr(),
+                                     data_wait_s=self.data_wait, seconds=round(self.run.elapsed(), 3),
+                                     **self.method.stats())
+        self.run.history.append(record)
         self.ctx.report({k: v for k, v in record.items() if isinstance(v, (int, float))})
         if self.tracker:
-            self.tracker.scalars(self.step, record)
-            log.info(self.progress.line(self.step, record))
+            self.tracker.scalars(self.run.step, record)
+            self.steplog.line(self.run.step, record)
 
     def evaluate(self) -> tuple[float, list[float], list]:
         """Val mIoU with every rank's batch-norm statistics averaged first (the model a checkpoint holds);
         rank 0 also keeps a few overlays."""
         average_buffers(self.module)
-        keep = self.cfg.train.overlays if self.tracker else 0
+        keep, step, history = self.cfg.train.overlays if self.tracker else 0, self.run.step, self.run.history
         with self.engine.autocast():
             miou, per_class, overlays = evaluate_model(self.module, self.cfg, self.ctx, self.manifest, keep,
                                                        on_batch=self._progress)
-        if not self.history or self.history[-1].get("step") != self.step or "miou" not in self.history[-1]:
-            self.history.append({"step": self.step, "miou": miou})
+        if not history or history[-1].get("step") != step or "miou" not in history[-1]:
+            history.append({"step": step, "miou": miou})
         self.metrics.set("eval_miou", miou)
-        self.metrics.set("eval_miou_best", max(h["miou"] for h in self.history if "miou" in h))
+        self.metrics.set("eval_miou_best", self.run.best_miou())
         if self.tracker:
-            self.tracker.evaluation(self.step, miou, per_class, overlays)
-            log.info("step %d | val mIoU %.4f", self.step, miou)
+            self.tracker.evaluation(step, miou, per_class, overlays)
+            log.info("step %d | val mIoU %.4f", step, miou)
         return miou, per_class, overlays
 
     def save(self) -> None:
@@ -350,61 +294,34 @@ class Trainer:
         background (see trainer/checkpoint.py); the step goes on."""
         t0 = time.monotonic()
         average_buffers(self.module)
-        step = self.step
-
-        def write_files(snapshot):
-            self.engine.save(snapshot, {"step": step, "history": self.history, "elapsed": self.elapsed(),
-                                        "world_size": self.ctx.world_size, "resizes": self.resizes})
-            rank_state = {"streams": {n: s.state_dict() for n, s in self.streams.items()},
-                          "consumed": dict(self.consumed)}
-            if self.cfg.train.ledger:
-                rank_state["ledger"] = self.ledger
-            checkpoint.write_rank_state(snapshot.folder, self.ctx.rank, rank_state)
-            if self.ctx.rank == 0:
-                checkpoint.write_run_config(snapshot.folder, self.cfg, self.classes)
-                for name, part in self.method.state().items():  # the same on every rank
-                    snapshot.save(part, checkpoint.part_file(name))
+        step = self.run.step
 
         def committed(seconds):
             self.metrics.observe("checkpoint_duration_seconds", seconds)
             self.metrics.set("checkpoint_last_step", step)
             self._progress()
 
-        self.store.save(checkpoint.step_name(step), self.ctx.rank, self.ctx.world_size, write_files, committed)
+        self.checkpointer.save(committed)
         if self.tracker:
             self.tracker.sync()
         self.metrics.observe("checkpoint_stall_seconds", time.monotonic() - t0)
 
     def finish(self) -> Optional[dict]:
         """The final evaluation and, on rank 0, the run's outputs; returns the summary there."""
-        cfg, ctx = self.cfg, self.ctx
+        cfg, ctx, run = self.cfg, self.ctx, self.run
         miou, per_class, overlays = self.evaluate()  # while the last checkpoint uploads
-        self.store.wait()
-        splits = list(self.consumed)
-        counts = all_reduce(torch.tensor([sum(s.skipped for s in self.streams.values()),
-                                          *(self.consumed[s] for s in splits)], device=ctx.device))
-        skipped, consumed = int(counts[0]), dict(zip(splits, counts[1:].tolist()))
-        if cfg.train.ledger:
-            outputs.write_json(f"{cfg.out.rstrip('/')}/ledger/rank-{ctx.rank}.json", self.ledger,
-                               cfg.data.storage_options, cfg.data.retries)
+        self.checkpointer.store.wait()
+        consumed, skipped = self.samples.summed(self.streams.skipped(), ctx.device)
+        if self.samples.keys is not None:
+            outputs.write_json(cfg.storage(cfg.out).at("ledger", f"rank-{ctx.rank}.json"), self.samples.keys)
         self.metrics.close()
         if not self.tracker:
             return None
         self.tracker.close()
-        summary = {
-            "method": cfg.train.method, "miou": miou, "per_class_iou": dict(zip(self.classes, per_class)),
-            "steps": self.step, "samples_seen": sum(consumed.values()), "samples_by_split": consumed,
-            "skipped_samples": skipped, "wall_seconds": round(self.elapsed(), 2),
-            "workers": ctx.world_size, "resizes": self.resizes, "engine": cfg.train.engine,
-            "resumed_from": self.resumed_from,
-            "config_hash": cfg.digest(), "config": cfg.public_dict(),
-        }
-        summary.update(self.method.stats())  # rank 0's view since its last (re)start
-        last_log = [h for h in self.history if "pseudo_coverage" in h]
-        if last_log:  # rank 0's pseudo masks over the last log interval
-            summary["pseudo_masks"] = {k: v for k, v in last_log[-1].items() if "pseudo" in k or k == "true_class_freq"}
-        outputs.write_outputs(cfg.out, summary, self.history, overlays, cfg.data.storage_options, cfg.data.retries)
-        log.info("done: %d steps, val mIoU %.4f, outputs under %s", self.step, miou, cfg.out)
+        summary = run_summary(cfg, run, dict(zip(self.classes, per_class)), miou, consumed, skipped,
+                              ctx.world_size, self.method.stats())
+        outputs.write_outputs(cfg.storage(cfg.out), summary, run.history, overlays)
+        log.info("done: %d steps, val mIoU %.4f, outputs under %s", run.step, miou, cfg.out)
         return summary
 
 
@@ -412,9 +329,9 @@ def train(cfg: Config, ctx: WorkerContext) -> Optional[dict]:
     """Train to cfg.train.steps (resuming if a checkpoint exists); returns the summary on rank 0."""
     trainer, every = Trainer(cfg, ctx), cfg.train
     trainer.resume()
-    while trainer.step < every.steps:
+    while trainer.run.step < every.steps:
         out = trainer.train_step()
-        step, last = trainer.step, trainer.step == every.steps
+        step, last = trainer.run.step, trainer.run.step == every.steps
         if step % every.log_every == 0 or last:
             trainer.log(out)
         if step % every.eval_every == 0 and not last:  # the last step's evaluation is finish()'s

@@ -18,6 +18,7 @@ Every series holds from the run's start to its end, so that a dashboard and the 
 from __future__ import annotations
 
 import os
+import time
 import threading
 from dataclasses import dataclass
 from wsgiref.simple_server import WSGIRequestHandler, make_server
@@ -240,3 +241,16 @@ def for_this_process(in_ray: bool, port: int = 0, host: str = "127.0.0.1", **def
         return Metrics("prometheus", port, host, **default_labels)
     except OSError as e:
         raise BadInput(f"train.metrics_port: cannot serve on {host}:{port}: {e.strerror}") from None
+
+
+def declare_training_series(metrics: Metrics, cfg, splits) -> None:
+    """Every series a training run records, from its start: what the alert rules compare against."""
+    metrics.set("run_info", 1, config_hash=cfg.digest())
+    metrics.set("steps_target", cfg.train.steps)
+    metrics.set("checkpoint_every_steps", cfg.train.ckpt_every)
+    for split in splits:
+        metrics.declare("samples_total", split=split)
+    for name in ("corrupt_samples_total", "step_duration_seconds", "data_wait_seconds",
+                 "checkpoint_duration_seconds", "checkpoint_stall_seconds"):
+        metrics.declare(name)
+    metrics.set("progress_timestamp_seconds", time.time())

@@ -13,7 +13,7 @@ matplotlib.use("Agg")  # files only, no display; before pyplot is imported
 import matplotlib.pyplot as plt  # noqa: E402
 
 from shards.augment import MEAN, STD
-from shards.storage import filesystem, join, with_retries
+from shards.storage import Storage
 
 SUMMARY = "summary.json"  # written last: its presence means the run is done
 
@@ -43,27 +43,14 @@ def overlay(image: np.ndarray, pred: np.ndarray, truth: np.ndarray | None = None
     return Image.fromarray(np.concatenate(panels, axis=1))
 
 
-def write_bytes(url: str, data: bytes, storage_options: dict | None, retries: int) -> None:
-    """One object written, transient storage errors retried (`data.retries`), as every read and write is."""
-    fs, path = filesystem(url, storage_options)
-    parent = path.rsplit("/", 1)[0]
-
-    def write():
-        if parent and parent != path:
-            fs.makedirs(parent, exist_ok=True)
-        fs.pipe_file(path, data)
-
-    with_retries(write, url, retries)
-
-
 def png_bytes(image: Image.Image) -> bytes:
     buf = io.BytesIO()
     image.save(buf, format="PNG")
     return buf.getvalue()
 
 
-def write_json(url: str, data: dict, storage_options: dict | None, retries: int) -> None:
-    write_bytes(url, json.dumps(data, indent=1).encode(), storage_options, retries)
+def write_json(storage: Storage, data: dict) -> None:
+    storage.write(json.dumps(data, indent=1).encode())
 
 
 def curves_png(history: list[dict]) -> bytes:
@@ -89,10 +76,10 @@ def curves_png(history: list[dict]) -> bytes:
     return buf.getvalue()
 
 
-def write_outputs(out: str, summary: dict, history: list[dict], overlays: list[Image.Image],
-                  storage_options: dict | None, retries: int) -> None:
+def write_outputs(out: Storage, summary: dict, history: list[dict], overlays: list[Image.Image]) -> None:
+    """Every output of a run under `out`, transient storage errors retried as every read and write is."""
     for i, image in enumerate(overlays):
-        write_bytes(join(out, "overlays", f"val-{i}.png"), png_bytes(image), storage_options, retries)
-    write_bytes(join(out, "curves.png"), curves_png(history), storage_options, retries)
-    write_json(join(out, "history.json"), {"history": history}, storage_options, retries)
-    write_json(join(out, SUMMARY), summary, storage_options, retries)  # last
+        out.at("overlays", f"val-{i}.png").write(png_bytes(image))
+    out.at("curves.png").write(curves_png(history))
+    write_json(out.at("history.json"), {"history": history})
+    write_json(out.at(SUMMARY), summary)  # last

@@ -16,7 +16,6 @@ import numpy as np
 
 from shards.storage import join, local_path
 
-from . import outputs
 from .config import Config
 
 OUT_TAG = "guidedmix.out"
@@ -92,8 +91,7 @@ class Tracker:
         if self.remote:
             for name in os.listdir(self.local):
                 with open(os.path.join(self.local, name), "rb") as f:
-                    outputs.write_bytes(join(self.url, name), f.read(), self.cfg.data.storage_options,
-                                        self.cfg.data.retries)
+                    self.cfg.storage(self.url).at(name).write(f.read())
 
     def close(self) -> None:
         self.sync()
