@@ -236,9 +236,10 @@ class _Plan:
         return _Blocks([[self.infos[i].name for i in m] for m in members], starts)
 
     def epoch_blocks(self, epoch: int) -> _Blocks:
-        if self._blocks[0] != epoch:
-            self._blocks = (epoch, self.blocks(epoch))
-        return self._blocks[1]
+        memo = self._blocks  # read once: read-ahead threads may ask for another epoch meanwhile
+        if memo[0] != epoch:
+            memo = self._blocks = (epoch, self.blocks(epoch))
+        return memo[1]
 
 
 class ShardStream:
