@@ -2,6 +2,7 @@
 unlabeled embedding with its partner; and the pixel conversions the bank stores and gives back."""
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import torch
@@ -150,10 +151,16 @@ class PairingBank:
                 "ranks": self.ranks[index], "staleness": (step - self.steps[index]).clamp(min=0)}
 
 
+@functools.lru_cache(maxsize=None)
+def _normalisation(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The loader's mean and std as 1 x 3 x 1 x 1 tensors on `device`, copied there once: a copy from host memory
+    at every push and query would make the host wait for a GPU each micro-batch."""
+    return tuple(torch.as_tensor(v, device=device).view(1, 3, 1, 1) for v in (MEAN, STD))
+
+
 def to_uint8(images: torch.Tensor) -> torch.Tensor:
     """Normalised float images (B x 3 x H x W, any device) as the uint8 pixels the bank stores, on their device."""
-    mean = torch.as_tensor(MEAN, device=images.device).view(1, 3, 1, 1)
-    std = torch.as_tensor(STD, device=images.device).view(1, 3, 1, 1)
+    mean, std = _normalisation(images.device)
     return (images.float() * std + mean).round().clamp(0, 255).to(torch.uint8)
 
 
@@ -164,6 +171,5 @@ def mask_to_uint8(masks: torch.Tensor) -> torch.Tensor:
 
 def from_uint8(images: torch.Tensor, device) -> torch.Tensor:
     """The bank's uint8 pixels as normalised float images on `device`."""
-    mean = torch.as_tensor(MEAN, device=device).view(1, 3, 1, 1)
-    std = torch.as_tensor(STD, device=device).view(1, 3, 1, 1)
+    mean, std = _normalisation(torch.device(device))
     return (images.to(device).float() - mean) / std
