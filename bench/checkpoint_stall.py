@@ -12,11 +12,11 @@ local disk, and S3 (moto_server on loopback behind bench/tcp_proxy.py at `--late
 reported). Goal: at most 0.1. Prints one JSON line.
 
     .venv/bin/python bench/checkpoint_stall.py [--backbone resnet50] [--rounds 3] [--latency-ms 20]
+        [--device cpu|cuda] [--targets local,s3]
 """
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import statistics
@@ -29,23 +29,24 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-from bench.common import loopback_s3  # noqa: E402
+from bench.common import loopback_s3, publish  # noqa: E402
 from shards.storage import Storage  # noqa: E402
-from trainer import checkpoint, guidedmix  # noqa: E402
+from trainer import checkpoint, ssl  # noqa: E402
 from trainer.config import load_config  # noqa: E402
 from trainer.engine import build_engine  # noqa: E402
 from trainer.model import build_model  # noqa: E402
 
 
-def stretches(engine, store, rounds: int, batch: int, size: int, servers=()) -> dict:
+def stretches(engine, store, rounds: int, batch: int, size: int, device, servers=()) -> dict:
     """`servers`: the processes of a loopback object store, whose CPU time is reported: on these 2 cores it is
     taken from training, which a remote store's is not."""
-    x = torch.randn(batch, 3, size, size)
-    y = torch.randint(0, 7, (batch, size, size))
+    x = torch.randn(batch, 3, size, size, device=device)
+    y = torch.randint(0, 7, (batch, size, size), device=device)
     saves = iter(range(10**6))
+    sync = torch.cuda.synchronize if device.type == "cuda" else lambda: None
 
     def step():
-        engine.micro_step(guidedmix.supervised_loss(engine.module, x, y).loss)
+        engine.micro_step(ssl.supervised_loss(engine.module, x, y).loss)
 
     def server_cpu_seconds() -> float:
         return sum(t.user + t.system for t in (p.cpu_times() for p in servers))
@@ -62,6 +63,7 @@ def stretches(engine, store, rounds: int, batch: int, size: int, servers=()) -> 
                 snapshot_seconds[save].append(time.perf_counter() - handed)
                 if save == "sync":
                     store.wait()
+        sync()
         store.wait()  # an asynchronous checkpoint not done by now holds training up from here
         store_cpu[save].append(server_cpu_seconds() - cpu)
         return time.perf_counter() - t0
@@ -90,26 +92,34 @@ def main():
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--size", type=int, default=64)
     parser.add_argument("--latency-ms", type=float, default=20.0)
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--targets", default="local,s3", help="comma-separated: local, s3")
     args = parser.parse_args()
+    device, targets = torch.device(args.device), args.targets.split(",")
     torch.set_num_threads(1)  # one core trains, the other is the background writer's
     cfg = load_config(os.path.join(ROOT, "configs", "cpu-small.yaml"), [f"model.backbone={args.backbone}"])
     torch.manual_seed(0)
     model = build_model(cfg.model, 7, cfg.guidedmix.mitrans.reduction).train()
     engine = build_engine(model, cfg.model_copy(update={"train": cfg.train.model_copy(update={"engine": "plain"})}),
-                          torch.device("cpu"), False, args.batch, 1)
+                          device, False, args.batch, 1)
     megabytes = 3 * sum(p.numel() * 4 for p in model.parameters()) / 2**20  # weights and AdamW's two moments
-    result = {"backbone": args.backbone, "checkpoint_mb": round(megabytes)}
-    result["local"] = stretches(engine, checkpoint.CheckpointStore(Storage(tempfile.mkdtemp(prefix="gm-stall-"), retries=1)),
-                                args.rounds, args.batch, args.size)
+    result = {"backbone": args.backbone, "checkpoint_mb": round(megabytes), "device": str(device),
+              "cpu_cores": os.cpu_count()}
+    if "local" in targets:
+        result["local"] = stretches(engine, checkpoint.CheckpointStore(Storage(tempfile.mkdtemp(prefix="gm-stall-"),
+                                                                               retries=1)),
+                                    args.rounds, args.batch, args.size, device)
+    if "s3" not in targets:
+        return publish(result)
     with loopback_s3(args.latency_ms) as (_, far_url, servers):
         os.environ["AWS_ENDPOINT_URL"] = far_url
         import fsspec
 
         fsspec.filesystem("s3", skip_instance_cache=True).mkdir("stall")
         result["s3"] = stretches(engine, checkpoint.CheckpointStore(Storage("s3://stall/run", retries=1)), args.rounds,
-                                 args.batch, args.size, [psutil.Process(server.pid) for server in servers])
+                                 args.batch, args.size, device, [psutil.Process(server.pid) for server in servers])
         result["s3"]["latency_ms"] = args.latency_ms
-    print(json.dumps(result))
+    publish(result)
 
 
 if __name__ == "__main__":

@@ -43,7 +43,8 @@ def publish(figures: dict) -> str:
     def git(*cmd):
         return subprocess.run(["git", *cmd], cwd=ROOT, capture_output=True, text=True).stdout.strip()
 
-    commit = git("rev-parse", "--short=12", "HEAD") or "unknown"
+    # a copy of the tree without its .git (a device machine's) names the commit it was copied at
+    commit = git("rev-parse", "--short=12", "HEAD") or os.environ.get("BENCH_COMMIT", "unknown")
     if git("status", "--porcelain", "--untracked-files=no", "--", *CODE):
         commit += "+dirty"
     name = os.path.splitext(os.path.basename(script))[0]

@@ -14,6 +14,12 @@
 - `host_syncs_per_step`: the host reads (see HostReads) in one non-log `train_step` of each of those Trainers,
   its batches' loading aside, the boxes drawn as on a GPU (`host_reads_per_step`; goal: at most 4, whatever the
   batch; tests/test_host_reads.py holds it).
+- `model_flops` and `mfu`: the FLOPs of one plain step of each method as torch.utils.flop_counter counts them
+  (matrix products, convolutions and attention, forward and backward, two per multiply-add; element-wise work
+  and the optimiser not counted), and the share of the device's peak they reach at the measured step time
+  (`--peak-tflops`; known: the H100 and H200's dense bf16, 989.4).
+- on a GPU, `channels_last_vs_plain`: the plain step with the model and inputs in channels-last memory format
+  (the layout of tensor-core convolutions) / the plain step.
 
 Medians over repeated steps after warm-up. images_per_s counts the images a step consumes (the labeled batch;
 GuidedMix: labeled and unlabeled), what a GPU asks of its loaders. Prints one JSON line.
@@ -40,6 +46,8 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
+
 from bench.common import free_port, publish, study_shards  # noqa: E402
 from trainer import guidedmix, ssl  # noqa: E402
 from trainer.config import load_config  # noqa: E402
@@ -47,6 +55,7 @@ from trainer.engine import build_engine  # noqa: E402
 from trainer.model import build_model  # noqa: E402
 
 PAIRING_CALLS = ("query", "push", "end_step")
+PEAK_BF16_TFLOPS = {"H100": 989.4, "H200": 989.4}  # dense, SXM; per device name
 OPTIMISERS = os.path.join("torch", "optim", "")
 
 
@@ -256,6 +265,7 @@ def main():
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
     parser.add_argument("--default-workers", type=int, default=2)
+    parser.add_argument("--peak-tflops", type=float, help="the device's peak in this precision, for `mfu`")
     parser.add_argument("--set", dest="overrides", action="append", default=[])
     args = parser.parse_args()
     device, bf16, classes = torch.device(args.device), args.precision == "bf16", args.classes
@@ -283,6 +293,16 @@ def main():
                                                       gen)))
 
     ways = {name: steps(e.module, e.micro_step, e.autocast, x_l, x_u) for name, e in engines.items()}
+    if device.type == "cuda":
+        channels_last = build_engine(copy.deepcopy(model).to(memory_format=torch.channels_last), cfg.model_copy(
+            update={"train": cfg.train.model_copy(update={"engine": "plain"})}), device, bf16, args.batch, 1)
+        ways["channels_last"] = steps(channels_last.module, channels_last.micro_step, channels_last.autocast,
+                                      *(x.contiguous(memory_format=torch.channels_last) for x in (x_l, x_u)))
+    flops = {}
+    for method, run in zip(("supervised", "guidedmix"), ways["plain"]):
+        with FlopCounterMode(display=False) as counter:
+            run()
+        flops[method] = counter.get_total_flops()
     if bf16:
         module, micro_step = deepspeed_bf16_mode(copy.deepcopy(model), cfg, device, b)
         ways["deepspeed_bf16_mode"] = steps(module, micro_step, contextlib.nullcontext,
@@ -293,6 +313,9 @@ def main():
 
     def vs_plain(name):
         return {k: round(plain[k] / step_times[name][k], 3) for k in plain}
+
+    peak = args.peak_tflops or (bf16 and device.type == "cuda" and next(
+        (tflops for name, tflops in PEAK_BF16_TFLOPS.items() if name in torch.cuda.get_device_name()), None))
 
     # the GuidedMix-specific parts, each timed on tensors of the step's shapes
     model = engines["plain"].module
@@ -333,6 +356,9 @@ def main():
     publish({"ratio": round(plain["guidedmix"] / plain["supervised"], 3), **default,
                       "deepspeed_vs_plain": vs_plain("deepspeed"),
                       **({"deepspeed_bf16_mode_vs_plain": vs_plain("deepspeed_bf16_mode")} if bf16 else {}),
+                      **({"channels_last_vs_plain": vs_plain("channels_last")} if "channels_last" in ways else {}),
+                      "model_flops": flops, "peak_tflops": peak or None,
+                      "mfu": {k: round(flops[k] / plain[k] / (peak * 1e12), 3) for k in flops} if peak else None,
                       "batch": b, "size": s, "device": str(device),
                       "gpu": torch.cuda.get_device_name() if device.type == "cuda" else None,
                       "precision": args.precision, "zero_stage": cfg.train.zero_stage,

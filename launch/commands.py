@@ -7,6 +7,7 @@ import logging
 import os
 
 import numpy as np
+import torch
 from PIL import Image
 
 from shards import build, sources
@@ -62,9 +63,18 @@ def _on_ray(cfg: Config, args) -> dict:
         return driver.run(cfg, getattr(args, "address", None))
 
 
+def _local_device(cfg: Config) -> torch.device:
+    """train --no-ray: this machine's GPU where it has one, as a Ray worker would get it (`train.use_gpu`)."""
+    use_gpu = cfg.train.use_gpu
+    if use_gpu and not torch.cuda.is_available():
+        raise BadInput("train.use_gpu: true, but this machine has no CUDA device")
+    return torch.device("cuda" if use_gpu or (use_gpu is None and torch.cuda.is_available()) else "cpu")
+
+
 def _train(args) -> int:
     if args.no_ray:  # one process, plain PyTorch: debugging and small studies (metrics on train.metrics_port)
-        summary = train(_config(args, ["train.engine=plain", "train.workers=1"]), WorkerContext())
+        cfg = _config(args, ["train.engine=plain", "train.workers=1"])
+        summary = train(cfg, WorkerContext(device=_local_device(cfg)))
     else:
         summary = _on_ray(_config(args), args)
     print(json.dumps({k: summary[k] for k in ("method", "miou", "steps", "samples_seen", "wall_seconds")}))

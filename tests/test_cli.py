@@ -4,6 +4,7 @@ import json
 import os
 
 import pytest
+import torch
 from PIL import Image
 
 from conftest import check_ledgers, ledger_report, read_json, run_cli
@@ -63,6 +64,17 @@ def test_cli_bad_arguments_exit_2():
     for args in (["train", "--steps", "x"], ["nonsense"], ["train", "--config", "missing.yaml"]):
         r = run_cli(*args)
         assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr
+
+
+def test_train_without_ray_asked_for_a_gpu_it_lacks_is_refused_in_one_line(synthetic_url, tmp_path):
+    """`train --no-ray` trains on this machine's GPU where there is one; `train.use_gpu: true` without one is bad
+    input, not a CPU run in disguise."""
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a CUDA device")
+    r = run_cli("train", "--no-ray", "--config", "configs/cpu-small.yaml", "--data", synthetic_url,
+                "--out", str(tmp_path / "out"), "--set", "train.use_gpu=true")
+    assert r.returncode == 2 and r.stderr.strip() == "guidedmix: error: train.use_gpu: true, but this machine has no CUDA device"
+    assert not (tmp_path / "out").exists()
 
 
 @pytest.fixture(scope="module")
