@@ -15,6 +15,10 @@ import argparse
 import glob
 import json
 import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from bench.common import publish  # noqa: E402
 
 
 def longest(stretches: list[tuple[float, bool]]) -> float:
@@ -79,7 +83,7 @@ def main():
         print(json.dumps(record))
     worst = {k: max(r[k] for r in records if r[k] is not None) for k in records[0]
              if k not in ("run", "log_points", "evaluations") and any(r[k] is not None for r in records)}
-    print(json.dumps({"runs": len(records), "worst": worst}))
+    publish({"runs": len(records), "worst": worst})
 
 
 if __name__ == "__main__":

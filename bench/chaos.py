@@ -13,6 +13,8 @@ import sys
 import tempfile
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+from bench.common import publish  # noqa: E402
 
 
 def main() -> int:
@@ -23,7 +25,7 @@ def main() -> int:
                "tests/test_chaos.py", "tests/test_pairing.py"]
         code = subprocess.call(cmd, cwd=ROOT, env={**os.environ, "GUIDEDMIX_CHAOS_REPORT": report})
         faults = [json.loads(line) for line in open(report)] if os.path.exists(report) else []
-    print(json.dumps({"all_passed": code == 0, "faults": faults}))
+    publish({"all_passed": code == 0, "faults": faults})
     return code
 
 

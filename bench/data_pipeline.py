@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import io
-import json
 import os
 import sys
 import tempfile
@@ -42,7 +41,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 sys.path.insert(0, __file__.rsplit("/bench/", 1)[0])
-from bench.common import loopback_s3  # noqa: E402
+from bench.common import loopback_s3, publish  # noqa: E402
 from shards import augment, build, sources, synthetic  # noqa: E402
 from shards.stream import ShardStream, StreamSpec  # noqa: E402
 from trainer.config import DataConfig  # noqa: E402
@@ -166,7 +165,7 @@ def main():
             "per_file_s3": measured("per_file_s3", per_file, max(args.batches // 4, 5)),
         }
     samples = {k: round(v, 1) for k, v in result.items()}
-    print(json.dumps({
+    publish({
         "latency_ms": args.latency_ms, "bandwidth_mbps": args.bandwidth_mbps, "samples_per_s": samples,
         "samples_per_s_per_loader_worker": {k: round(v / max(args.workers, 1), 1) for k, v in result.items()},
         "ratios": {"shards_vs_per_file_s3": round(result["shards_s3"] / result["per_file_s3"], 2),
@@ -180,7 +179,7 @@ def main():
                    "pipeline_vs_ceiling": round(result["shards_local"] / result["ceiling"], 2)},
         "store_cpu_seconds": store_cpu, "images": args.images, "size": args.size, "crop": args.crop,
         "loader_workers": args.workers, "cores": os.cpu_count(), "sample_run": args.sample_run,
-        "readahead_shards": DataConfig().readahead, "threads": torch.get_num_threads()}))
+        "readahead_shards": DataConfig().readahead, "threads": torch.get_num_threads()})
 
 
 if __name__ == "__main__":

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, __file__.rsplit("/bench/", 1)[0])
-from bench.common import steady_rate, study_shards, train_once  # noqa: E402
+from bench.common import publish, steady_rate, study_shards, train_once  # noqa: E402
 from trainer import guidedmix, pairing  # noqa: E402
 from trainer.config import PairingConfig  # noqa: E402
 
@@ -198,7 +198,7 @@ def main():
     compute = [service_compute(similarity, bank, args.step_rate)
                for similarity in args.similarities for bank in (1024, 32768)]
     if args.compute_only:
-        print(json.dumps({"compute": compute}))
+        publish({"compute": compute})
         return
     import ray
 
@@ -220,8 +220,7 @@ def main():
         step["service_fallbacks"] = service_stats["fallbacks"]
     finally:
         ray.shutdown()
-    print(json.dumps({"results": results, "in_batch": in_batch_latency(args.queries), "step": step,
-                      "compute": compute}))
+    publish({"results": results, "in_batch": in_batch_latency(args.queries), "step": step, "compute": compute})
 
 
 if __name__ == "__main__":

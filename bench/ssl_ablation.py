@@ -10,14 +10,13 @@ under data/sweeps/, so a grid can grow across sessions without rerunning what is
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shlex
 import statistics
 import sys
 
 sys.path.insert(0, __file__.rsplit("/bench/", 1)[0])
-from bench.common import ROOT, run_many, study_shards  # noqa: E402
+from bench.common import ROOT, publish, run_many, study_shards  # noqa: E402
 
 # the paper as written (docs/method.md; the schema's defaults are the measured best instead): tau 0 and no
 # class-balanced floor, self teacher, both losses, global interpolation, soft target, one BN pass, no strong
@@ -172,7 +171,7 @@ def main():
     os.makedirs(os.path.dirname(args.table), exist_ok=True)
     with open(args.table, "w") as f:
         f.write("\n".join(lines) + "\n")
-    print(json.dumps({"labeled": args.labeled, "steps": args.steps, "seeds": args.seeds, "rows": rows}))
+    publish({"labeled": args.labeled, "steps": args.steps, "seeds": args.seeds, "rows": rows})
 
 
 if __name__ == "__main__":

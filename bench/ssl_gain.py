@@ -9,12 +9,11 @@ Runs two trainings at a time (one thread each) as `guidedmix sweep` trials kept 
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 
 sys.path.insert(0, __file__.rsplit("/bench/", 1)[0])
-from bench.common import run_many, study_shards  # noqa: E402
+from bench.common import publish, run_many, study_shards  # noqa: E402
 
 
 def compare(labeled: str, steps: int, seeds: list[int], overrides: list[str], parallel: int = 2) -> dict:
@@ -48,7 +47,7 @@ def main():
     parser.add_argument("--set", dest="overrides", action="append", default=[],
                         help="extra overrides for the GuidedMix runs only")
     args = parser.parse_args()
-    print(json.dumps(compare(args.labeled, args.steps, args.seeds, args.overrides, args.parallel)))
+    publish(compare(args.labeled, args.steps, args.seeds, args.overrides, args.parallel))
 
 
 if __name__ == "__main__":

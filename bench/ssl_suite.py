@@ -15,14 +15,13 @@ worker holds in the published recipes, so in-batch pairing has as few partners a
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shlex
 import statistics
 import sys
 
 sys.path.insert(0, __file__.rsplit("/bench/", 1)[0])
-from bench.common import ROOT, run_many, study_shards  # noqa: E402
+from bench.common import ROOT, publish, run_many, study_shards  # noqa: E402
 from bench.ssl_ablation import VARIANTS  # noqa: E402
 
 SETS = ("synthetic", "textures", "textures-hard")
@@ -82,9 +81,8 @@ def main():
         f"{m}: " + ", ".join(f"{f} {g:+.2f}" for f, g in by_fraction.items()) for m, by_fraction in suite.items())]
     with open(args.table, "w") as f:
         f.write("\n".join(lines) + "\n")
-    print(json.dumps({"sets": args.sets, "labeled": args.labeled, "seeds": args.seeds, "steps": args.steps,
-                      "labeled_batch": args.labeled_batch,
-                      "rows": rows, "suite_mean_gain": suite}))
+    publish({"sets": args.sets, "labeled": args.labeled, "seeds": args.seeds, "steps": args.steps,
+             "labeled_batch": args.labeled_batch, "rows": rows, "suite_mean_gain": suite})
 
 
 if __name__ == "__main__":

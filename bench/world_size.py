@@ -21,7 +21,7 @@ import sys
 import tempfile
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from bench.common import ROOT, study_shards  # noqa: E402
+from bench.common import ROOT, publish, study_shards  # noqa: E402
 
 GLOBAL = 16
 
@@ -68,9 +68,8 @@ def main() -> None:
         (f"loss curves within {args.max_loss_diff}", loss_diff <= args.max_loss_diff),
         (f"final mIoU within {args.max_miou_diff} points", max(miou.values()) - min(miou.values()) <= args.max_miou_diff),
     ] if not met]
-    print(json.dumps({"miou": miou, "max_loss_diff": loss_diff, "same_samples": same_samples, "missed": missed,
-                      "steps": args.steps, "global_batch": {"labeled": GLOBAL, "unlabeled": GLOBAL},
-                      "micro_batch": 4}))
+    publish({"miou": miou, "max_loss_diff": loss_diff, "same_samples": same_samples, "missed": missed,
+             "steps": args.steps, "global_batch": {"labeled": GLOBAL, "unlabeled": GLOBAL}, "micro_batch": 4})
     if missed:
         print(f"world_size: missed: {'; '.join(missed)}", file=sys.stderr)
         sys.exit(1)
