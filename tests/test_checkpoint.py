@@ -101,3 +101,41 @@ def test_host_copies_are_copies():
     weights += 1
     assert torch.equal(state["model"]["w"], torch.zeros(3)) and state["step"] == 7
     assert state["history"] == [{"step": 1}]
+
+
+def test_the_engine_updates_its_weights_only_once_the_checkpoint_has_copied_them(tmp_path):
+    """The engine's weights and optimiser state are copied in the background while the next forward and backward
+    run; its optimiser step waits for that copy. Batch-norm statistics, which the forward changes, are copied at
+    once. The checkpoint holds the state at the step it was taken, every tensor of it."""
+    from trainer.config import load_config
+    from trainer.engine import build_engine
+    from trainer.model import build_model
+    from trainer.ssl import supervised_loss
+
+    cfg = load_config("configs/cpu-small.yaml", ["model.backbone=tiny", "train.engine=plain", "optim.name=adamw"])
+    torch.manual_seed(0)
+    engine = build_engine(build_model(cfg.model, 3, cfg.guidedmix.mitrans.reduction).train(), cfg,
+                          torch.device("cpu"), False, 2, 1)
+    x, y = torch.randn(2, 3, 32, 32), torch.randint(0, 3, (2, 32, 32))
+    engine.micro_step(supervised_loss(engine.module, x, y).loss)  # the optimiser has state now
+    at_save = {k: v.clone() for k, v in engine.module.state_dict().items()}
+    moments = [s["exp_avg"].clone() for s in engine.optimizer.state.values()]
+    gate = threading.Event()
+    store = held_store(tmp_path, gate)  # the background copy waits for the gate
+    store.save("step-00000001", 0, 1, lambda snapshot: engine.save(snapshot, {"step": 1}))
+    loss = supervised_loss(engine.module, x, y).loss  # the forward changes batch-norm statistics
+    stepping = threading.Thread(target=engine.micro_step, args=(loss,))
+    stepping.start()
+    stepping.join(0.5)
+    assert stepping.is_alive()  # the optimiser step waits for the copy
+    params = dict(engine.module.named_parameters())
+    assert all(torch.equal(params[k], v) for k, v in at_save.items() if k in params)
+    gate.set()
+    stepping.join(30)
+    store.wait()
+    assert all(not torch.equal(p, at_save[k]) for k, p in params.items() if p.grad is not None)  # then it stepped
+    saved = torch.load(os.path.join(store.download("step-00000001"), "plain.pt"), weights_only=False)
+    buffers = [k for k, _ in engine.module.named_buffers()]
+    assert buffers and any(not torch.equal(engine.module.state_dict()[k], at_save[k]) for k in buffers)
+    assert all(torch.equal(saved["model"][k], v) for k, v in at_save.items())
+    assert all(torch.equal(a["exp_avg"], b) for a, b in zip(saved["optimizer"]["state"].values(), moments))

@@ -16,7 +16,9 @@ layout, every name of it defined here:
 `load_trained` reads one back as a model for eval and predict.
 
 Saving does not stall training: the step hands the store its state as host copies (`Snapshot`) and goes on;
-a background thread writes the files, uploads them and marks the rank complete, and rank 0 writes `latest`
+the engine's weights and optimiser state, which change only at its next optimiser step, are copied in the
+background while the next forward and backward run, the engine waiting for the copy before it updates them.
+A background thread writes the files, uploads them and marks the rank complete, and rank 0 writes `latest`
 (naming the folder) once every rank is: the commit. A new checkpoint waits for the previous one's commit,
 and so does the end of the run. A failed or interrupted write (storage down past the retry budget, a full or
 read-only target, a killed worker) leaves `latest` on the previous, complete checkpoint; the error
@@ -97,6 +99,7 @@ class CheckpointStore:
         try:
             write_files(snapshot)
         except BaseException:
+            snapshot.copied.set()  # nothing to wait for: the snapshot is dropped
             remove_local(snapshot.folder)
             raise
         self._pending = in_background(self._write_and_commit, snapshot, name, rank, world_size,
@@ -105,6 +108,10 @@ class CheckpointStore:
     def _write_and_commit(self, snapshot: "Snapshot", name: str, rank: int, world_size: int,
                           on_commit: Callable[[], None]) -> None:
         try:
+            try:
+                snapshot.copy_rest()
+            finally:
+                snapshot.copied.set()  # the engine may update its state now, even where the copy failed
             try:
                 snapshot.write()
             except (OSError, RuntimeError) as e:  # a full disk or a file size limit (torch's writer: RuntimeError)
@@ -204,16 +211,36 @@ def in_background(fn, *args) -> concurrent.futures.Future:
 
 
 class Snapshot:
-    """A checkpoint's files as this rank hands them over: tensors copied to host memory at once (training
-    goes on changing the originals), written to `folder` later by `write()`. Small files (JSON) go to
-    `folder` directly."""
+    """A checkpoint's files as this rank hands them over: tensors copied to host memory (training goes on
+    changing the originals), written to `folder` later by `write()`. Small files (JSON) go to `folder` directly.
+
+    `save` copies at once. `save_until_update` takes an engine's state, whose tensors change only at its next
+    optimiser step but for those named `changing` (batch-norm statistics, which the forward updates): those are
+    copied at once, the others by `copy_rest()` in the background, after which `copied` is set; the engine
+    waits for `copied` before its next optimiser step."""
 
     def __init__(self, folder: str):
-        self.folder, self.files = folder, {}
+        self.folder, self.files, self.copied_now = folder, {}, set()
+        self.copied = threading.Event()
+        self.copied.set()
 
     def save(self, state, path: str) -> None:
         """`path` relative to the folder, or inside it (DeepSpeed's checkpoint engine names whole paths)."""
         self.files[os.path.join(self.folder, path)] = host_copy(state)
+
+    def save_until_update(self, state, path: str, changing) -> None:
+        changing = {t.data_ptr() for t in changing}
+
+        def now(tensor):
+            return tensor.data_ptr() in changing
+        partial = host_copy(state, now, copied=self.copied_now)
+        self.files[os.path.join(self.folder, path)] = partial
+        self.copied.clear()
+
+    def copy_rest(self) -> None:
+        def not_yet(tensor):
+            return id(tensor) not in self.copied_now
+        self.files = {path: host_copy(state, not_yet) for path, state in self.files.items()}
 
     def write(self) -> None:
         for path, state in self.files.items():
@@ -221,16 +248,22 @@ class Snapshot:
             torch.save(state, path)
 
 
-def host_copy(state):
-    """`state` with every tensor copied to host memory; containers rebuilt, other values as they are (numbers,
-    strings, DeepSpeed's config), lists and dicts copied."""
+def host_copy(state, which: Callable[[torch.Tensor], bool] = lambda tensor: True, copied: Optional[set] = None):
+    """`state` with every tensor for which `which` holds copied to host memory (the others kept as they are;
+    `copied` collects the copies' ids); containers rebuilt, other values as they are (numbers, strings,
+    DeepSpeed's config), lists and dicts copied."""
     if torch.is_tensor(state):
-        return state.detach().to("cpu", copy=True)
+        if not which(state):
+            return state
+        copy = state.detach().to("cpu", copy=True)
+        if copied is not None:
+            copied.add(id(copy))
+        return copy
     if isinstance(state, dict):
-        copied = {k: host_copy(v) for k, v in state.items()}
-        return collections.OrderedDict(copied) if isinstance(state, collections.OrderedDict) else copied
+        items = {k: host_copy(v, which, copied) for k, v in state.items()}
+        return collections.OrderedDict(items) if isinstance(state, collections.OrderedDict) else items
     if isinstance(state, list) or (isinstance(state, tuple) and not hasattr(state, "_fields")):
-        return type(state)(host_copy(v) for v in state)
+        return type(state)(host_copy(v, which, copied) for v in state)
     return state
 
 

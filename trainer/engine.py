@@ -42,15 +42,22 @@ def build_engine(model, cfg, device, bf16: bool, micro_batch: int, micro_steps: 
 
 
 class MixedPrecision:
-    """`autocast()`: the context a forward runs in, bf16 mixed precision or nothing."""
+    """`autocast()`: the context a forward runs in, bf16 mixed precision or nothing. `before_update()`: waits,
+    before an optimiser step, for a checkpoint still copying the state the step changes."""
 
     def __init__(self, device, bf16: bool):
         self.device_type, self.bf16 = torch.device(device).type, bf16
+        self.checkpoint_copied = None  # the Event of a checkpoint.Snapshot taken by `save`
 
     def autocast(self):
         if not self.bf16:
             return contextlib.nullcontext()
         return torch.autocast(self.device_type, dtype=torch.bfloat16)
+
+    def before_update(self) -> None:
+        if self.checkpoint_copied is not None:
+            self.checkpoint_copied.wait()
+            self.checkpoint_copied = None
 
 
 class PlainEngine(MixedPrecision):
@@ -67,6 +74,7 @@ class PlainEngine(MixedPrecision):
         (loss / self.micro_steps).backward()
         self.micros += 1
         if self.micros % self.micro_steps == 0:
+            self.before_update()
             self.optimizer.step()
             self.scheduler.step()
             self.optimizer.zero_grad(set_to_none=True)
@@ -76,8 +84,10 @@ class PlainEngine(MixedPrecision):
 
     def save(self, snapshot, client_state: dict) -> None:
         """Hands the engine's state to a checkpoint.Snapshot (host copies, written later)."""
-        snapshot.save({"model": self.module.state_dict(), "optimizer": self.optimizer.state_dict(),
-                       "scheduler": self.scheduler.state_dict(), "client": client_state}, PLAIN_FILE)
+        snapshot.save_until_update({"model": self.module.state_dict(), "optimizer": self.optimizer.state_dict(),
+                                    "scheduler": self.scheduler.state_dict(), "client": client_state}, PLAIN_FILE,
+                                   changing=self.module.buffers())
+        self.checkpoint_copied = snapshot.copied
 
     def load(self, local_dir: str) -> dict:
         state = torch.load(os.path.join(local_dir, PLAIN_FILE), weights_only=False)
@@ -120,6 +130,8 @@ class DeepSpeedEngine(MixedPrecision):
 
     def micro_step(self, loss):
         self.engine.backward(loss)  # scaled by 1 / gradient_accumulation_steps
+        if self.engine.is_gradient_accumulation_boundary():
+            self.before_update()
         self.engine.step()  # at the accumulation boundary: optimizer, lr schedule and zero_grad
 
     def lr(self) -> float:
@@ -130,9 +142,11 @@ class DeepSpeedEngine(MixedPrecision):
         checkpoint.Snapshot: DeepSpeed's checkpoint engine is swapped for one that keeps them in host memory."""
         from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
 
+        buffers = list(self.module.buffers())
+
         class ToSnapshot(TorchCheckpointEngine):
             def save(self, state_dict, path: str):
-                snapshot.save(state_dict, path)
+                snapshot.save_until_update(state_dict, path, changing=buffers)
 
         own, self.engine.checkpoint_engine = self.engine.checkpoint_engine, ToSnapshot()
         try:
@@ -141,6 +155,7 @@ class DeepSpeedEngine(MixedPrecision):
             self.engine.checkpoint_engine = own
         if self.engine.zero_optimization_stage() > 0:
             self._save_portable(snapshot, client_state)
+        self.checkpoint_copied = snapshot.copied
 
     def load(self, local_dir: str) -> dict:
         if self.engine.zero_optimization_stage() > 0 and zero_world(local_dir) != self.world_size:

@@ -63,8 +63,9 @@ SPECS = {
     "checkpoint_duration_seconds": Spec("histogram", "Time from a checkpoint's start to its commit, written in "
                                         "the background (rank 0; other ranks: to their part written)",
                                         WORKER, SLOW_BUCKETS),
-    "checkpoint_stall_seconds": Spec("histogram", "Time a checkpoint held training up (this rank): its state "
-                                     "copied to host memory", WORKER, SLOW_BUCKETS),
+    "checkpoint_stall_seconds": Spec("histogram", "Time a checkpoint held the step up (this rank): its state "
+                                     "handed over, what the next forward changes copied to host memory", WORKER,
+                                     SLOW_BUCKETS),
     "checkpoint_last_step": Spec("gauge", "Step of the last committed checkpoint (0: none yet)", WORKER),
     "checkpoint_every_steps": Spec("gauge", "Steps between checkpoints (train.ckpt_every)", WORKER),
     "eval_miou": Spec("gauge", "Validation mIoU (0-1) at the last evaluation", WORKER),
