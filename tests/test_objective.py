@@ -465,21 +465,69 @@ def test_unimatch_teaches_only_confident_pixels_and_learns():
     y_l = torch.randint(0, 5, (4, 32, 32))
     cfg = Config()
     strict = cfg.unimatch.model_copy(update={"tau": 1.0})
-    out = unimatch.unimatch_loss(model, x_l, y_l, x_u, 10_000, strict, cfg.guidedmix)
+    out = unimatch.unimatch_loss(model, x_l, y_l, x_u, strict)
     assert float(out.parts["unsup"]) == 0 and float(out.parts["fp"]) == 0 and (out.pseudo == 255).all()
-    assert out.loss.item() == pytest.approx(float(out.parts["sup"]), rel=1e-6)
+    assert out.loss.item() == pytest.approx(float(out.parts["sup"]) / 2, rel=1e-6)  # (L_x + 0) / 2
     everything = cfg.unimatch.model_copy(update={"tau": 0.0})
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     losses = []
     for step in range(8):
-        out = unimatch.unimatch_loss(model, x_l, y_l, x_u, 10_000, everything, cfg.guidedmix,
-                                     torch.Generator().manual_seed(step))
+        out = unimatch.unimatch_loss(model, x_l, y_l, x_u, everything, torch.Generator().manual_seed(step))
         assert (out.pseudo != 255).all() and float(out.parts["unsup"]) > 0 and float(out.parts["fp"]) > 0
         optimizer.zero_grad()
         out.loss.backward()
         optimizer.step()
         losses.append(out.loss.item())
     assert losses[-1] < losses[0]
+
+
+def test_unimatch_as_the_reference_weighs_and_perturbs(monkeypatch):
+    """UniMatch's reference: two strong views, each its own perturbation and its own CutMix box, and
+    L = (L_x + 0.25 L_s1 + 0.25 L_s2 + 0.5 L_fp) / 2 from the first step; batch norm updates on the strong views."""
+    from trainer import unimatch
+
+    torch.manual_seed(0)
+    model = small_model()
+    x_l, x_u = torch.randn(4, 3, 32, 32), torch.randn(4, 3, 32, 32)
+    y_l = torch.randint(0, 5, (4, 32, 32))
+    drawn = {"boxes": [], "views": 0}
+    boxes, strong = unimatch.cutmix_boxes, unimatch.strong_augment
+
+    def counted_boxes(*args, **kwargs):
+        drawn["boxes"].append(boxes(*args, **kwargs))
+        return drawn["boxes"][-1]
+
+    def counted_views(*args, **kwargs):
+        drawn["views"] += 1
+        return strong(*args, **kwargs)
+    monkeypatch.setattr(unimatch, "cutmix_boxes", counted_boxes)
+    monkeypatch.setattr(unimatch, "strong_augment", counted_views)
+    norm = next(m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d))
+    cfg = Config().unimatch.model_copy(update={"tau": 0.0, "cutmix_p": 1.0})
+    out = unimatch.unimatch_loss(model, x_l, y_l, x_u, cfg, torch.Generator().manual_seed(3))
+    sup, unsup, fp = (float(out.parts[k]) for k in ("sup", "unsup", "fp"))
+    assert out.loss.item() == pytest.approx((sup + 0.25 * 2 * unsup + 0.5 * fp) / 2, rel=1e-5)
+    assert drawn["views"] == 2 and len(drawn["boxes"]) == 2 and not torch.equal(*drawn["boxes"])
+    assert norm.num_batches_tracked.item() == 2  # the clean pass and the strong views' pass both update it
+
+
+def test_cutmix_boxes_are_drawn_as_the_reference_draws_them():
+    """`obtain_cutmix_box`: with probability p one box, of U(0.02, 0.4) of the image, aspect ratio U(0.3, 1/0.3),
+    inside the image; here as tensors."""
+    from trainer.unimatch import cutmix_boxes
+
+    height = width = 64
+    boxes = cutmix_boxes(4000, height, width, 0.5, torch.Generator().manual_seed(0))
+    area = boxes.sum((1, 2)).double()
+    present = area > 0
+    assert abs(present.double().mean().item() - 0.5) < 0.03
+    rows, cols = boxes.any(2).sum(1)[present].double(), boxes.any(1).sum(1)[present].double()
+    assert torch.equal(rows * cols, area[present])  # whole rectangles
+    share = area[present] / (height * width)
+    assert share.min() > 0.01 and share.max() <= 0.4 and abs(share.mean().item() - 0.21) < 0.02
+    ratio = rows / cols
+    assert ratio.min() > 0.25 and ratio.max() < 1 / 0.25
+    assert not cutmix_boxes(100, height, width, 0.0, torch.Generator().manual_seed(0)).any()
 
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
@@ -523,8 +571,8 @@ def test_every_objective_runs_where_the_model_is(device, bf16):
         assert model.classifier.weight.grad.abs().sum() > 0, name
         model.zero_grad()
     with autocast():
-        out = unimatch.unimatch_loss(model, x_l, y_l, x_u, 10, cfg.unimatch.model_copy(update={"tau": 0.0}),
-                                     cfg.guidedmix, torch.Generator(device=device).manual_seed(1))
+        out = unimatch.unimatch_loss(model, x_l, y_l, x_u, cfg.unimatch.model_copy(update={"tau": 0.0}),
+                                     torch.Generator(device=device).manual_seed(1))
     out.loss.backward()
     assert torch.isfinite(out.loss) and out.pseudo.device.type == device
 

@@ -160,12 +160,12 @@ class GuidedMixConfig(_Strict):
 
 
 class UniMatchConfig(_Strict):
-    """`train.method: unimatch` (trainer/unimatch.py): unlabeled images teach their own strongly perturbed,
-    CutMix-ed views; the unsupervised weight ramps up as GuidedMix's does (`guidedmix.rampup_steps`, ...)."""
+    """`train.method: unimatch` (trainer/unimatch.py), as UniMatch's reference implementation trains it:
+    unlabeled images teach their two strongly perturbed, CutMix-ed views and a feature-perturbed one."""
 
     tau: float = Field(0.95, ge=0, le=1)  # UniMatch's fixed confidence threshold
-    cutmix_max: float = Field(0.5, gt=0, lt=1)  # the pasted box covers a U(0, cutmix_max) share of the image
-    feature_dropout: float = Field(0.5, ge=0, lt=1)  # channel dropout of the feature-perturbed view; 0: none
+    cutmix_p: float = Field(0.5, ge=0, le=1)  # the chance that a strong view gets a box of another image
+    feature_dropout: float = Field(0.5, ge=0, lt=1)  # channel dropout of the feature-perturbed view
 
 
 class OptimConfig(_Strict):

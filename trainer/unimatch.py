@@ -1,13 +1,20 @@
-"""`method: unimatch`, the field's simple strong baseline (Yang et al., CVPR 2023), in the same pipeline:
-unlabeled images teach themselves, with no labeled image in the mix. Pure PyTorch.
+"""`method: unimatch`, the field's simple strong baseline (Yang et al., CVPR 2023), as its reference
+implementation (LiheYoung/UniMatch, `unimatch.py`) trains it, in the same pipeline: unlabeled images teach
+themselves, with no labeled image in the mix. Pure PyTorch.
 
-1. The clean view of x_u (the model's prediction, detached) gives a pseudo mask and its confidence.
-2. The student sees a strongly perturbed view (`ssl.strong_augment`), with a box of another
-   unlabeled image of the batch pasted in (CutMix between unlabeled images; the pseudo mask is mixed alike).
-3. Feature perturbation (`feature_dropout` > 0): the clean view's encoder features with channel dropout
-   must predict the same pseudo mask.
-4. Losses on pixels whose confidence is at least `tau` (a high fixed threshold, 0.95 as UniMatch):
-   L = L_sup + w(t) * (L_strong + L_fp) / 2 (w: guidedmix's ramp-up; without feature perturbation L_strong).
+1. One forward of the labeled and the (weakly augmented) unlabeled images together; the unlabeled images'
+   prediction, detached, is their pseudo mask and its confidence. The same pass decodes the encoder features
+   with channel dropout (0.5) as well: the feature-perturbed view (`fp`).
+2. Two strongly perturbed views of the unlabeled images (`ssl.strong_augment`, drawn independently), each with
+   its own CutMix box (with probability `cutmix_p`, a box of U(0.02, 0.4) of the image at an aspect ratio of
+   U(0.3, 1/0.3)) of another unlabeled image pasted in; the pseudo masks are mixed alike.
+3. Losses on the pixels whose confidence is at least `tau` (0.95), over all pixels (those below count zero):
+   L = (L_x + 0.25 L_s1 + 0.25 L_s2 + 0.5 L_fp) / 2, from the first step (no ramp-up).
+
+Where it differs from the reference, by what this pipeline gives a step:
+- the images pasted in are the batch's others (rolled by one), not a second unlabeled batch, so their pseudo
+  masks come from the same train-mode forward (the reference predicts its second batch in eval mode);
+- an aspect ratio that does not fit the image is clipped to it (the reference draws it again).
 
 Against GuidedMix this answers the reviewer's question: does guidance by labeled images beat mixing unlabeled
 images with each other?
@@ -19,10 +26,12 @@ from typing import TYPE_CHECKING, Optional
 import torch
 import torch.nn.functional as F
 
-from .ssl import IGNORE, StepOutput, frozen_bn_statistics, mix, rampup, sample_lam, strong_augment
+from .ssl import IGNORE, StepOutput, drawn_on, mix, strong_augment
 
-if TYPE_CHECKING:  # the typed config sections, for readers only
-    from .config import GuidedMixConfig, UniMatchConfig
+if TYPE_CHECKING:  # the typed config section, for readers only
+    from .config import UniMatchConfig
+
+WEIGHTS = {"strong": 0.25, "fp": 0.5}  # per strong view; the feature-perturbed view
 
 
 def _masked_ce(logits: torch.Tensor, target: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
@@ -31,40 +40,62 @@ def _masked_ce(logits: torch.Tensor, target: torch.Tensor, keep: torch.Tensor) -
     return (per_pixel * keep).sum() / keep.numel()
 
 
-def unimatch_loss(model, x_l: torch.Tensor, y_l: torch.Tensor, x_u: torch.Tensor, step: int,
-                  cfg: "UniMatchConfig", ramp: "GuidedMixConfig",
+def cutmix_boxes(batch: int, height: int, width: int, p: float, generator: Optional[torch.Generator] = None,
+                 device=None) -> torch.Tensor:
+    """B x H x W 0/1 boxes as UniMatch's `obtain_cutmix_box`: with probability `p` a box of U(0.02, 0.4) of the
+    image's area at an aspect ratio (height / width) of U(0.3, 1/0.3), placed uniformly; else none. Drawn as
+    tensors (no value read back to the host)."""
+    on = drawn_on(generator)
+
+    def uniform(low, high):
+        return torch.rand(batch, generator=generator, device=on, dtype=torch.float64) * (high - low) + low
+    area, ratio = uniform(0.02, 0.4) * height * width, uniform(0.3, 1 / 0.3)
+    box_w = torch.sqrt(area / ratio).floor().clamp(max=width)
+    box_h = torch.sqrt(area * ratio).floor().clamp(max=height)
+    top = (uniform(0, 1) * (height - box_h + 1)).floor()
+    left = (uniform(0, 1) * (width - box_w + 1)).floor()
+    present = uniform(0, 1) < p
+    rows = torch.arange(height, device=on, dtype=torch.float64).view(1, -1, 1)
+    cols = torch.arange(width, device=on, dtype=torch.float64).view(1, 1, -1)
+    boxes = ((rows >= top.view(-1, 1, 1)) & (rows < (top + box_h).view(-1, 1, 1))
+             & (cols >= left.view(-1, 1, 1)) & (cols < (left + box_w).view(-1, 1, 1)) & present.view(-1, 1, 1))
+    return boxes.to(device if device is not None else on)
+
+
+def unimatch_loss(model, x_l: torch.Tensor, y_l: torch.Tensor, x_u: torch.Tensor, cfg: "UniMatchConfig",
                   generator: Optional[torch.Generator] = None) -> StepOutput:
-    """One step's loss. `ramp` supplies the unsupervised weight's warm-up and ramp-up (shared with GuidedMix,
-    so both methods weigh their unlabeled loss alike)."""
-    b_u = x_u.shape[0]
+    b_l, b_u = x_l.shape[0], x_u.shape[0]
     size = x_u.shape[-2:]
 
-    # 1. the clean view teaches: pseudo mask and confidence (its encoder pass is shared with step 3)
-    low, high = model.encode(x_u)
-    with torch.no_grad():
-        confidence, pseudo = model.classify(model.decode(low, high), size).softmax(1).max(1)
+    # 1. labeled and weak unlabeled images in one forward (batch norm sees both), decoded also with channel
+    # dropout on the encoder features: the feature-perturbed view
+    low, high = model.encode(torch.cat([x_l, x_u]))
+    dropped = F.dropout2d(low, cfg.feature_dropout), F.dropout2d(high, cfg.feature_dropout)
+    clean, perturbed = model.classify(model.decode(torch.cat([low, dropped[0]]), torch.cat([high, dropped[1]])),
+                                      size).split([b_l + b_u, b_l + b_u])
+    pred_x, pred_u = clean.split([b_l, b_u])
+    pred_fp = perturbed[b_l:]
+    confidence, pseudo = pred_u.detach().softmax(1).max(1)
 
-    # 2. the strongly perturbed view, with a box of another unlabeled image (the next one) pasted in
-    box = sample_lam(b_u, size[0], size[1], cfg.cutmix_max, "region", generator, x_u.device)
+    # 2. two strong views, each with a box of another unlabeled image (the batch's next) pasted in
     other = torch.roll(torch.arange(b_u, device=x_u.device), 1)
-    x_s = strong_augment(x_u, generator)
-    x_s = mix(x_s, x_s[other], box)
-    inside = box.squeeze(1) > 0.5
-    target_s = torch.where(inside, pseudo[other], pseudo)
-    keep_s = torch.where(inside, confidence[other], confidence) >= cfg.tau
+    views, targets, keeps = [], [], []
+    for _ in range(2):
+        box = cutmix_boxes(b_u, size[0], size[1], cfg.cutmix_p, generator, x_u.device)
+        strong = strong_augment(x_u, generator)
+        views.append(mix(strong, strong[other], box.unsqueeze(1)))
+        targets.append(torch.where(box, pseudo[other], pseudo))
+        keeps.append(torch.where(box, confidence[other], confidence) >= cfg.tau)
+    pred_s1, pred_s2 = model(torch.cat(views)).chunk(2)
 
-    loss_sup = F.cross_entropy(model(x_l), y_l, ignore_index=IGNORE)
-    with frozen_bn_statistics(model):  # perturbed images must not shift the running statistics
-        loss_strong = _masked_ce(model(x_s), target_s, keep_s)
-        loss_fp = loss_strong.new_zeros(())
-        if cfg.feature_dropout > 0:  # 3. feature perturbation on the clean view's encoder features
-            dropped = (F.dropout2d(low, cfg.feature_dropout), F.dropout2d(high, cfg.feature_dropout))
-            loss_fp = _masked_ce(model.classify(model.decode(*dropped), size), pseudo, confidence >= cfg.tau)
-    unlabeled = (loss_strong + loss_fp) / 2 if cfg.feature_dropout > 0 else loss_strong
-
-    w = rampup(step, ramp.warmup_steps, ramp.rampup_steps, ramp.unsup_weight)
-    loss = loss_sup + w * unlabeled
+    # 3. the losses, weighted as the reference weighs them
+    loss_x = F.cross_entropy(pred_x, y_l, ignore_index=IGNORE)
+    loss_s1, loss_s2 = (_masked_ce(pred, target, keep) for pred, target, keep in
+                        zip((pred_s1, pred_s2), targets, keeps))
+    loss_fp = _masked_ce(pred_fp, pseudo, confidence >= cfg.tau)
+    loss_u = WEIGHTS["strong"] * (loss_s1 + loss_s2) + WEIGHTS["fp"] * loss_fp
+    loss = (loss_x + loss_u) / 2
     taught = torch.where(confidence >= cfg.tau, pseudo, IGNORE)  # what x_u's own pixels are taught
-    parts = {"sup": loss_sup.detach(), "unsup": loss_strong.detach(), "fp": loss_fp.detach(), "weight": w,
+    parts = {"sup": loss_x.detach(), "unsup": ((loss_s1 + loss_s2) / 2).detach(), "fp": loss_fp.detach(),
              "taught": (taught != IGNORE).float().mean()}
     return StepOutput(loss, parts, pseudo=taught)

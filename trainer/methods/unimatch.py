@@ -7,4 +7,4 @@ from . import Method
 
 class UniMatch(Method):
     def loss(self, model, x_l, y_l, x_u, step, generator):
-        return unimatch_loss(model, x_l, y_l, x_u, step, self.cfg.unimatch, self.cfg.guidedmix, generator)
+        return unimatch_loss(model, x_l, y_l, x_u, self.cfg.unimatch, generator)
