@@ -175,6 +175,9 @@ class OptimConfig(_Strict):
     weight_decay: float = Field(5e-4, ge=0)
     poly_power: float = Field(0.9, ge=0)
     head_lr_mult: float = Field(1.0, gt=0)
+    # the gradients' global norm capped at this before each optimiser step, by either engine; 0: none, as the
+    # paper and UniMatch train (DeepSpeed's own default, 1.0, would clip where the plain engine does not)
+    clip_grad_norm: float = Field(0.0, ge=0)
 
 
 class EvalConfig(_Strict):

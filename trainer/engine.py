@@ -67,6 +67,7 @@ class PlainEngine(MixedPrecision):
         self.optimizer = build_optimizer(model, cfg.optim)
         self.scheduler = poly_schedule(self.optimizer, cfg.train.steps, cfg.optim.poly_power)
         self.micro_steps, self.micros = micro_steps, 0
+        self.clip_grad_norm = cfg.optim.clip_grad_norm
 
     def micro_step(self, loss):
         """Backward one micro-batch's loss; after the step's last one, the optimiser and schedule step (the
@@ -74,6 +75,8 @@ class PlainEngine(MixedPrecision):
         (loss / self.micro_steps).backward()
         self.micros += 1
         if self.micros % self.micro_steps == 0:
+            if self.clip_grad_norm:
+                torch.nn.utils.clip_grad_norm_(self.module.parameters(), self.clip_grad_norm)
             self.before_update()
             self.optimizer.step()
             self.scheduler.step()
@@ -117,6 +120,7 @@ class DeepSpeedEngine(MixedPrecision):
             "gradient_accumulation_steps": micro_steps,
             "zero_optimization": {"stage": cfg.train.zero_stage},
             "zero_allow_untested_optimizer": True,  # SGD as the paper uses; DeepSpeed's list is Adam-centric
+            "gradient_clipping": cfg.optim.clip_grad_norm,  # as the plain engine (DeepSpeed would clip at 1.0)
             # fp32 weights, the forward under autocast (see the module's docstring); DeepSpeed then all-reduces
             # the gradients of convolutions and linear layers in bf16, as its `bf16` mode would
             "torch_autocast": {"enabled": bf16, "dtype": "bfloat16"},
@@ -126,6 +130,10 @@ class DeepSpeedEngine(MixedPrecision):
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=model, optimizer=optimizer, config=ds_config,
             lr_scheduler=poly_schedule(optimizer, cfg.train.steps, cfg.optim.poly_power))
+        if world_size == 1 and cfg.train.zero_stage == 0:
+            # no other rank to reduce with, yet DeepSpeed would flatten, all-reduce and copy back every gradient
+            # each step (ZeRO 1-3 partition through that reduction: kept there)
+            self.engine.enable_backward_allreduce = False
         self.module = self.engine.module
 
     def micro_step(self, loss):
