@@ -6,6 +6,7 @@ against requested, samples lost and repeated (from the runs' sample ledgers), an
 
     .venv/bin/python bench/chaos.py          # about 10 minutes on 2 cores
 """
+import argparse
 import json
 import os
 import subprocess
@@ -18,6 +19,7 @@ from bench.common import publish  # noqa: E402
 
 
 def main() -> int:
+    argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter).parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         report = os.path.join(tmp, "faults.jsonl")
         # -v: one line per fault as it ends, the suite's progress
