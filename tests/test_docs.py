@@ -164,3 +164,67 @@ def test_the_record_check_sees_a_retyped_figure():
     record = {"figures": {"ratio": 3.304, "parts": {"mitrans": 0.00662}}}
     assert unrecorded(" 3.304 and 0.00662 ", [record]) == []
     assert unrecorded(" 3.30 and 0.0066 ", [record]) == ["3.30", "0.0066"]
+
+
+# -- where every figure came from: a record, or the commit it ran at ------------------------------------------
+
+COMMIT = re.compile(r"\bcommits? ([0-9a-f]{7,12})\b(?: and ([0-9a-f]{7,12})\b)?")
+
+
+def section(text: str, heading: str) -> str:
+    """The text under a Markdown heading, up to the next heading of its level or higher."""
+    level = heading.split(" ")[0]
+    start = text.index(heading + "\n") if (heading + "\n") in text else text.index(heading)
+    rest = text[start + len(heading):]
+    ends = [m.start() for m in re.finditer(r"^#{1,%d} " % len(level), rest, flags=re.M)]
+    return rest[:ends[0]] if ends else rest
+
+
+def table_rows(text: str) -> list[list[str]]:
+    return [line.split("|")[1:-1] for line in text.splitlines()
+            if line.startswith("|") and not re.fullmatch(r"\|[-| ]+\|", line) and not line.startswith("| what")]
+
+
+def named_commits(text: str) -> list[str]:
+    return [c for match in COMMIT.findall(text) for c in match if c]
+
+
+def known(commit: str) -> bool:
+    shallow = subprocess.run(["git", "rev-parse", "--is-shallow-repository"], cwd=REPO, capture_output=True,
+                             text=True).stdout.strip()
+    if shallow != "false":  # a shallow clone holds few commits: nothing to check against
+        return True
+    return subprocess.run(["git", "cat-file", "-e", f"{commit}^{{commit}}"], cwd=REPO).returncode == 0
+
+
+def test_every_measured_row_cites_its_record_or_the_commit_it_ran_at():
+    """README's Measured table: each row cites the records its figures are in, or names the commit it was measured
+    at; the History table (figures of earlier code) names the commit, every one of them a commit of this
+    repository."""
+    readme = open(os.path.join(REPO, "README.md")).read()
+    measured = section(readme, "## Measured")
+    history = section(measured, "### History: figures of earlier code")
+    current = measured.replace(history, "")
+    rows = table_rows(current)
+    assert len(rows) >= 10
+    for row in rows:
+        assert RECORD.search(row[-1]) or named_commits(row[-1]), row[0][:100]
+    old = table_rows(history)
+    assert len(old) >= 10
+    for row in old:
+        assert named_commits(row[-1]) and not RECORD.search(row[-1]), row[0][:100]
+    cited = [c for row in rows + old for c in named_commits(row[-1])]
+    assert all(known(c) for c in cited), [c for c in cited if not known(c)]
+
+
+def test_every_results_table_names_the_commit_it_was_written_at():
+    """docs/results*.md: the file's banner names a commit, or each of its sections does."""
+    for path in sorted(glob.glob(os.path.join(REPO, "docs", "results*.md"))):
+        text = open(path).read()
+        banner = "\n".join(text.splitlines()[:8])
+        if named_commits(banner):
+            assert all(known(c) for c in named_commits(banner)), path
+            continue
+        headings = re.findall(r"^##+ .*$", text, flags=re.M)
+        unnamed = [h for h in headings if not named_commits(h)]
+        assert headings and not unnamed, (path, unnamed)
