@@ -29,7 +29,7 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-from bench.common import loopback_s3, publish  # noqa: E402
+from bench.common import device_sync, loopback_s3, publish  # noqa: E402
 from shards.storage import Storage  # noqa: E402
 from trainer import checkpoint, ssl  # noqa: E402
 from trainer.config import load_config  # noqa: E402
@@ -43,7 +43,7 @@ def stretches(engine, store, rounds: int, batch: int, size: int, device, servers
     x = torch.randn(batch, 3, size, size, device=device)
     y = torch.randint(0, 7, (batch, size, size), device=device)
     saves = iter(range(10**6))
-    sync = torch.cuda.synchronize if device.type == "cuda" else lambda: None
+    sync = device_sync(device)
 
     def step():
         engine.micro_step(ssl.supervised_loss(engine.module, x, y).loss)
@@ -97,11 +97,11 @@ def main():
     args = parser.parse_args()
     device, targets = torch.device(args.device), args.targets.split(",")
     torch.set_num_threads(1)  # one core trains, the other is the background writer's
-    cfg = load_config(os.path.join(ROOT, "configs", "cpu-small.yaml"), [f"model.backbone={args.backbone}"])
+    cfg = load_config(os.path.join(ROOT, "configs", "cpu-small.yaml"),
+                      [f"model.backbone={args.backbone}", "train.engine=plain"])
     torch.manual_seed(0)
     model = build_model(cfg.model, 7, cfg.guidedmix.mitrans.reduction).train()
-    engine = build_engine(model, cfg.model_copy(update={"train": cfg.train.model_copy(update={"engine": "plain"})}),
-                          device, False, args.batch, 1)
+    engine = build_engine(model, cfg, device, False, args.batch, 1)
     megabytes = 3 * sum(p.numel() * 4 for p in model.parameters()) / 2**20  # weights and AdamW's two moments
     result = {"backbone": args.backbone, "checkpoint_mb": round(megabytes), "device": str(device),
               "cpu_cores": os.cpu_count()}

@@ -101,6 +101,11 @@ def run_many(runs: list[tuple[str, int, list[str]]], parallel: int = 2) -> list[
     return sweep.run_trials(trials, parallel)
 
 
+def device_sync(device: torch.device):
+    """What waits for a device's queued work before a clock is read (a GPU runs ahead of the host)."""
+    return torch.cuda.synchronize if device.type == "cuda" else lambda: None
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -27,7 +27,7 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-from bench.common import free_port, publish, study_shards  # noqa: E402
+from bench.common import device_sync, free_port, publish, study_shards  # noqa: E402
 from bench.step_cost import process_group  # noqa: E402
 from trainer.config import load_config  # noqa: E402
 from trainer.loop import Trainer, WorkerContext  # noqa: E402
@@ -62,7 +62,7 @@ def main():
     process_group(device, free_port())
     trainer = Trainer(cfg, WorkerContext(device=device))
     trainer.resume()
-    sync = torch.cuda.synchronize if device.type == "cuda" else lambda: None
+    sync = device_sync(device)
     fed = trainer.streams.streams
     preloaded = {split: _Preloaded([next(stream) for _ in range(trainer.micro_steps)]) for split, stream in fed.items()}
 
@@ -93,8 +93,7 @@ def main():
              "method": cfg.train.method, "loader_workers": cfg.data.loader_workers, "crop_size": cfg.data.crop_size,
              "images_per_step": images, "device": str(device),
              "gpu": torch.cuda.get_device_name() if device.type == "cuda" else None,
-             "precision": "bf16" if cfg.train.precision == "bf16" or (
-                 cfg.train.precision == "auto" and device.type == "cuda") else "fp32",
+             "precision": "bf16" if trainer.engine.bf16 else "fp32",
              "cpu_cores": os.cpu_count()})
     for stream in fed.values():
         stream.close()

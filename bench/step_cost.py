@@ -48,7 +48,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
-from bench.common import free_port, publish, study_shards  # noqa: E402
+from bench.common import device_sync, free_port, publish, study_shards  # noqa: E402
 from trainer import guidedmix, ssl  # noqa: E402
 from trainer.config import load_config  # noqa: E402
 from trainer.engine import build_engine  # noqa: E402
@@ -158,6 +158,11 @@ def median_seconds(*fns, repeats: int, warmup: int = 3, sync=lambda: None) -> li
             sync()
             spent.append(time.perf_counter() - t0)
     return [statistics.median(spent) for spent in times]
+
+
+def with_engine(cfg, name: str):
+    """`cfg` with `train.engine` set to `name` (plain or deepspeed)."""
+    return cfg.model_copy(update={"train": cfg.train.model_copy(update={"engine": name})})
 
 
 def process_group(device: torch.device, port: int, rank: int = 0, world_size: int = 1) -> None:
@@ -273,13 +278,13 @@ def main():
     torch.manual_seed(0)
     model = build_model(cfg.model, classes, cfg.guidedmix.mitrans.reduction).train()
     process_group(device, free_port())
-    engines = {name: build_engine(copy.deepcopy(model), cfg.model_copy(update={"train": cfg.train.model_copy(
-        update={"engine": name})}), device, bf16, args.batch, 1) for name in ("plain", "deepspeed")}
+    engines = {name: build_engine(copy.deepcopy(model), with_engine(cfg, name), device, bf16, args.batch, 1)
+               for name in ("plain", "deepspeed")}
     b, s = args.batch, args.size
     x_l, x_u = torch.randn(b, 3, s, s, device=device), torch.randn(b, 3, s, s, device=device)
     y_l = torch.randint(0, classes, (b, s, s), device=device)
     gen = torch.Generator(device=device).manual_seed(0)
-    sync = torch.cuda.synchronize if device.type == "cuda" else lambda: None
+    sync = device_sync(device)
 
     def steps(module, micro_step, autocast, x_l, x_u):
         def step(loss_of):
@@ -294,8 +299,8 @@ def main():
 
     ways = {name: steps(e.module, e.micro_step, e.autocast, x_l, x_u) for name, e in engines.items()}
     if device.type == "cuda":
-        channels_last = build_engine(copy.deepcopy(model).to(memory_format=torch.channels_last), cfg.model_copy(
-            update={"train": cfg.train.model_copy(update={"engine": "plain"})}), device, bf16, args.batch, 1)
+        channels_last = build_engine(copy.deepcopy(model).to(memory_format=torch.channels_last),
+                                     with_engine(cfg, "plain"), device, bf16, args.batch, 1)
         ways["channels_last"] = steps(channels_last.module, channels_last.micro_step, channels_last.autocast,
                                       *(x.contiguous(memory_format=torch.channels_last) for x in (x_l, x_u)))
     flops = {}

@@ -73,7 +73,8 @@ def test_train_without_ray_asked_for_a_gpu_it_lacks_is_refused_in_one_line(synth
         pytest.skip("this machine has a CUDA device")
     r = run_cli("train", "--no-ray", "--config", "configs/cpu-small.yaml", "--data", synthetic_url,
                 "--out", str(tmp_path / "out"), "--set", "train.use_gpu=true")
-    assert r.returncode == 2 and r.stderr.strip() == "guidedmix: error: train.use_gpu: true, but this machine has no CUDA device"
+    assert r.returncode == 2
+    assert r.stderr.strip() == "guidedmix: error: train.use_gpu: true, but this machine has no CUDA device"
     assert not (tmp_path / "out").exists()
 
 

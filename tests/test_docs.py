@@ -172,12 +172,10 @@ COMMIT = re.compile(r"\bcommits? ([0-9a-f]{7,12})\b(?: and ([0-9a-f]{7,12})\b)?"
 
 
 def section(text: str, heading: str) -> str:
-    """The text under a Markdown heading, up to the next heading of its level or higher."""
-    level = heading.split(" ")[0]
-    start = text.index(heading + "\n") if (heading + "\n") in text else text.index(heading)
-    rest = text[start + len(heading):]
-    ends = [m.start() for m in re.finditer(r"^#{1,%d} " % len(level), rest, flags=re.M)]
-    return rest[:ends[0]] if ends else rest
+    """The text under a Markdown heading (a line of its own), up to the next heading of its level or higher."""
+    rest = text[re.search(r"^%s$" % re.escape(heading), text, flags=re.M).end():]
+    end = re.search(r"^#{1,%d} " % len(heading.split(" ")[0]), rest, flags=re.M)
+    return rest[:end.start()] if end else rest
 
 
 def table_rows(text: str) -> list[list[str]]:
@@ -189,12 +187,14 @@ def named_commits(text: str) -> list[str]:
     return [c for match in COMMIT.findall(text) for c in match if c]
 
 
-def known(commit: str) -> bool:
+def unknown(commits: list[str]) -> list[str]:
+    """The commits this repository does not hold (none counted in a shallow clone: it holds few)."""
     shallow = subprocess.run(["git", "rev-parse", "--is-shallow-repository"], cwd=REPO, capture_output=True,
                              text=True).stdout.strip()
-    if shallow != "false":  # a shallow clone holds few commits: nothing to check against
-        return True
-    return subprocess.run(["git", "cat-file", "-e", f"{commit}^{{commit}}"], cwd=REPO).returncode == 0
+    if shallow != "false":
+        return []
+    return [c for c in commits
+            if subprocess.run(["git", "cat-file", "-e", f"{c}^{{commit}}"], cwd=REPO).returncode != 0]
 
 
 def test_every_measured_row_cites_its_record_or_the_commit_it_ran_at():
@@ -214,7 +214,7 @@ def test_every_measured_row_cites_its_record_or_the_commit_it_ran_at():
     for row in old:
         assert named_commits(row[-1]) and not RECORD.search(row[-1]), row[0][:100]
     cited = [c for row in rows + old for c in named_commits(row[-1])]
-    assert all(known(c) for c in cited), [c for c in cited if not known(c)]
+    assert not unknown(cited), unknown(cited)
 
 
 def test_every_results_table_names_the_commit_it_was_written_at():
@@ -223,8 +223,9 @@ def test_every_results_table_names_the_commit_it_was_written_at():
         text = open(path).read()
         banner = "\n".join(text.splitlines()[:8])
         if named_commits(banner):
-            assert all(known(c) for c in named_commits(banner)), path
+            assert not unknown(named_commits(banner)), path
             continue
         headings = re.findall(r"^##+ .*$", text, flags=re.M)
         unnamed = [h for h in headings if not named_commits(h)]
         assert headings and not unnamed, (path, unnamed)
+        assert not unknown([c for h in headings for c in named_commits(h)]), path

@@ -5,7 +5,7 @@ import copy
 
 import torch
 
-from bench.step_cost import process_group
+from bench.step_cost import process_group, with_engine
 from conftest import free_port
 
 
@@ -26,8 +26,7 @@ def _steps(rank, port, results):
         model = build_model(cfg.model, 3, cfg.guidedmix.mitrans.reduction).train()
         weights = {}
         for name in ("plain", "deepspeed"):
-            engine = build_engine(copy.deepcopy(model), cfg.model_copy(update={"train": cfg.train.model_copy(
-                update={"engine": name})}), torch.device("cpu"), False, 2, 1)
+            engine = build_engine(copy.deepcopy(model), with_engine(cfg, name), torch.device("cpu"), False, 2, 1)
             torch.manual_seed(1)  # the same dropout masks
             for _ in range(2):
                 engine.micro_step(supervised_loss(engine.module, x, y).loss)
