@@ -96,6 +96,8 @@ def main():
     parser.add_argument("--targets", default="local,s3", help="comma-separated: local, s3")
     args = parser.parse_args()
     device, targets = torch.device(args.device), args.targets.split(",")
+    if not targets or set(targets) - {"local", "s3"}:
+        parser.error(f"--targets {args.targets}: a comma-separated list of local and s3")
     torch.set_num_threads(1)  # one core trains, the other is the background writer's
     cfg = load_config(os.path.join(ROOT, "configs", "cpu-small.yaml"),
                       [f"model.backbone={args.backbone}", "train.engine=plain"])
