@@ -7,10 +7,13 @@ grows across sessions without rerunning what is known. Writes a Markdown table (
 the results as JSON on the last line.
 
     .venv/bin/python bench/ssl_suite.py [--sets synthetic textures textures-hard] [--labeled 1/16 1/4]
-        [--seeds 0 1 2] [--methods default ...] [--steps 1500] [--labeled-batch N] [--table docs/results-suite.md]
+        [--seeds 0 1 2] [--methods default ...] [--steps 1500] [--labeled-batch N] [--pretrained]
+        [--table docs/results-suite.md]
 
 `--labeled-batch N` sets `data.labeled_batch_size` of every run, supervised-only's included: 2 is what a GPU
-worker holds in the published recipes, so in-batch pairing has as few partners as there.
+worker holds in the published recipes, so in-batch pairing has as few partners as there. `--pretrained`
+starts every run's backbone from bench/pretrain_backbone.py's weights (made first if not cached), as the field
+starts from ImageNet's, instead of from random weights.
 """
 from __future__ import annotations
 
@@ -22,6 +25,7 @@ import sys
 
 sys.path.insert(0, __file__.rsplit("/bench/", 1)[0])
 from bench.common import ROOT, publish, run_many, study_shards  # noqa: E402
+from bench.pretrain_backbone import pretrained_backbone  # noqa: E402
 from bench.ssl_ablation import VARIANTS  # noqa: E402
 
 SETS = ("synthetic", "textures", "textures-hard")
@@ -35,12 +39,16 @@ def main():
     parser.add_argument("--methods", nargs="+", default=["default"], choices=sorted(VARIANTS))
     parser.add_argument("--steps", type=int, default=1500)
     parser.add_argument("--labeled-batch", type=int, default=None, help="data.labeled_batch_size of every run")
+    parser.add_argument("--pretrained", action="store_true",
+                        help="backbone from bench/pretrain_backbone.py's weights (default arguments)")
     parser.add_argument("--parallel", type=int, default=2)
     parser.add_argument("--table", default=os.path.join(ROOT, "docs", "results-suite.md"))
     args = parser.parse_args()
     methods = ["supervised"] + [m for m in args.methods if m != "supervised"]
     plan = [(s, f, m, seed) for s in args.sets for f in args.labeled for m in methods for seed in args.seeds]
     batch = [] if args.labeled_batch is None else [f"data.labeled_batch_size={args.labeled_batch}"]
+    if args.pretrained:
+        batch.append(f"model.pretrained={pretrained_backbone()}")
     runs = []
     for data_set, fraction, method, seed in plan:
         url = study_shards(data_set, fraction)
@@ -68,7 +76,9 @@ def main():
     lines = ["# The study suite: every method against supervised-only", "",
              f"Made by `.venv/bin/python {command}`: `configs/cpu-small.yaml`"
              + ("" if args.labeled_batch is None else f" with {args.labeled_batch} labeled images per step")
-             + f", {args.steps} steps, one process "
+             + (", the backbone pretrained by `bench/pretrain_backbone.py` (exemplar classes of images disjoint "
+               "from the sets)" if args.pretrained else ", the backbone from random weights")
+            + f", {args.steps} steps, one process "
              "per run, the sets of docs/study-sets.md. mIoU in %; gain: the method's mean minus supervised's on the "
              "same set and fraction; worst seed: the lowest per-seed difference (same seed).", "",
              "| set | labeled | method | mIoU per seed | mean | gain | worst seed |", "|---|---|---|---|---|---|---|"]
@@ -82,7 +92,8 @@ def main():
     with open(args.table, "w") as f:
         f.write("\n".join(lines) + "\n")
     publish({"sets": args.sets, "labeled": args.labeled, "seeds": args.seeds, "steps": args.steps,
-             "labeled_batch": args.labeled_batch, "rows": rows, "suite_mean_gain": suite})
+             "labeled_batch": args.labeled_batch,
+             "pretrained": args.pretrained, "rows": rows, "suite_mean_gain": suite})
 
 
 if __name__ == "__main__":

@@ -705,3 +705,44 @@ def test_texture_scenes_are_real_pixels_with_exact_masks_and_reproducible(tmp_pa
     assert masks.max() < classes and len(masks.unique()) > classes // 2
     images = torch.cat([b["image"] for b in batches])
     assert images.std() > 0.2  # textured, not flat
+
+
+def test_exemplar_pretraining_set_is_reproducible_and_shares_no_image_with_the_study_sets():
+    """Pretraining data for the studies' backbone (shards/exemplars.py): the same bytes from the same seed,
+    every class `views` views of one patch, and no source image is (a crop or rescale of) an image the
+    texture study sets cut their classes or backgrounds from."""
+    from shards import exemplars, textures
+    a, labels = exemplars.exemplar_set(12, 3, 32, seed=0)
+    b, _ = exemplars.exemplar_set(12, 3, 32, seed=0)
+    assert a.shape == (36, 32, 32, 3) and np.array_equal(a, b) and labels.tolist() == sorted(list(range(12)) * 3)
+    assert not np.array_equal(a, exemplars.exemplar_set(12, 3, 32, seed=1)[0])
+
+    def thumbnail(image):  # grey 32 x 32, zero mean, unit norm: a correlation of 1 means the same picture
+        grey = np.asarray(Image.fromarray(image.mean(axis=2).astype(np.uint8)).resize((32, 32)), np.float32)
+        grey -= grey.mean()
+        return grey / (np.linalg.norm(grey) + 1e-6)
+
+    study = {name for preset in textures.PRESETS.values() for name in preset.objects + preset.backgrounds}
+    for source in exemplars.SOURCES:
+        assert source not in study
+        for name in study:
+            similarity = float((thumbnail(exemplars.source_image(source)) * thumbnail(textures._texture(name, False))).sum())
+            assert similarity < 0.9, (source, name, similarity)
+
+
+def test_a_pretrained_backbone_loads_through_model_pretrained(tmp_path):
+    """bench/pretrain_backbone.py's weights: learnt (held-out views classified above chance) and loaded by
+    `model.pretrained` into the segmenter's backbone as they were saved."""
+    from bench.pretrain_backbone import parser, pretrain
+    from trainer.config import load_config
+    from trainer.loop import load_model
+    path = str(tmp_path / "tiny.pt")
+    figures = pretrain(parser().parse_args(["--classes", "8", "--views", "6", "--steps", "60", "--batch", "16"]),
+                       path)
+    assert figures["held_out_accuracy"] > 2 * figures["chance"], figures
+    saved = torch.load(path, weights_only=True)
+    cfg = load_config("configs/cpu-small.yaml", [f"model.pretrained={path}"])
+    model = load_model(cfg, num_classes=5)
+    assert torch.equal(model.backbone.layer4[0].conv2.weight, saved["layer4.0.conv2.weight"])
+    assert not torch.equal(load_model(load_config("configs/cpu-small.yaml", []), 5).backbone.conv1.weight,
+                           saved["conv1.weight"])

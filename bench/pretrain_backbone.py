@@ -1,0 +1,125 @@
+"""Pretrain a backbone for the studies on data disjoint from every study set: exemplar classes cut from
+histology, retina, MRI, terrain and a photograph (shards/exemplars.py), the backbone plus a linear classifier
+trained to tell the classes apart. The field never segments from random weights; this is the CPU studies'
+stand-in for ImageNet. Writes a torchvision-format state dict (the backbone, and the classifier as `fc.*`,
+which `model.pretrained` drops) to data/pretrained/<backbone>-<key>.pt, the key hashing the code and the
+arguments: a second call with the same ones returns the file at once. Prints JSON on its last line
+(the path, held-out views' accuracy, seconds).
+
+    OMP_NUM_THREADS=1 .venv/bin/python bench/pretrain_backbone.py [--backbone tiny] [--classes 512] [--views 20]
+        [--size 64] [--steps 6000] [--batch 64] [--seed 0]
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import os
+import sys
+import time
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+sys.path.insert(0, __file__.rsplit("/bench/", 1)[0])
+from bench.common import ROOT, publish  # noqa: E402
+from shards.augment import MEAN, STD  # noqa: E402
+from shards.exemplars import exemplar_set  # noqa: E402
+from trainer.model import BACKBONES, ResNet  # noqa: E402
+
+HELD_OUT_VIEWS = 2  # per class, never trained on: the accuracy the record reports
+CODE = ("shards/exemplars.py", "shards/augment.py", "trainer/model.py", "bench/pretrain_backbone.py")
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--backbone", default="tiny", choices=sorted(BACKBONES))
+    p.add_argument("--classes", type=int, default=512)
+    p.add_argument("--views", type=int, default=20, help="samples per class, the held-out ones included")
+    p.add_argument("--size", type=int, default=64)
+    p.add_argument("--steps", type=int, default=6000)
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--seed", type=int, default=0)
+    return p
+
+
+def weights_path(args) -> str:
+    digest = hashlib.sha256(repr(sorted(vars(args).items())).encode())
+    for name in CODE:
+        with open(os.path.join(ROOT, name), "rb") as f:
+            digest.update(f.read())
+    return os.path.join(ROOT, "data", "pretrained", f"{args.backbone}-{digest.hexdigest()[:12]}.pt")
+
+
+def pretrained_backbone(argv: list[str] = ()) -> str:
+    """The weights of these arguments, pretrained here first if no file holds them yet (one thread)."""
+    args = parser().parse_args(list(argv))
+    path = weights_path(args)
+    if not os.path.exists(path):
+        pretrain(args, path)
+    return path
+
+
+class Classifier(nn.Module):
+    def __init__(self, backbone: str, classes: int):
+        super().__init__()
+        self.backbone = ResNet(backbone, output_stride=16)
+        self.fc = nn.Linear(self.backbone.high_channels, classes)
+
+    def forward(self, x):
+        return self.fc(self.backbone(x)[1].mean(dim=(2, 3)))
+
+
+def pretrain(args, path: str) -> dict:
+    torch.manual_seed(args.seed)
+    rng = np.random.default_rng(args.seed)
+    images, labels = exemplar_set(args.classes, args.views, args.size, args.seed)
+    held_out = (np.arange(len(labels)) % args.views) >= args.views - HELD_OUT_VIEWS
+    mean, std = (torch.from_numpy(v).view(1, 3, 1, 1) for v in (MEAN, STD))
+
+    def batch(index):
+        x = torch.from_numpy(images[index]).permute(0, 3, 1, 2).float()
+        return (x - mean) / std, torch.from_numpy(labels[index])
+
+    model = Classifier(args.backbone, args.classes)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=1e-4)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, args.lr, total_steps=args.steps, pct_start=0.05)
+    train_index = np.flatnonzero(~held_out)
+    start = time.time()
+    for step in range(1, args.steps + 1):
+        x, y = batch(rng.choice(train_index, args.batch, replace=False))
+        loss = F.cross_entropy(model(x), y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+        if step % 200 == 0 or step == args.steps:
+            rate = step / (time.time() - start)
+            print(f"pretrain step {step}/{args.steps} loss {loss.item():.3f} {rate:.1f} steps/s "
+                  f"ETA {(args.steps - step) / rate:.0f} s", file=sys.stderr, flush=True)
+    model.eval()
+    with torch.no_grad():
+        correct = sum(int((model(x).argmax(1) == y).sum()) for x, y in
+                      (batch(i) for i in np.array_split(np.flatnonzero(held_out), 16)))
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    state = {**model.backbone.state_dict(), **{f"fc.{k}": v for k, v in model.fc.state_dict().items()}}
+    torch.save(state, path + ".tmp")
+    os.replace(path + ".tmp", path)  # a killed run leaves no half file that a later call would trust
+    return {"weights": os.path.relpath(path, ROOT), "held_out_accuracy": round(correct / int(held_out.sum()), 4),
+            "chance": round(1 / args.classes, 4), "seconds": round(time.time() - start, 1)}
+
+
+def main():
+    args = parser().parse_args()
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+    path = weights_path(args)
+    if os.path.exists(path):
+        print(f"weights already made: {os.path.relpath(path, ROOT)}", file=sys.stderr)
+        return
+    publish(pretrain(args, path))
+
+
+if __name__ == "__main__":
+    main()
