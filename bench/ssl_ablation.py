@@ -42,6 +42,8 @@ VARIANTS = {
     "in-batch": IN_BATCH,
     # the unguided baseline: unlabeled images teach their own CutMix-ed strong views (trainer/unimatch.py)
     "unimatch": ["train.method=unimatch"],
+    # issue #38: per-class thresholds that follow the model's learning status (FreeMatch) in place of tau 0.8
+    "default-adaptive-tau": ["train.method=guidedmix", "guidedmix.threshold=adaptive"],
     # does the partner matter? the default recipe with the least similar labeled image in the batch, and
     # with partners from the pairing service's bank of the 1,024 latest labeled samples (random, most similar)
     "default-least-similar": [*IN_BATCH, "guidedmix.pairing.similarity=least"],

@@ -414,6 +414,46 @@ def test_a_class_is_taught_only_once_its_labeled_predictions_earn_it():
         [[True, True, True, False, False]]
 
 
+def test_adaptive_thresholds_follow_each_classes_learning_status():
+    """FreeMatch's thresholds over pixels, against a hand computation: tau_t = EMA of the mean max probability,
+    tau_t(c) = tau_t * p_t(c) / max_k p_t(k), both starting at 1/C. A class the teacher rarely predicts gets a
+    lower threshold than the majority class; the pixels taught are those at or above their own class's threshold."""
+    thresholds = guidedmix.AdaptiveThresholds(3, momentum=0.9)
+    assert torch.allclose(thresholds.per_class(), torch.full((3,), 1 / 3))
+    # 4 pixels: class 0 predicted with 0.9 on three, class 1 with 0.6 on one; class 2 never
+    p = torch.tensor([[0.9, 0.05, 0.05]] * 3 + [[0.3, 0.6, 0.1]]).T.reshape(1, 3, 2, 2)
+    conf = p.max(1).values
+    sums = torch.cat([conf.sum().view(1), p.sum((0, 2, 3)), torch.tensor([4.0])])
+    thresholds.update(sums)
+    level = 0.9 / 3 + 0.1 * (0.9 * 3 + 0.6) / 4
+    class_level = torch.tensor([0.9 / 3 + 0.1 * 3.0 / 4, 0.9 / 3 + 0.1 * 0.75 / 4, 0.9 / 3 + 0.1 * 0.25 / 4])
+    expected = class_level / class_level.max() * level
+    assert torch.allclose(thresholds.per_class(), expected)
+    assert expected[0] > expected[1] > expected[2]
+    confidence = torch.tensor([[expected[0] - 0.01, expected[1] + 0.01, expected[2] - 0.01]])
+    assert guidedmix.confident_pixels(confidence, torch.tensor([[0, 1, 2]]), expected, 0.0).tolist() == \
+        [[False, True, False]]
+
+
+def test_adaptive_thresholds_reach_the_objective():
+    """`guidedmix.threshold: adaptive`: the thresholds given replace tau, and the step reports the unlabeled
+    batch's confidence sums the next thresholds follow (max-probability sum, class sums, pixel count)."""
+    cfg = Config().guidedmix.model_copy(update={"rampup_steps": 0, "threshold": "adaptive"})
+    torch.manual_seed(0)
+    model = small_model()
+    x_l, y_l, x_u = torch.randn(4, 3, 32, 32), torch.randint(0, 5, (4, 32, 32)), torch.randn(4, 3, 32, 32)
+    taught = {}
+    for name, class_tau in (("none", torch.ones(5) * 1.01), ("all", torch.zeros(5))):
+        torch.manual_seed(1)
+        out = guidedmix.guidedmix_loss(model, x_l, y_l, x_u, 10, cfg, 5, generator=torch.Generator().manual_seed(0),
+                                       class_tau=class_tau)
+        taught[name] = float(out.parts["taught"])
+    assert taught["none"] == 0.0 and taught["all"] > 0.3
+    sums = out.unlabeled_confidence
+    assert sums.shape == (7,) and sums[-1] == 4 * 32 * 32 and torch.isclose(sums[1:-1].sum(), sums[-1])
+    assert sums[-1] / 5 < sums[0] <= sums[-1]
+
+
 def test_distribution_alignment_moves_the_batch_towards_the_labeled_shares():
     # a teacher that predicts class 0 on 90% of its mass where the labeled pixels hold 60%
     p = torch.tensor([[0.9, 0.1], [0.9, 0.1]]).view(2, 2, 1, 1)

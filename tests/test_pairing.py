@@ -358,11 +358,14 @@ def test_slow_service_makes_workers_fall_back_instead_of_waiting(ray_head, ray_c
                                  0.0, fallbacks=stats["fallbacks"], step_s=round(step_s, 2)))
 
 
-def test_a_resumed_run_takes_the_same_steps_as_one_never_stopped(synthetic_url, tmp_path):
+@pytest.mark.parametrize("part,overrides", [
+    ("pairing-bank", []), ("thresholds", ["guidedmix.threshold=adaptive", "guidedmix.threshold_momentum=0.5"])])
+def test_a_resumed_run_takes_the_same_steps_as_one_never_stopped(synthetic_url, tmp_path, part, overrides):
     """Exact resume with the default worker bank: a run resumed from its step-6 checkpoint logs the same
     losses, bit for bit, at steps 7-10 as the run that went on, although its bank's ring (12 samples, 8 a
     step) had wrapped: the bank's state comes from the checkpoint and its pixels from the stream again. Without
-    the bank's file the resumed run draws other partners and its losses differ."""
+    the bank's file the resumed run draws other partners and its losses differ. The same with adaptive
+    thresholds: without their file the resumed run starts them again at 1/C and teaches other pixels."""
     import shutil
 
     from trainer.config import load_config
@@ -373,24 +376,24 @@ def test_a_resumed_run_takes_the_same_steps_as_one_never_stopped(synthetic_url, 
         cfg = load_config(f"{REPO}/configs/cpu-small.yaml", [
             f"data.url={synthetic_url}", f"out={out}", "train.engine=plain", "train.workers=1", "data.crop_size=32",
             f"train.steps={steps}", "train.ckpt_every=6", "train.log_every=1", "train.eval_every=100",
-            "eval.max_batches=1", "guidedmix.rampup_steps=0", "guidedmix.pairing.bank_size=12"])
+            "eval.max_batches=1", "guidedmix.rampup_steps=0", "guidedmix.pairing.bank_size=12", *overrides])
         assert (cfg.guidedmix.pairing.mode, cfg.guidedmix.pairing.similarity) == ("worker", "need")  # the default
         train(cfg, WorkerContext())
         return [h["loss"] for h in json.load(open(f"{out}/history.json"))["history"] if "loss" in h]
 
-    def resume_from_step_6(out, keep_bank=True):
+    def resume_from_step_6(out, keep_part=True):
         os.makedirs(f"{out}/checkpoints")
         shutil.copytree(f"{straight}/checkpoints/step-00000006", f"{out}/checkpoints/step-00000006")
-        if not keep_bank:
-            os.remove(f"{out}/checkpoints/step-00000006/{part_file('pairing-bank')}")
+        if not keep_part:
+            os.remove(f"{out}/checkpoints/step-00000006/{part_file(part)}")
         with open(f"{out}/checkpoints/latest", "w") as f:
             f.write("step-00000006")
         return run(out)
 
     straight = str(tmp_path / "straight")
     losses = run(straight)
-    assert len(losses) == 10 and os.path.exists(f"{straight}/checkpoints/step-00000006/{part_file('pairing-bank')}")
+    assert len(losses) == 10 and os.path.exists(f"{straight}/checkpoints/step-00000006/{part_file(part)}")
     resumed = resume_from_step_6(str(tmp_path / "resumed"))
     assert resumed == losses  # steps 1-6 come from the checkpoint's history, 7-10 are trained again
-    emptied = resume_from_step_6(str(tmp_path / "emptied"), keep_bank=False)
+    emptied = resume_from_step_6(str(tmp_path / "emptied"), keep_part=False)
     assert emptied[:6] == losses[:6] and emptied[6:] != losses[6:]

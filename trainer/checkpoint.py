@@ -10,7 +10,8 @@ layout, every name of it defined here:
         engine/              DeepSpeed's own checkpoint (its file names), ZeRO's partitions included, and
         portable.pt          at ZeRO > 0, the whole fp32 state per parameter, for a resume at another world size
         NAME.pt              a method's parts, rank 0's (trainer/methods): `teacher.pt`, guidedmix's EMA
-                             teacher; `pairing-bank.pt`, its worker bank without pixels (a resume reads them again)
+                             teacher; `pairing-bank.pt`, its worker bank without pixels (a resume reads them again);
+                             `thresholds.pt`, its adaptive thresholds
         rank-R.complete      rank R's files are all there
 
 `load_trained` reads one back as a model for eval and predict.

@@ -129,6 +129,11 @@ class GuidedMixConfig(_Strict):
     teacher: Literal["self", "ema"] = "self"
     ema_decay: float = Field(0.99, ge=0, lt=1)
     tau: float = Field(0.8, ge=0, le=1)  # confidence threshold of pseudo masks; the paper has none (0)
+    # `adaptive`: per-class thresholds that follow the model's learning status of each class (FreeMatch;
+    # trainer/guidedmix.py AdaptiveThresholds) in place of tau, their moving averages at this momentum (FreeMatch
+    # has 0.999 over a million steps; 0.99 follows a run of a few thousand)
+    threshold: Literal["fixed", "adaptive"] = "fixed"
+    threshold_momentum: float = Field(0.99, ge=0, lt=1)
     # besides pixels above tau, teach each predicted class's most confident share (class-balanced). Off by
     # default, as the paper: it helped on the synthetic set it was tuned on and lowered the gain on every
     # other set measured (docs/results-suite.md, docs/results-class-balanced.md)

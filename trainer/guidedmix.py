@@ -49,6 +49,9 @@ class GuidedMixOutput(StepOutput):
     labeled_embeddings: Optional[torch.Tensor] = None  # what the pairing bank stores
     labeled_shares: Optional[torch.Tensor] = None  # B_l x C class shares of the labeled masks (the bank's too)
     labeled_overlap: Optional[torch.Tensor] = None  # 2 x C intersection and union on the labeled batch
+    # the teacher's clean view of the unlabeled batch, summed over its pixels: [sum of max probability,
+    # sum of each class's probability (C), pixel count]; what adaptive thresholds follow
+    unlabeled_confidence: Optional[torch.Tensor] = None
 
 
 def pair(query: torch.Tensor, candidates: torch.Tensor, similarity: str = "most", topk: int = 1,
@@ -189,10 +192,43 @@ def earned_classes(logits_l: torch.Tensor, y_l: torch.Tensor, tau: float, precis
     return (predicted > 0) & (right >= precision * predicted)
 
 
-def confident_pixels(confidence: torch.Tensor, label: torch.Tensor, tau: float, class_keep: float,
+class AdaptiveThresholds:
+    """Per-class confidence thresholds that follow the model's learning status (FreeMatch, Wang et al. 2023,
+    "self-adaptive thresholding"), over pixels: a global level tau_t, the exponential moving average of the
+    teacher's mean max probability on unlabeled pixels, scaled per class by that class's average probability
+    relative to the most predicted class's: tau_t(c) = tau_t * p_t(c) / max_k p_t(k). Both start at 1/C, so
+    early on most pixels are taught, and a class the model rarely predicts (not yet learnt) is taught at a
+    lower confidence than the majority class instead of not at all, as a fixed tau does with a weak
+    teacher. `update` takes the sums of a whole global step (every micro-batch of every rank), so the
+    thresholds are the same at any world size."""
+
+    def __init__(self, num_classes: int, momentum: float, device=None):
+        self.momentum = momentum
+        self.level = torch.full((), 1.0 / num_classes, device=device)
+        self.class_level = torch.full((num_classes,), 1.0 / num_classes, device=device)
+
+    def per_class(self) -> torch.Tensor:
+        return self.class_level / self.class_level.max() * self.level
+
+    def update(self, sums: torch.Tensor) -> None:
+        """`sums`: GuidedMixOutput.unlabeled_confidence added up over the step."""
+        count = sums[-1].clamp_min(1.0)
+        self.level.lerp_(sums[0] / count, 1 - self.momentum)
+        self.class_level.lerp_(sums[1:-1] / count, 1 - self.momentum)
+
+    def state_dict(self) -> dict:
+        return {"level": self.level, "class_level": self.class_level}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.level.copy_(state["level"])
+        self.class_level.copy_(state["class_level"])
+
+
+def confident_pixels(confidence: torch.Tensor, label: torch.Tensor, tau, class_keep: float,
                      valid: Optional[torch.Tensor] = None, prior: Optional[torch.Tensor] = None,
                      earned: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """Pixels whose pseudo label is taught: confidence >= tau, and with `class_keep` > 0 also the most
+    """Pixels whose pseudo label is taught: confidence >= tau (a float, or per class: a C tensor), and with
+    `class_keep` > 0 also the most
     confident share `class_keep` of the pixels predicted as each class in the batch. A fixed tau teaches
     mostly the easy majority (background); the per-class floor keeps the rarer, less confident classes
     taught (class-balanced self-training, Zou et al. 2018), at the cost of wrong labels where the teacher
@@ -203,6 +239,8 @@ def confident_pixels(confidence: torch.Tensor, label: torch.Tensor, tau: float, 
     valid = torch.ones_like(label, dtype=torch.bool) if valid is None else valid
     if earned is not None:
         valid = valid & earned[label.clamp(max=earned.numel() - 1)]
+    if isinstance(tau, torch.Tensor):
+        tau = tau[label.clamp(max=tau.numel() - 1)]
     keep = (confidence >= tau) & valid
     if class_keep > 0:
         for c in label[valid].unique():
@@ -229,9 +267,11 @@ def soft_cross_entropy(logits: torch.Tensor, target: torch.Tensor, weight: torch
 
 def guidedmix_loss(model, x_l: torch.Tensor, y_l: torch.Tensor, x_u: torch.Tensor, step: int,
                    cfg: "GuidedMixConfig", num_classes: int, teacher=None, find_references: Optional[ReferenceFinder] = None,
-                   generator: Optional[torch.Generator] = None) -> GuidedMixOutput:
+                   generator: Optional[torch.Generator] = None,
+                   class_tau: Optional[torch.Tensor] = None) -> GuidedMixOutput:
     """One GuidedMix step's loss. `cfg` is the config's `guidedmix` section; `teacher` an EMA copy of the
-    model (or None: the model teaches itself); `find_references` pairs from outside (else in-batch)."""
+    model (or None: the model teaches itself); `find_references` pairs from outside (else in-batch);
+    `class_tau` per-class thresholds (AdaptiveThresholds) in place of `cfg.tau` for the pseudo labels."""
     b_l, b_u = x_l.shape[0], x_u.shape[0]
     size = x_u.shape[-2:]
 
@@ -250,6 +290,8 @@ def guidedmix_loss(model, x_l: torch.Tensor, y_l: torch.Tensor, x_u: torch.Tenso
         if cfg.align:
             p_u = align_distribution(p_u, class_shares(y_l, num_classes))
         conf_u, hard_u = p_u.max(1)
+        unlabeled_confidence = torch.cat([conf_u.sum().view(1), p_u.sum((0, 2, 3)),
+                                          torch.full((1,), conf_u.numel(), device=p_u.device)])
         shares_l, shares_u = image_class_shares(y_l, num_classes), image_class_shares(hard_u, num_classes)
         overlap = class_overlap(logits_l, y_l, num_classes)
 
@@ -283,7 +325,8 @@ def guidedmix_loss(model, x_l: torch.Tensor, y_l: torch.Tensor, x_u: torch.Tenso
         # the mixed view's target: the reference's share plus the clean view's prediction of x_u
         prior = class_shares(y_l, num_classes) if cfg.class_cap else None
         earned = earned_classes(logits_l, y_l, cfg.tau, cfg.earn_precision) if cfg.earn_precision > 0 else None
-        trusted_u = confident_pixels(conf_u, hard_u, cfg.tau, cfg.class_keep, lam.squeeze(1) < 1, prior, earned)
+        tau = cfg.tau if class_tau is None else class_tau
+        trusted_u = confident_pixels(conf_u, hard_u, tau, cfg.class_keep, lam.squeeze(1) < 1, prior, earned)
         target_u = p_u if cfg.mix_target == "soft" else onehot(hard_u, num_classes)
         target_m = lam * ref + (1 - lam) * target_u
         # pixels whose x_u share is trusted (or absent), and whose reference share is known
@@ -297,7 +340,7 @@ def guidedmix_loss(model, x_l: torch.Tensor, y_l: torch.Tensor, x_u: torch.Tenso
     # confident argmax that the mixed view learns where x_u shows through
     loss_unsup = logits_u.sum() * 0.0
     if cfg.unsup_loss:
-        confident = confident_pixels(confidence, pseudo, cfg.tau, cfg.class_keep, pseudo != IGNORE, prior, earned)
+        confident = confident_pixels(confidence, pseudo, tau, cfg.class_keep, pseudo != IGNORE, prior, earned)
         taught = torch.where(confident, pseudo, IGNORE)
         loss_unsup = torch.nan_to_num(F.cross_entropy(logits_u, taught, ignore_index=IGNORE))  # none: 0
     else:
@@ -311,7 +354,8 @@ def guidedmix_loss(model, x_l: torch.Tensor, y_l: torch.Tensor, x_u: torch.Tenso
     parts.update({name: term.detach() for name, term, on in (("unsup", loss_unsup, cfg.unsup_loss),
                                                              ("mix", loss_mix, cfg.mix_loss)) if on})
     return GuidedMixOutput(loss, parts, pseudo=taught, pairing=index, labeled_embeddings=embeddings[:b_l],
-                           labeled_shares=shares_l, labeled_overlap=overlap)
+                           labeled_shares=shares_l, labeled_overlap=overlap,
+                           unlabeled_confidence=unlabeled_confidence)
 
 
 @torch.no_grad()
