@@ -31,6 +31,16 @@ from bench.ssl_ablation import VARIANTS  # noqa: E402
 SETS = ("synthetic", "textures", "textures-hard")
 
 
+def pseudo_scores(taught: list[dict]) -> dict:
+    """A method's pseudo masks over its seeds (the summaries' `pseudo_masks`), means."""
+    if not taught:
+        return {}
+    return {name: round(statistics.mean(value(t) for t in taught), 4) for name, value in (
+        ("taught", lambda t: t["pseudo_coverage"]), ("right", lambda t: t["pseudo_accuracy"]),
+        ("taught_background", lambda t: t["pseudo_class_freq"][0]),
+        ("true_background", lambda t: t["true_class_freq"][0]))}
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sets", nargs="+", default=list(SETS), choices=SETS)
@@ -57,8 +67,11 @@ def main():
                       f"train.ckpt_every={args.steps}", *batch, *VARIANTS[method]]))
     results = run_many(runs, args.parallel)
     miou: dict = {}
+    pseudo: dict = {}  # what each method taught its unlabeled pixels, scored against the withheld masks
     for key, r in zip(plan, results):
         miou.setdefault(key[:3], []).append(round(100 * r["miou"], 2))
+        if r.get("pseudo_masks"):
+            pseudo.setdefault(key[:3], []).append(r["pseudo_masks"])
     rows = []
     for data_set in args.sets:
         for fraction in args.labeled:
@@ -69,7 +82,8 @@ def main():
                 rows.append({"set": data_set, "labeled": fraction, "method": method, "miou": values,
                              "mean": round(statistics.mean(values), 2),
                              "gain": round(statistics.mean(values) - statistics.mean(sup), 2),
-                             "worst_seed_gain": min(per_seed)})
+                             "worst_seed_gain": min(per_seed),
+                             **pseudo_scores(pseudo.get((data_set, fraction, method), []))})
     suite = {m: {f: round(statistics.mean(r["gain"] for r in rows if r["method"] == m and r["labeled"] == f), 2)
                  for f in args.labeled} for m in methods if m != "supervised"}
     command = shlex.join(["bench/ssl_suite.py", *sys.argv[1:]])
@@ -80,13 +94,19 @@ def main():
                "from the sets)" if args.pretrained else ", the backbone from random weights")
             + f", {args.steps} steps, one process "
              "per run, the sets of docs/study-sets.md. mIoU in %; gain: the method's mean minus supervised's on the "
-             "same set and fraction; worst seed: the lowest per-seed difference (same seed).", "",
-             "| set | labeled | method | mIoU per seed | mean | gain | worst seed |", "|---|---|---|---|---|---|---|"]
+             "same set and fraction; worst seed: the lowest per-seed difference (same seed). Pseudo masks, over the "
+             "run's unlabeled pixels at its end, scored against the withheld masks: taught, the share of pixels taught; "
+             "right, the share of taught pixels whose label is right; background, the taught pixels' share labeled "
+             "background against the truth's (mean over seeds).", "",
+             "| set | labeled | method | mIoU per seed | mean | gain | worst seed | taught | right | background |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         gain = "" if r["method"] == "supervised" else f"{r['gain']:+.2f}"
         worst = "" if r["method"] == "supervised" else f"{r['worst_seed_gain']:+.2f}"
+        scored = (f"{r['taught']:.1%} | {r['right']:.1%} | {r['taught_background']:.1%} of {r['true_background']:.1%}"
+                  if "taught" in r else " | | ")
         lines.append(f"| {r['set']} | {r['labeled']} | {r['method']} | {' / '.join(f'{v:.2f}' for v in r['miou'])} "
-                     f"| {r['mean']:.2f} | {gain} | {worst} |")
+                     f"| {r['mean']:.2f} | {gain} | {worst} | {scored} |")
     lines += ["", "Suite mean gain per method and fraction: " + "; ".join(
         f"{m}: " + ", ".join(f"{f} {g:+.2f}" for f, g in by_fraction.items()) for m, by_fraction in suite.items())]
     with open(args.table, "w") as f:
