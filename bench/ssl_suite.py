@@ -7,13 +7,14 @@ grows across sessions without rerunning what is known. Writes a Markdown table (
 the results as JSON on the last line.
 
     .venv/bin/python bench/ssl_suite.py [--sets synthetic textures textures-hard] [--labeled 1/16 1/4]
-        [--seeds 0 1 2] [--methods default ...] [--steps 1500] [--labeled-batch N] [--pretrained]
+        [--seeds 0 1 2] [--methods default ...] [--steps 1500] [--size 64] [--labeled-batch N] [--pretrained]
         [--table docs/results-suite.md]
 
 `--labeled-batch N` sets `data.labeled_batch_size` of every run, supervised-only's included: 2 is what a GPU
 worker holds in the published recipes, so in-batch pairing has as few partners as there. `--pretrained`
 starts every run's backbone from bench/pretrain_backbone.py's weights (made first if not cached), as the field
-starts from ImageNet's, instead of from random weights.
+starts from ImageNet's, instead of from random weights. `--size N`: the sets generated at N px and trained on
+whole (`data.crop_size`); bench/regime_cost.py says what a larger size costs a step.
 """
 from __future__ import annotations
 
@@ -48,6 +49,7 @@ def main():
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--methods", nargs="+", default=["default"], choices=sorted(VARIANTS))
     parser.add_argument("--steps", type=int, default=1500)
+    parser.add_argument("--size", type=int, default=64, help="image side of the generated sets, and the crop")
     parser.add_argument("--labeled-batch", type=int, default=None, help="data.labeled_batch_size of every run")
     parser.add_argument("--pretrained", action="store_true",
                         help="backbone from bench/pretrain_backbone.py's weights (default arguments)")
@@ -61,9 +63,10 @@ def main():
         batch.append(f"model.pretrained={pretrained_backbone()}")
     runs = []
     for data_set, fraction, method, seed in plan:
-        url = study_shards(data_set, fraction)
+        url = study_shards(data_set, fraction, size=args.size)
+        crop = [] if args.size == 64 else [f"data.crop_size={args.size}"]  # 64: configs/cpu-small.yaml's own
         runs.append((f"{data_set} {fraction} {method}", seed,
-                     [f"data.url={url}", f"train.steps={args.steps}", f"train.eval_every={args.steps}",
+                     [f"data.url={url}", *crop, f"train.steps={args.steps}", f"train.eval_every={args.steps}",
                       f"train.ckpt_every={args.steps}", *batch, *VARIANTS[method]]))
     results = run_many(runs, args.parallel)
     miou: dict = {}
@@ -92,7 +95,7 @@ def main():
              + ("" if args.labeled_batch is None else f" with {args.labeled_batch} labeled images per step")
              + (", the backbone pretrained by `bench/pretrain_backbone.py` (exemplar classes of images disjoint "
                "from the sets)" if args.pretrained else ", the backbone from random weights")
-            + f", {args.steps} steps, one process "
+            + f", {args.size} px, {args.steps} steps, one process "
              "per run, the sets of docs/study-sets.md. mIoU in %; gain: the method's mean minus supervised's on the "
              "same set and fraction; worst seed: the lowest per-seed difference (same seed). Pseudo masks, over the "
              "run's unlabeled pixels at its end, scored against the withheld masks: taught, the share of pixels taught; "
@@ -111,7 +114,7 @@ def main():
         f"{m}: " + ", ".join(f"{f} {g:+.2f}" for f, g in by_fraction.items()) for m, by_fraction in suite.items())]
     with open(args.table, "w") as f:
         f.write("\n".join(lines) + "\n")
-    publish({"sets": args.sets, "labeled": args.labeled, "seeds": args.seeds, "steps": args.steps,
+    publish({"sets": args.sets, "labeled": args.labeled, "seeds": args.seeds, "steps": args.steps, "size": args.size,
              "labeled_batch": args.labeled_batch,
              "pretrained": args.pretrained, "rows": rows, "suite_mean_gain": suite})
 
