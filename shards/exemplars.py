@@ -4,8 +4,8 @@ class is one patch of a real image; its samples are that patch under random scal
 brightness, contrast and colour, so telling classes apart takes the patch's texture and structure, what a
 segmenter's first layers need, and no labels.
 
-The images are histology, retina fundus photographs, an MRI slice, shaded terrain relief and a photographed
-gift box, from scikit-image's and matplotlib's bundled data: nothing is downloaded, and none of them (nor
+The images are histology, retina fundus photographs, an MRI slice, shaded terrain relief, a photographed
+gift box and a photographed motorcycle, from scikit-image's and matplotlib's bundled data: nothing is downloaded, and none of them (nor
 their kind) is a class or background of the study sets (shards/textures.py, shards/synthetic.py). Pure
 numpy and PIL; the same arguments give the same bytes.
 """
@@ -19,12 +19,12 @@ from PIL import Image
 from .errors import BadInput
 
 
-def _skimage(name: str) -> np.ndarray:
+def _skimage(name: str):
     try:
         from skimage import data  # a study dependency, as for shards/textures.py
     except ImportError:
         raise BadInput("exemplar pretraining needs scikit-image: pip install scikit-image") from None
-    return np.asarray(getattr(data, name)())
+    return getattr(data, name)()
 
 
 def _sample(name: str):
@@ -61,6 +61,7 @@ SOURCES = {
     "mri": _mri,
     "terrain": _terrain,
     "present": _present,
+    "motorcycle": lambda: _skimage("stereo_motorcycle")[0],  # the left view of the stereo pair
 }
 
 
@@ -78,7 +79,7 @@ def source_image(name: str) -> np.ndarray:
 def _view(image: np.ndarray, cy: float, cx: float, side: float, size: int, rng: np.random.Generator) -> np.ndarray:
     """The patch at (cy, cx) of this side, rescaled by 0.7-1.4, shifted by up to a fifth of its side,
     rotated by up to 20 degrees, flipped half the time, then jittered in brightness, contrast and colour
-    (a fifth of the views grey)."""
+    (a tenth of the views grey)."""
     h, w = image.shape[:2]
     side = side * rng.uniform(0.7, 1.4)
     cy, cx = cy + rng.uniform(-0.2, 0.2) * side, cx + rng.uniform(-0.2, 0.2) * side
@@ -94,8 +95,8 @@ def _view(image: np.ndarray, cy: float, cx: float, side: float, size: int, rng: 
         view = view[:, ::-1]
     mean = view.mean()
     view = (view - mean) * rng.uniform(0.7, 1.3) + mean * rng.uniform(0.7, 1.3)
-    view = view * rng.uniform(0.85, 1.15, 3)
-    if rng.random() < 0.2:
+    view = view * rng.uniform(0.9, 1.1, 3)
+    if rng.random() < 0.1:
         view = np.repeat(view.mean(axis=2, keepdims=True), 3, axis=2)
     return np.clip(view, 0, 255).astype(np.uint8)
 
