@@ -7,7 +7,7 @@ arguments: a second call with the same ones returns the file at once. Prints JSO
 (the path, held-out views' accuracy, seconds).
 
     OMP_NUM_THREADS=1 .venv/bin/python bench/pretrain_backbone.py [--backbone tiny] [--classes 512] [--views 100]
-        [--size 64] [--steps 6000] [--batch 64] [--seed 0]
+        [--size 64] [--steps 6000] [--batch 64] [--output-stride 8] [--seed 0]
 """
 from __future__ import annotations
 
@@ -42,6 +42,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--size", type=int, default=64)
     p.add_argument("--steps", type=int, default=6000)
     p.add_argument("--batch", type=int, default=64)
+    # 8: configs/cpu-small.yaml's, so the segmenter's dilated stages see the strides they were trained with
+    p.add_argument("--output-stride", type=int, default=8, choices=[8, 16])
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--seed", type=int, default=0)
     return p
@@ -65,9 +67,9 @@ def pretrained_backbone(argv: list[str] = ()) -> str:
 
 
 class Classifier(nn.Module):
-    def __init__(self, backbone: str, classes: int):
+    def __init__(self, backbone: str, classes: int, output_stride: int):
         super().__init__()
-        self.backbone = ResNet(backbone, output_stride=16)
+        self.backbone = ResNet(backbone, output_stride)
         self.fc = nn.Linear(self.backbone.high_channels, classes)
 
     def forward(self, x):
@@ -85,7 +87,7 @@ def pretrain(args, path: str) -> dict:
         x = torch.from_numpy(images[index]).permute(0, 3, 1, 2).float()
         return (x - mean) / std, torch.from_numpy(labels[index])
 
-    model = Classifier(args.backbone, args.classes)
+    model = Classifier(args.backbone, args.classes, args.output_stride)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=1e-4)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, args.lr, total_steps=args.steps, pct_start=0.05)
     train_index = np.flatnonzero(~held_out)
