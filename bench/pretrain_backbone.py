@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, __file__.rsplit("/bench/", 1)[0])
 from bench.common import ROOT, publish  # noqa: E402
-from shards.augment import MEAN, STD  # noqa: E402
+from shards.augment import to_tensor  # noqa: E402
 from shards.exemplars import exemplar_set  # noqa: E402
 from trainer.model import BACKBONES, ResNet  # noqa: E402
 
@@ -81,11 +81,9 @@ def pretrain(args, path: str) -> dict:
     rng = np.random.default_rng(args.seed)
     images, labels = exemplar_set(args.classes, args.views, args.size, args.seed)
     held_out = (np.arange(len(labels)) % args.views) >= args.views - HELD_OUT_VIEWS
-    mean, std = (torch.from_numpy(v).view(1, 3, 1, 1) for v in (MEAN, STD))
 
-    def batch(index):
-        x = torch.from_numpy(images[index]).permute(0, 3, 1, 2).float()
-        return (x - mean) / std, torch.from_numpy(labels[index])
+    def batch(index):  # normalised as the segmenter's loader normalises
+        return torch.stack([to_tensor(image) for image in images[index]]), torch.from_numpy(labels[index])
 
     model = Classifier(args.backbone, args.classes, args.output_stride)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=1e-4)

@@ -58,16 +58,17 @@ def main():
     args = parser.parse_args()
     methods = ["supervised"] + [m for m in args.methods if m != "supervised"]
     plan = [(s, f, m, seed) for s in args.sets for f in args.labeled for m in methods for seed in args.seeds]
-    batch = [] if args.labeled_batch is None else [f"data.labeled_batch_size={args.labeled_batch}"]
+    common = [] if args.labeled_batch is None else [f"data.labeled_batch_size={args.labeled_batch}"]
     if args.pretrained:
-        batch.append(f"model.pretrained={pretrained_backbone()}")
+        common.append(f"model.pretrained={pretrained_backbone()}")
+    if args.size != 64:  # 64: configs/cpu-small.yaml's own crop
+        common.append(f"data.crop_size={args.size}")
     runs = []
     for data_set, fraction, method, seed in plan:
         url = study_shards(data_set, fraction, size=args.size)
-        crop = [] if args.size == 64 else [f"data.crop_size={args.size}"]  # 64: configs/cpu-small.yaml's own
         runs.append((f"{data_set} {fraction} {method}", seed,
-                     [f"data.url={url}", *crop, f"train.steps={args.steps}", f"train.eval_every={args.steps}",
-                      f"train.ckpt_every={args.steps}", *batch, *VARIANTS[method]]))
+                     [f"data.url={url}", f"train.steps={args.steps}", f"train.eval_every={args.steps}",
+                      f"train.ckpt_every={args.steps}", *common, *VARIANTS[method]]))
     results = run_many(runs, args.parallel)
     miou: dict = {}
     pseudo: dict = {}  # what each method taught its unlabeled pixels, scored against the withheld masks

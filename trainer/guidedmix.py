@@ -50,7 +50,7 @@ class GuidedMixOutput(StepOutput):
     labeled_shares: Optional[torch.Tensor] = None  # B_l x C class shares of the labeled masks (the bank's too)
     labeled_overlap: Optional[torch.Tensor] = None  # 2 x C intersection and union on the labeled batch
     # the teacher's clean view of the unlabeled batch, summed over its pixels: [sum of max probability,
-    # sum of each class's probability (C), pixel count]; what adaptive thresholds follow
+    # sum of each class's probability (C), pixel count]; what adaptive thresholds follow (None without them)
     unlabeled_confidence: Optional[torch.Tensor] = None
 
 
@@ -290,8 +290,10 @@ def guidedmix_loss(model, x_l: torch.Tensor, y_l: torch.Tensor, x_u: torch.Tenso
         if cfg.align:
             p_u = align_distribution(p_u, class_shares(y_l, num_classes))
         conf_u, hard_u = p_u.max(1)
-        unlabeled_confidence = torch.cat([conf_u.sum().view(1), p_u.sum((0, 2, 3)),
-                                          torch.full((1,), conf_u.numel(), device=p_u.device)])
+        unlabeled_confidence = None  # only adaptive thresholds follow it: no work on the fixed-tau step
+        if class_tau is not None:
+            unlabeled_confidence = torch.cat([conf_u.sum().view(1), p_u.sum((0, 2, 3)),
+                                              torch.full((1,), conf_u.numel(), device=p_u.device)])
         shares_l, shares_u = image_class_shares(y_l, num_classes), image_class_shares(hard_u, num_classes)
         overlap = class_overlap(logits_l, y_l, num_classes)
 
