@@ -57,9 +57,22 @@ def weights_path(args) -> str:
     return os.path.join(ROOT, "data", "pretrained", f"{args.backbone}-{digest.hexdigest()[:12]}.pt")
 
 
+def parse(argv: list[str]) -> argparse.Namespace:
+    """The arguments, or a one-line usage error (exit 2) naming the one that cannot work."""
+    p = parser()
+    args = p.parse_args(argv)
+    for name, value, low in (("--classes", args.classes, 1), ("--views", args.views, HELD_OUT_VIEWS + 1),
+                             ("--size", args.size, 8), ("--steps", args.steps, 1), ("--batch", args.batch, 1)):
+        if value < low:
+            p.error(f"{name} must be at least {low} (got {value})")
+    if args.batch > args.classes * (args.views - HELD_OUT_VIEWS):
+        p.error(f"--batch {args.batch} is more than the {args.classes * (args.views - HELD_OUT_VIEWS)} training views")
+    return args
+
+
 def pretrained_backbone(argv: list[str] = ()) -> str:
     """The weights of these arguments, pretrained here first if no file holds them yet (one thread)."""
-    args = parser().parse_args(list(argv))
+    args = parse(list(argv))
     path = weights_path(args)
     if not os.path.exists(path):
         pretrain(args, path)
@@ -114,7 +127,7 @@ def pretrain(args, path: str) -> dict:
 
 
 def main():
-    args = parser().parse_args()
+    args = parse(sys.argv[1:])
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     path = weights_path(args)
     if os.path.exists(path):

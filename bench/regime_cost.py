@@ -27,6 +27,10 @@ def main():
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--set", default="textures", choices=SETS)
     args = parser.parse_args()
+    if min(args.sizes) < 8:
+        parser.error(f"--sizes must be at least 8 px (got {min(args.sizes)})")
+    if args.steps < 60:  # a steady rate needs log points past the first (every 20 steps)
+        parser.error(f"--steps must be at least 60 (got {args.steps})")
     weights = pretrained_backbone()
     seconds = {}
     for size in args.sizes:
