@@ -1,13 +1,17 @@
 """Pretrain a backbone for the studies on data disjoint from every study set: exemplar classes cut from
-histology, retina, MRI, terrain and photographs (shards/exemplars.py), the backbone plus a linear classifier
-trained to tell the classes apart. The field never segments from random weights; this is the CPU studies'
-stand-in for ImageNet. Writes a torchvision-format state dict (the backbone, and the classifier as `fc.*`,
-which `model.pretrained` drops) to data/pretrained/<backbone>-<key>.pt, the key hashing the code and the
+histology, retina, MRI, terrain and photographs (shards/exemplars.py). The field never segments from random
+weights; this is the CPU studies' stand-in for ImageNet. Two tasks:
+- `classify` (the default): the backbone plus a linear classifier tell the classes' views apart;
+- `segment`: the whole segmenter (configs/cpu-small.yaml's head) labels every pixel of scenes laid out as the
+  study sets lay theirs, views of one class over another's (exemplar_scene), with its exemplar class.
+Writes a torchvision-format state dict of the backbone (`classify` adds its classifier as `fc.*`, which
+`model.pretrained` drops) to data/pretrained/<backbone>-<key>.pt, the key hashing the code and the
 arguments: a second call with the same ones returns the file at once. Prints JSON on its last line
-(the path, held-out views' accuracy, seconds).
+(the path, held-out views' or held-out scene pixels' accuracy, seconds).
 
-    OMP_NUM_THREADS=1 .venv/bin/python bench/pretrain_backbone.py [--backbone tiny] [--classes 512] [--views 100]
-        [--size 64] [--steps 6000] [--batch 64] [--output-stride 8] [--seed 0]
+    OMP_NUM_THREADS=1 .venv/bin/python bench/pretrain_backbone.py [--task classify] [--backbone tiny]
+        [--classes 512 (segment: 64)] [--views 100] [--size 64] [--steps 6000] [--batch 64 (segment: 16)]
+        [--output-stride 8] [--seed 0]
 """
 from __future__ import annotations
 
@@ -25,23 +29,25 @@ import torch.nn.functional as F
 sys.path.insert(0, __file__.rsplit("/bench/", 1)[0])
 from bench.common import ROOT, publish  # noqa: E402
 from shards.augment import to_tensor  # noqa: E402
-from shards.exemplars import exemplar_set  # noqa: E402
-from trainer.model import BACKBONES, ResNet  # noqa: E402
+from shards.exemplars import exemplar_scene, exemplar_set  # noqa: E402
+from trainer.model import BACKBONES, DeepLabV3Plus, ResNet  # noqa: E402
 
 HELD_OUT_VIEWS = 2  # per class, never trained on: the accuracy the record reports
-CODE = ("shards/exemplars.py", "shards/augment.py", "trainer/model.py", "bench/pretrain_backbone.py")
+CODE = ("shards/exemplars.py", "shards/augment.py", "trainer/model.py", "shards/textures.py", "bench/pretrain_backbone.py")
 
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--task", default="classify", choices=["classify", "segment"])
     p.add_argument("--backbone", default="tiny", choices=sorted(BACKBONES))
-    p.add_argument("--classes", type=int, default=512)
+    # segment: a 512-way map at every pixel of a 64-image batch is 0.5 GB of logits; 64 classes cost a tenth
+    p.add_argument("--classes", type=int, default=None, help="exemplar classes (classify: 512, segment: 64)")
     # many views, each seen a few times: with 20 the backbone learnt the views by heart (train loss 0.13,
     # held-out views 38% right) and started the segmenter worse than random weights on textures 1/16
     p.add_argument("--views", type=int, default=100, help="samples per class, the held-out ones included")
     p.add_argument("--size", type=int, default=64)
     p.add_argument("--steps", type=int, default=6000)
-    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--batch", type=int, default=None, help="images a step (classify: 64, segment: 16)")
     # 8: configs/cpu-small.yaml's, so the segmenter's dilated stages see the strides they were trained with
     p.add_argument("--output-stride", type=int, default=8, choices=[8, 16])
     p.add_argument("--lr", type=float, default=2e-3)
@@ -61,6 +67,9 @@ def parse(argv: list[str]) -> argparse.Namespace:
     """The arguments, or a one-line usage error (exit 2) naming the one that cannot work."""
     p = parser()
     args = p.parse_args(argv)
+    segment = args.task == "segment"
+    args.classes = args.classes if args.classes is not None else 64 if segment else 512
+    args.batch = args.batch if args.batch is not None else 16 if segment else 64
     for name, value, low in (("--classes", args.classes, 1), ("--views", args.views, HELD_OUT_VIEWS + 1),
                              ("--size", args.size, 8), ("--steps", args.steps, 1), ("--batch", args.batch, 1)):
         if value < low:
@@ -89,22 +98,44 @@ class Classifier(nn.Module):
         return self.fc(self.backbone(x)[1].mean(dim=(2, 3)))
 
 
+def split_views(args) -> dict:
+    """The exemplar set's views, split: the last HELD_OUT_VIEWS of each class are never trained on."""
+    images, labels = exemplar_set(args.classes, args.views, args.size, args.seed)
+    held_out = (np.arange(len(labels)) % args.views) >= args.views - HELD_OUT_VIEWS
+    return {"train": (images[~held_out], labels[~held_out]), "held_out": (images[held_out], labels[held_out])}
+
+
+def tensors(images, targets):  # normalised as the segmenter's loader normalises
+    return torch.stack([to_tensor(image) for image in images]), torch.from_numpy(np.asarray(targets))
+
+
+def classify_batch(views, count, rng):
+    index = rng.choice(len(views[1]), count, replace=False)
+    return tensors(views[0][index], views[1][index])
+
+
+def scene_batch(views, count, rng):
+    scenes = [exemplar_scene(*views, rng) for _ in range(count)]
+    return tensors([image for image, _ in scenes], [mask for _, mask in scenes])
+
+
 def pretrain(args, path: str) -> dict:
     torch.manual_seed(args.seed)
     rng = np.random.default_rng(args.seed)
-    images, labels = exemplar_set(args.classes, args.views, args.size, args.seed)
-    held_out = (np.arange(len(labels)) % args.views) >= args.views - HELD_OUT_VIEWS
-
-    def batch(index):  # normalised as the segmenter's loader normalises
-        return torch.stack([to_tensor(image) for image in images[index]]), torch.from_numpy(labels[index])
-
-    model = Classifier(args.backbone, args.classes, args.output_stride)
+    views = split_views(args)
+    if args.task == "segment":  # configs/cpu-small.yaml's segmenter, its classifier over exemplar classes
+        model, batch = DeepLabV3Plus(args.classes, args.backbone, args.output_stride, aspp_channels=64,
+                                     decoder_channels=64, aspp_rates=(1, 2, 3)), scene_batch
+        scene_rng = np.random.default_rng(args.seed + 1)  # the same held-out scenes whatever was trained
+        held_out = [scene_batch(views["held_out"], 16, scene_rng) for _ in range(16)]
+    else:
+        model, batch = Classifier(args.backbone, args.classes, args.output_stride), classify_batch
+        held_out = [tensors(*views["held_out"])]
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=1e-4)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, args.lr, total_steps=args.steps, pct_start=0.05)
-    train_index = np.flatnonzero(~held_out)
     start = time.time()
     for step in range(1, args.steps + 1):
-        x, y = batch(rng.choice(train_index, args.batch, replace=False))
+        x, y = batch(views["train"], args.batch, rng)
         loss = F.cross_entropy(model(x), y)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -115,14 +146,16 @@ def pretrain(args, path: str) -> dict:
             print(f"pretrain step {step}/{args.steps} loss {loss.item():.3f} {rate:.1f} steps/s "
                   f"ETA {(args.steps - step) / rate:.0f} s", file=sys.stderr, flush=True)
     model.eval()
-    with torch.no_grad():
-        correct = sum(int((model(x).argmax(1) == y).sum()) for x, y in
-                      (batch(i) for i in np.array_split(np.flatnonzero(held_out), 16)))
+    with torch.no_grad():  # held-out views (classify) or held-out scenes' pixels (segment) labelled right
+        correct = sum(int((model(x).argmax(1) == y).sum()) for x, y in held_out)
+        total = sum(y.numel() for _, y in held_out)
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    state = {**model.backbone.state_dict(), **{f"fc.{k}": v for k, v in model.fc.state_dict().items()}}
+    state = model.backbone.state_dict()
+    if args.task == "classify":
+        state.update({f"fc.{k}": v for k, v in model.fc.state_dict().items()})
     torch.save(state, path + ".tmp")
     os.replace(path + ".tmp", path)  # a killed run leaves no half file that a later call would trust
-    return {"weights": os.path.relpath(path, ROOT), "held_out_accuracy": round(correct / int(held_out.sum()), 4),
+    return {"task": args.task, "weights": os.path.relpath(path, ROOT), "held_out_accuracy": round(correct / total, 4),
             "chance": round(1 / args.classes, 4), "seconds": round(time.time() - start, 1)}
 
 

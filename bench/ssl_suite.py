@@ -7,13 +7,14 @@ grows across sessions without rerunning what is known. Writes a Markdown table (
 the results as JSON on the last line.
 
     .venv/bin/python bench/ssl_suite.py [--sets synthetic textures textures-hard] [--labeled 1/16 1/4]
-        [--seeds 0 1 2] [--methods default ...] [--steps 1500] [--size 64] [--labeled-batch N] [--pretrained]
+        [--seeds 0 1 2] [--methods default ...] [--steps 1500] [--size 64] [--labeled-batch N] [--pretrained[=ARGS]]
         [--table docs/results-suite.md]
 
 `--labeled-batch N` sets `data.labeled_batch_size` of every run, supervised-only's included: 2 is what a GPU
 worker holds in the published recipes, so in-batch pairing has as few partners as there. `--pretrained`
 starts every run's backbone from bench/pretrain_backbone.py's weights (made first if not cached), as the field
-starts from ImageNet's, instead of from random weights. `--size N`: the sets generated at N px and trained on
+starts from ImageNet's, instead of from random weights; `--pretrained="--task segment"` from the weights those
+arguments make. `--size N`: the sets generated at N px and trained on
 whole (`data.crop_size`); bench/regime_cost.py says what a larger size costs a step.
 """
 from __future__ import annotations
@@ -51,16 +52,17 @@ def main():
     parser.add_argument("--steps", type=int, default=1500)
     parser.add_argument("--size", type=int, default=64, help="image side of the generated sets, and the crop")
     parser.add_argument("--labeled-batch", type=int, default=None, help="data.labeled_batch_size of every run")
-    parser.add_argument("--pretrained", action="store_true",
-                        help="backbone from bench/pretrain_backbone.py's weights (default arguments)")
+    parser.add_argument("--pretrained", nargs="?", const="", default=None, metavar="ARGS",
+                        help="backbone from bench/pretrain_backbone.py's weights, made with these arguments "
+                             "(quoted, after '='; none: its defaults)")
     parser.add_argument("--parallel", type=int, default=2)
     parser.add_argument("--table", default=os.path.join(ROOT, "docs", "results-suite.md"))
     args = parser.parse_args()
     methods = ["supervised"] + [m for m in args.methods if m != "supervised"]
     plan = [(s, f, m, seed) for s in args.sets for f in args.labeled for m in methods for seed in args.seeds]
     common = [] if args.labeled_batch is None else [f"data.labeled_batch_size={args.labeled_batch}"]
-    if args.pretrained:
-        common.append(f"model.pretrained={pretrained_backbone()}")
+    if args.pretrained is not None:
+        common.append(f"model.pretrained={pretrained_backbone(shlex.split(args.pretrained))}")
     if args.size != 64:  # 64: configs/cpu-small.yaml's own crop
         common.append(f"data.crop_size={args.size}")
     runs = []
@@ -94,8 +96,9 @@ def main():
     lines = ["# The study suite: every method against supervised-only", "",
              f"Made by `.venv/bin/python {command}`: `configs/cpu-small.yaml`"
              + ("" if args.labeled_batch is None else f" with {args.labeled_batch} labeled images per step")
-             + (", the backbone pretrained by `bench/pretrain_backbone.py` (exemplar classes of images disjoint "
-               "from the sets)" if args.pretrained else ", the backbone from random weights")
+             + (f", the backbone pretrained by `{shlex.join(['bench/pretrain_backbone.py', *shlex.split(args.pretrained)])}`"
+                " (exemplar classes of images disjoint from the sets)"
+                if args.pretrained is not None else ", the backbone from random weights")
             + f", {args.size} px, {args.steps} steps, one process "
              "per run, the sets of docs/study-sets.md. mIoU in %; gain: the method's mean minus supervised's on the "
              "same set and fraction; worst seed: the lowest per-seed difference (same seed). Pseudo masks, over the "
@@ -117,7 +120,7 @@ def main():
         f.write("\n".join(lines) + "\n")
     publish({"sets": args.sets, "labeled": args.labeled, "seeds": args.seeds, "steps": args.steps, "size": args.size,
              "labeled_batch": args.labeled_batch,
-             "pretrained": args.pretrained, "rows": rows, "suite_mean_gain": suite})
+             "pretrained": args.pretrained is not None, "pretrain_args": args.pretrained, "rows": rows, "suite_mean_gain": suite})
 
 
 if __name__ == "__main__":

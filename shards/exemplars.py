@@ -17,6 +17,7 @@ import numpy as np
 from PIL import Image
 
 from .errors import BadInput
+from .textures import SHAPES, shape_region
 
 
 def _skimage(name: str):
@@ -122,3 +123,18 @@ def exemplar_set(classes: int, views: int, size: int = 64, seed: int = 0) -> tup
         for v in range(views):
             images[c * views + v] = _view(image, cy, cx, side, size, rng)
     return images, np.repeat(np.arange(classes), views)
+
+
+def exemplar_scene(images: np.ndarray, labels: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """One scene cut from an exemplar set, laid out as the study sets lay theirs (shards/textures.py): a view
+    of one class as the background, one to three views of other classes cut into shapes a quarter to a half
+    of the side wide over it. The mask is each pixel's exemplar class: a dense task, telling textures apart
+    at every pixel, which is what the segmenter's backbone is asked downstream; (image, mask int64)."""
+    size = images.shape[1]
+    index = rng.integers(len(labels))
+    image, mask = images[index].copy(), np.full((size, size), labels[index], np.int64)
+    for _ in range(rng.integers(1, 4)):
+        index = rng.integers(len(labels))
+        region = shape_region(SHAPES[rng.integers(len(SHAPES))], size, rng.uniform(0.12, 0.28) * size, rng)
+        image[region], mask[region] = images[index][region], labels[index]
+    return image, mask

@@ -65,7 +65,8 @@ def _patch(name: str, grey: bool, size: int, rng: np.random.Generator) -> np.nda
     return np.asarray(crop.resize((size, size), Image.BILINEAR), np.float32)
 
 
-def _shape(shape: str, size: int, radius: float, rng: np.random.Generator) -> np.ndarray:
+def shape_region(shape: str, size: int, radius: float, rng: np.random.Generator) -> np.ndarray:
+    """A size x size boolean region of this shape (SHAPES) and radius in px, placed at random."""
     yy, xx = np.mgrid[0:size, 0:size]
     cy, cx = rng.uniform(radius, size - radius, 2)
     if shape == "disc":
@@ -93,7 +94,7 @@ def make_sample(preset: Preset, size: int, rng: np.random.Generator) -> tuple[np
             mean = patch.mean()
             patch = (patch - mean) * (1 + rng.uniform(-preset.jitter, preset.jitter)) \
                 + mean * (1 + rng.uniform(-preset.jitter, preset.jitter))
-        region = _shape(SHAPES[rng.integers(len(SHAPES))], size, rng.uniform(*preset.radius) * size, rng)
+        region = shape_region(SHAPES[rng.integers(len(SHAPES))], size, rng.uniform(*preset.radius) * size, rng)
         image = np.where(region[..., None], patch, image)
         mask[region] = cls
     return np.clip(image, 0, 255).astype(np.uint8), mask
