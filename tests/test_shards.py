@@ -722,6 +722,12 @@ def test_exemplar_pretraining_set_is_reproducible_and_shares_no_image_with_the_s
         grey -= grey.mean()
         return grey / (np.linalg.norm(grey) + 1e-6)
 
+    # a scene's mask names, at every pixel, the class of the view its pixel came from (views painted by class)
+    painted, rng = np.repeat(labels, 32 * 32 * 3).reshape(a.shape).astype(np.uint8), np.random.default_rng(0)
+    scenes = [exemplars.exemplar_scene(painted, labels, rng) for _ in range(20)]
+    assert all(np.array_equal(image[..., 0], mask) for image, mask in scenes)
+    assert max(len(np.unique(mask)) for _, mask in scenes) >= 3  # objects of other classes laid over the background
+
     study = {name for preset in textures.PRESETS.values() for name in preset.objects + preset.backgrounds}
     for source in exemplars.SOURCES:
         assert source not in study
@@ -730,14 +736,16 @@ def test_exemplar_pretraining_set_is_reproducible_and_shares_no_image_with_the_s
             assert similarity < 0.9, (source, name, similarity)
 
 
-def test_a_pretrained_backbone_loads_through_model_pretrained(tmp_path):
-    """bench/pretrain_backbone.py's weights: learnt (held-out views classified above chance) and loaded by
-    `model.pretrained` into the segmenter's backbone as they were saved."""
-    from bench.pretrain_backbone import parser, pretrain
+@pytest.mark.parametrize("task", ["classify", "segment"])
+def test_a_pretrained_backbone_loads_through_model_pretrained(tmp_path, task):
+    """bench/pretrain_backbone.py's weights, either task: learnt (held-out views classified, or held-out
+    scenes' pixels labelled, above chance) and loaded by `model.pretrained` into the segmenter's backbone as
+    they were saved."""
+    from bench.pretrain_backbone import parse, pretrain
     from trainer.config import load_config
     from trainer.loop import load_model
     path = str(tmp_path / "tiny.pt")
-    figures = pretrain(parser().parse_args(["--classes", "8", "--views", "6", "--steps", "60", "--batch", "16"]),
+    figures = pretrain(parse(["--task", task, "--classes", "8", "--views", "6", "--steps", "60", "--batch", "16"]),
                        path)
     assert figures["held_out_accuracy"] > 2 * figures["chance"], figures
     saved = torch.load(path, weights_only=True)
