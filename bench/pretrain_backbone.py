@@ -30,14 +30,21 @@ sys.path.insert(0, __file__.rsplit("/bench/", 1)[0])
 from bench.common import ROOT, publish  # noqa: E402
 from shards.augment import to_tensor  # noqa: E402
 from shards.exemplars import exemplar_scene, exemplar_set  # noqa: E402
-from trainer.model import BACKBONES, DeepLabV3Plus, ResNet  # noqa: E402
+from trainer.config import load_config  # noqa: E402
+from trainer.model import BACKBONES, ResNet, build_model  # noqa: E402
 
 HELD_OUT_VIEWS = 2  # per class, never trained on: the accuracy the record reports
-CODE = ("shards/exemplars.py", "shards/augment.py", "trainer/model.py", "shards/textures.py", "bench/pretrain_backbone.py")
+WARM_UP = 0.05  # of the steps, the one-cycle schedule's rise
+MIN_STEPS = int(1 / WARM_UP) + 1  # fewer and the rise is under a step: OneCycleLR divides by zero
+SEGMENTER = "configs/cpu-small.yaml"  # the head the studies train, so pretraining shapes the backbone for it
+CODE = ("shards/exemplars.py", "shards/augment.py", "trainer/model.py", "shards/textures.py", "bench/pretrain_backbone.py",
+        SEGMENTER)
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    # named, as `bench/ssl_suite.py --pretrained=ARGS` parses through it too and its errors should say whose
+    p = argparse.ArgumentParser(prog="pretrain_backbone.py", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--task", default="classify", choices=["classify", "segment"])
     p.add_argument("--backbone", default="tiny", choices=sorted(BACKBONES))
     # segment: a 512-way map at every pixel of a 64-image batch is 0.5 GB of logits; 64 classes cost a tenth
@@ -71,7 +78,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
     args.classes = args.classes if args.classes is not None else 64 if segment else 512
     args.batch = args.batch if args.batch is not None else 16 if segment else 64
     for name, value, low in (("--classes", args.classes, 1), ("--views", args.views, HELD_OUT_VIEWS + 1),
-                             ("--size", args.size, 8), ("--steps", args.steps, 1), ("--batch", args.batch, 1)):
+                             ("--size", args.size, 8), ("--steps", args.steps, MIN_STEPS), ("--batch", args.batch, 1)):
         if value < low:
             p.error(f"{name} must be at least {low} (got {value})")
     if args.batch > args.classes * (args.views - HELD_OUT_VIEWS):
@@ -86,6 +93,12 @@ def pretrained_backbone(argv: list[str] = ()) -> str:
     if not os.path.exists(path):
         pretrain(args, path)
     return path
+
+
+def segmenter_config(args):
+    """The studies' model section with this pretraining's backbone and output stride."""
+    model = load_config(os.path.join(ROOT, SEGMENTER)).model
+    return model.model_copy(update={"backbone": args.backbone, "output_stride": args.output_stride})
 
 
 class Classifier(nn.Module):
@@ -123,16 +136,15 @@ def pretrain(args, path: str) -> dict:
     torch.manual_seed(args.seed)
     rng = np.random.default_rng(args.seed)
     views = split_views(args)
-    if args.task == "segment":  # configs/cpu-small.yaml's segmenter, its classifier over exemplar classes
-        model, batch = DeepLabV3Plus(args.classes, args.backbone, args.output_stride, aspp_channels=64,
-                                     decoder_channels=64, aspp_rates=(1, 2, 3)), scene_batch
+    if args.task == "segment":  # the CPU studies' segmenter, its classifier over exemplar classes
+        model, batch = build_model(segmenter_config(args), args.classes), scene_batch
         scene_rng = np.random.default_rng(args.seed + 1)  # the same held-out scenes whatever was trained
         held_out = [scene_batch(views["held_out"], 16, scene_rng) for _ in range(16)]
     else:
         model, batch = Classifier(args.backbone, args.classes, args.output_stride), classify_batch
         held_out = [tensors(*views["held_out"])]
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=1e-4)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, args.lr, total_steps=args.steps, pct_start=0.05)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, args.lr, total_steps=args.steps, pct_start=WARM_UP)
     start = time.time()
     for step in range(1, args.steps + 1):
         x, y = batch(views["train"], args.batch, rng)

@@ -127,9 +127,10 @@ def exemplar_set(classes: int, views: int, size: int = 64, seed: int = 0) -> tup
 
 def exemplar_scene(images: np.ndarray, labels: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
     """One scene cut from an exemplar set, laid out as the study sets lay theirs (shards/textures.py): a view
-    of one class as the background, one to three views of other classes cut into shapes a quarter to a half
-    of the side wide over it. The mask is each pixel's exemplar class: a dense task, telling textures apart
-    at every pixel, which is what the segmenter's backbone is asked downstream; (image, mask int64)."""
+    of one class as the background, one to three more views, each of any class (the background's may come
+    again), cut into shapes 0.24 to 0.56 of the side across over it. The mask is each pixel's exemplar class:
+    a dense task, telling textures apart at every pixel, which is what the segmenter's backbone is asked
+    downstream; (image, mask int64)."""
     size = images.shape[1]
     index = rng.integers(len(labels))
     image, mask = images[index].copy(), np.full((size, size), labels[index], np.int64)

@@ -223,3 +223,19 @@ def test_a_damaged_portable_checkpoint_is_one_line_naming_it(tmp_path):
             read_portable(str(path), {"w": (4, 3) if path == good else (2, 3), "b": (3,)}, keys)
         message = str(e.value)
         assert str(path) in message and "\n" not in message and all(n in message for n in names), message
+
+
+@pytest.mark.parametrize("argv, named", [
+    (["--steps", "20"], "--steps"),  # under a step of warm-up: the schedule would divide by zero mid-run
+    (["--classes", "0"], "--classes"),
+    (["--views", "2"], "--views"),  # all held out, none to train on
+    (["--size", "4"], "--size"),
+    (["--task", "segment", "--classes", "2", "--views", "3", "--batch", "3"], "--batch"),
+])
+def test_pretraining_arguments_that_cannot_work_are_one_line(argv, named, capsys):
+    """bench/pretrain_backbone.py (and `bench/ssl_suite.py --pretrained=ARGS`, which parses through it)."""
+    from bench.pretrain_backbone import parse
+    with pytest.raises(SystemExit) as exit_:
+        parse(argv)
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert exit_.value.code == 2 and last.startswith("pretrain_backbone.py: error: ") and named in last, last
