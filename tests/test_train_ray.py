@@ -228,6 +228,22 @@ def test_a_sweep_runs_its_grid_on_ray_tune_and_reruns_nothing_finished(synthetic
     assert bad.returncode == 2 and bad.stderr.strip().count("\n") == 0 and "--grid" in bad.stderr
 
 
+def test_a_trial_key_does_not_depend_on_where_the_checkout_lies(monkeypatch, tmp_path):
+    """Two clones of one commit key a trial alike when its data and weights lie inside each clone (the
+    studies' under data/), so a worktree finds the trials another finished; data elsewhere stays in the key."""
+    from launch import sweep
+    monkeypatch.setattr(sweep, "code_digest", lambda: "one commit")
+
+    def key(root, data):
+        monkeypatch.setattr(sweep, "ROOT", root)
+        overrides = [f"data.url={data}", f"model.pretrained={root}/data/pretrained/tiny.pt"]
+        return sweep.plan(None, overrides, {"default": []}, [0], str(tmp_path / "out"))[0].key
+
+    here = key(REPO, f"{REPO}/data/textures-1_16")
+    assert key("/elsewhere/clone", "/elsewhere/clone/data/textures-1_16") == here
+    assert key(REPO, "/elsewhere/clone/data/textures-1_16") != here
+
+
 def test_bf16_on_cpu_workers_through_a_checkpoint_and_a_resume(ray_head, synthetic_url, tmp_path):
     """The bf16 path a GPU run takes (DeepSpeed with fp32 weights, the forward under autocast), on CPU workers:
     dtype faults in mask generation, losses, metrics and the pairing service's float32 bank show here first."""
