@@ -65,13 +65,6 @@ def code_digest() -> str:
     return digest.hexdigest()
 
 
-def checkout_free_digest(cfg: Config) -> str:
-    """The config's digest with paths inside this checkout counted from its root: the studies' data and
-    weights lie under data/, and two clones or worktrees of one commit must find each other's trials."""
-    text = json.dumps(cfg.public_dict(), sort_keys=True).replace(json.dumps(ROOT + os.sep)[1:-1], "")
-    return hashlib.sha256(text.encode()).hexdigest()[:12]  # as Config.digest, where no path lies inside
-
-
 def plan(config: str | None, overrides: list[str], grid: dict[str, list[str]], seeds: list[int],
          out: str) -> list[Trial]:
     """Every variant x seed, resolved and keyed; bad overrides fail here, before anything runs."""
@@ -81,7 +74,9 @@ def plan(config: str | None, overrides: list[str], grid: dict[str, list[str]], s
             cfg = load_config(config, [*overrides, *extra, f"train.seed={seed}", "train.engine=plain",
                                        "train.workers=1", "train.tensorboard=false", "out=."])
             cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"url": absolute(cfg.data.url)})})
-            key = hashlib.sha256((code + checkout_free_digest(cfg)).encode()).hexdigest()[:16]
+            # paths inside the checkout (the studies' data and weights) count from its root: two clones or
+            # worktrees of one commit find each other's trials
+            key = hashlib.sha256((code + cfg.digest(root=ROOT)).encode()).hexdigest()[:16]
             trials.append(Trial(variant, seed, cfg.model_copy(update={"out": join(absolute(out), "trials", key)})))
     return trials
 

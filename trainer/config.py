@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 from typing import Literal, Optional, Union
 
@@ -256,9 +257,12 @@ class Config(_Strict):
     eval: EvalConfig = Field(default_factory=EvalConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
 
-    def digest(self) -> str:
-        """A short hash of the resolved config, for the run's info metric and summary."""
+    def digest(self, root: Optional[str] = None) -> str:
+        """A short hash of the resolved config, for the run's info metric and summary. Paths under `root` count
+        from it, so that where a checkout lies is no part of the hash."""
         text = json.dumps(self.public_dict(), sort_keys=True)
+        if root:
+            text = text.replace(json.dumps(os.path.join(root, ""))[1:-1], "")
         return hashlib.sha256(text.encode()).hexdigest()[:12]
 
     def public_dict(self, drop_secrets: bool = False) -> dict:
