@@ -501,18 +501,18 @@ def test_unimatch_teaches_only_confident_pixels_and_learns():
 
     torch.manual_seed(0)
     model = small_model()
-    x_l, x_u = torch.randn(4, 3, 32, 32), torch.randn(4, 3, 32, 32)
+    x_l, x_u, x_mix = torch.randn(4, 3, 32, 32), torch.randn(4, 3, 32, 32), torch.randn(4, 3, 32, 32)
     y_l = torch.randint(0, 5, (4, 32, 32))
     cfg = Config()
     strict = cfg.unimatch.model_copy(update={"tau": 1.0})
-    out = unimatch.unimatch_loss(model, x_l, y_l, x_u, strict)
+    out = unimatch.unimatch_loss(model, x_l, y_l, x_u, x_mix, strict)
     assert float(out.parts["unsup"]) == 0 and float(out.parts["fp"]) == 0 and (out.pseudo == 255).all()
     assert out.loss.item() == pytest.approx(float(out.parts["sup"]) / 2, rel=1e-6)  # (L_x + 0) / 2
     everything = cfg.unimatch.model_copy(update={"tau": 0.0})
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     losses = []
     for step in range(8):
-        out = unimatch.unimatch_loss(model, x_l, y_l, x_u, everything, torch.Generator().manual_seed(step))
+        out = unimatch.unimatch_loss(model, x_l, y_l, x_u, x_mix, everything, torch.Generator().manual_seed(step))
         assert (out.pseudo != 255).all() and float(out.parts["unsup"]) > 0 and float(out.parts["fp"]) > 0
         optimizer.zero_grad()
         out.loss.backward()
@@ -522,38 +522,81 @@ def test_unimatch_teaches_only_confident_pixels_and_learns():
 
 
 def test_unimatch_as_the_reference_weighs_and_perturbs(monkeypatch):
-    """UniMatch's reference: two strong views, each its own perturbation and its own CutMix box, and
-    L = (L_x + 0.25 L_s1 + 0.25 L_s2 + 0.5 L_fp) / 2 from the first step; batch norm updates on the strong views."""
+    """UniMatch's reference: two strong views, each its own perturbation and its own CutMix box of the second
+    batch's own strong view, and L = (L_x + 0.25 L_s1 + 0.25 L_s2 + 0.5 L_fp) / 2 from the first step; batch
+    norm updates on the clean pass and the strong views' pass, not on the second batch's eval-mode pass."""
     from trainer import unimatch
 
     torch.manual_seed(0)
     model = small_model()
-    x_l, x_u = torch.randn(4, 3, 32, 32), torch.randn(4, 3, 32, 32)
+    x_l, x_u, x_mix = torch.randn(4, 3, 32, 32), torch.randn(4, 3, 32, 32), torch.randn(4, 3, 32, 32)
     y_l = torch.randint(0, 5, (4, 32, 32))
-    drawn = {"boxes": [], "views": 0}
+    drawn = {"boxes": [], "augmented": []}
     boxes, strong = unimatch.cutmix_boxes, unimatch.strong_augment
 
     def counted_boxes(*args, **kwargs):
         drawn["boxes"].append(boxes(*args, **kwargs))
         return drawn["boxes"][-1]
 
-    def counted_views(*args, **kwargs):
-        drawn["views"] += 1
-        return strong(*args, **kwargs)
+    def counted_views(x, *args, **kwargs):
+        drawn["augmented"].append(x)
+        return strong(x, *args, **kwargs)
     monkeypatch.setattr(unimatch, "cutmix_boxes", counted_boxes)
     monkeypatch.setattr(unimatch, "strong_augment", counted_views)
     norm = next(m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d))
     cfg = Config().unimatch.model_copy(update={"tau": 0.0, "cutmix_p": 1.0})
-    out = unimatch.unimatch_loss(model, x_l, y_l, x_u, cfg, torch.Generator().manual_seed(3))
+    out = unimatch.unimatch_loss(model, x_l, y_l, x_u, x_mix, cfg, torch.Generator().manual_seed(3))
     sup, unsup, fp = (float(out.parts[k]) for k in ("sup", "unsup", "fp"))
     assert out.loss.item() == pytest.approx((sup + 0.25 * 2 * unsup + 0.5 * fp) / 2, rel=1e-5)
-    assert drawn["views"] == 2 and len(drawn["boxes"]) == 2 and not torch.equal(*drawn["boxes"])
+    assert len(drawn["boxes"]) == 2 and not torch.equal(*drawn["boxes"])
+    # each view: x_u and x_mix, each strongly perturbed on its own
+    assert [x is x_u for x in drawn["augmented"]] == [True, False, True, False]
+    assert all(x is x_mix for x in drawn["augmented"][1::2])
     assert norm.num_batches_tracked.item() == 2  # the clean pass and the strong views' pass both update it
+    assert model.training  # back in train mode after the second batch's eval-mode pass
+
+
+def test_unimatch_pastes_in_the_second_batch_with_its_eval_mode_pseudo_masks(monkeypatch):
+    """Inside each box a strong view holds the second batch's pixels and is taught the second batch's pseudo
+    mask, as the model predicts it in eval mode; outside, x_u's own pixels and pseudo mask."""
+    from trainer import unimatch
+
+    torch.manual_seed(0)
+    model = small_model()
+    x_l, x_u, x_mix = torch.randn(4, 3, 32, 32), torch.randn(4, 3, 32, 32), torch.randn(4, 3, 32, 32) + 3
+    y_l = torch.randint(0, 5, (4, 32, 32))
+    monkeypatch.setattr(unimatch, "strong_augment", lambda x, generator=None: x)  # the views as they are mixed
+    seen = {"eval": [], "train": [], "taught": []}
+    forward, masked_ce = model.forward, unimatch._masked_ce
+
+    def watched_forward(x):
+        out = forward(x)
+        seen["train" if model.training else "eval"].append((x, out.argmax(1)))
+        return out
+
+    def watched_ce(logits, target, keep):
+        seen["taught"].append(target)
+        return masked_ce(logits, target, keep)
+    monkeypatch.setattr(model, "forward", watched_forward)
+    monkeypatch.setattr(unimatch, "_masked_ce", watched_ce)
+    cfg = Config().unimatch.model_copy(update={"tau": 0.0, "cutmix_p": 1.0})
+    out = unimatch.unimatch_loss(model, x_l, y_l, x_u, x_mix, cfg, torch.Generator().manual_seed(5))
+    # the boxes are the generator's first draws (the patched perturbation draws nothing)
+    generator = torch.Generator().manual_seed(5)
+    boxes = [unimatch.cutmix_boxes(4, 32, 32, 1.0, generator) for _ in range(2)]
+    [(eval_input, pseudo_mix)], [(views, _)] = seen["eval"], seen["train"]
+    assert eval_input is x_mix and model.training
+    for box, view, taught in zip(boxes, views.chunk(2), seen["taught"]):
+        assert box.any() and (~box).any()
+        inside = box.unsqueeze(1).expand_as(x_u)
+        assert torch.equal(view[inside], x_mix[inside]) and torch.equal(view[~inside], x_u[~inside])
+        assert torch.equal(taught[box], pseudo_mix[box]) and torch.equal(taught[~box], out.pseudo[~box])
+    assert not torch.equal(pseudo_mix, out.pseudo)  # the second batch's masks are its own
 
 
 def test_cutmix_boxes_are_drawn_as_the_reference_draws_them():
-    """`obtain_cutmix_box`: with probability p one box, of U(0.02, 0.4) of the image, aspect ratio U(0.3, 1/0.3),
-    inside the image; here as tensors."""
+    """`obtain_cutmix_box`: with probability p one box, of U(0.02, 0.4) of the image; its aspect ratio
+    U(0.3, 1/0.3) and its corner drawn again until it fits inside (never clipped); here as tensors."""
     from trainer.unimatch import cutmix_boxes
 
     height = width = 64
@@ -566,7 +609,12 @@ def test_cutmix_boxes_are_drawn_as_the_reference_draws_them():
     share = area[present] / (height * width)
     assert share.min() > 0.01 and share.max() <= 0.4 and abs(share.mean().item() - 0.21) < 0.02
     ratio = rows / cols
-    assert ratio.min() > 0.25 and ratio.max() < 1 / 0.25
+    assert ratio.min() > 0.25 and ratio.max() < 1 / 0.25  # U(0.3, 1/0.3), floored to whole pixels
+    # drawn again until it fits: large boxes lean to square (a single draw: 37% in [0.6, 1/0.6], redrawn: 64%),
+    # and few span the whole image (clipped to it: 4.7%, redrawn: 0.1%)
+    large = share > 0.3
+    assert ((ratio[large] > 0.6) & (ratio[large] < 1 / 0.6)).double().mean() > 0.5
+    assert ((rows == height) | (cols == width)).double().mean() < 0.01
     assert not cutmix_boxes(100, height, width, 0.0, torch.Generator().manual_seed(0)).any()
 
 
@@ -611,7 +659,7 @@ def test_every_objective_runs_where_the_model_is(device, bf16):
         assert model.classifier.weight.grad.abs().sum() > 0, name
         model.zero_grad()
     with autocast():
-        out = unimatch.unimatch_loss(model, x_l, y_l, x_u, cfg.unimatch.model_copy(update={"tau": 0.0}),
+        out = unimatch.unimatch_loss(model, x_l, y_l, x_u, x_u.flip(0), cfg.unimatch.model_copy(update={"tau": 0.0}),
                                      torch.Generator(device=device).manual_seed(1))
     out.loss.backward()
     assert torch.isfinite(out.loss) and out.pseudo.device.type == device

@@ -45,12 +45,25 @@ class WorkerContext:
     report: Callable[[dict], None] = lambda metrics: None  # Ray Train's report, or nothing
 
 
-def stream_spec(cfg: Config, split: str, ctx: WorkerContext) -> StreamSpec:
-    """The data layer's plain values for one split of this worker, by keyword."""
-    d, train = cfg.data, split != "val"
+# the training streams a method may read (its `splits`), each a split in an order drawn from the run's seed and
+# the stream's salt: unlabeled_mix is a second pass over the unlabeled split in an order of its own, as
+# UniMatch's reference reads its CutMix sources through a second loader
+STREAMS = {"labeled": ("labeled", 0), "unlabeled": ("unlabeled", 0), "unlabeled_mix": ("unlabeled", 1)}
+
+
+def split_of(stream: str) -> str:
+    return STREAMS[stream][0] if stream in STREAMS else stream
+
+
+def stream_spec(cfg: Config, stream: str, ctx: WorkerContext) -> StreamSpec:
+    """The data layer's plain values for one stream (a training stream of STREAMS, or val) of this worker, by
+    keyword."""
+    d, split, train = cfg.data, split_of(stream), stream != "val"
+    salt = STREAMS.get(stream, (split, 0))[1]
+    seed = int(np.random.SeedSequence([cfg.train.seed, salt]).generate_state(1)[0]) if salt else cfg.train.seed
     return StreamSpec(
         url=d.url, split=split, batch_size=getattr(d, f"{split}_batch_size"),
-        global_batch=cfg.global_batch(split) if train else None, seed=cfg.train.seed, rank=ctx.rank,
+        global_batch=cfg.global_batch(split) if train else None, seed=seed, rank=ctx.rank,
         world_size=ctx.world_size, loader_workers=d.loader_workers if train else 0,
         crop_size=d.crop_size, scale_min=d.scale_min, scale_max=d.scale_max, flip=d.flip,
         photometric=d.photometric, shuffle_block=d.shuffle_block, sample_run=d.sample_run,
@@ -182,7 +195,8 @@ class Trainer:
         self.metrics = for_this_process(ctx.in_ray, cfg.train.metrics_port if ctx.rank == 0 else 0,
                                         cfg.train.metrics_host, rank=ctx.rank, run=run_label(cfg.out))
         declare_training_series(self.metrics, cfg, splits)
-        self.steplog = StepLog(self.metrics, self.classes, cfg.train.steps, sum(cfg.global_batch(s) for s in splits))
+        self.steplog = StepLog(self.metrics, self.classes, cfg.train.steps,
+                               sum(cfg.global_batch(split_of(s)) for s in splits))
         model = build_model_for(cfg, ctx, len(self.classes))
         # before the engine wraps the model: a teacher copies it as it is
         self.method = build_method(cfg, model, ctx, self.metrics, len(self.classes))
@@ -226,8 +240,7 @@ class Trainer:
             # the micro-batch's place in the global batch, the same at any world size
             place = self.ctx.rank * self.micro_steps + micro
             with self.engine.autocast():
-                out = self._loss(batches["labeled"], batches.get("unlabeled"),
-                                 micro_generator(self.cfg.train.seed, self.run.step, place, self.ctx.device))
+                out = self._loss(batches, micro_generator(self.cfg.train.seed, self.run.step, place, self.ctx.device))
             self.engine.micro_step(out.loss)
             outs.append(out)
             self._count(batches)
@@ -241,15 +254,17 @@ class Trainer:
         return StepOutput(sum(o.loss.detach() for o in outs) / len(outs),
                           {k: sum(o.parts[k] for o in outs) / len(outs) for k in outs[0].parts})
 
-    def _loss(self, batch_l: dict, batch_u: Optional[dict], generator: torch.Generator) -> StepOutput:
-        """One micro-batch's loss by the configured method."""
+    def _loss(self, batches: dict[str, dict], generator: torch.Generator) -> StepOutput:
+        """One micro-batch's loss by the configured method, from a micro-batch of each of its streams."""
         def on_device(tensor):  # from pinned memory on a GPU: the host does not wait for the copy
             return None if tensor is None else tensor.to(self.ctx.device, non_blocking=True)
-        x_u = on_device(batch_u["image"]) if batch_u is not None else None
-        out = self.method.loss(self.module, on_device(batch_l["image"]), on_device(batch_l["mask"]), x_u,
-                               self.run.step, generator)
+
+        def images(stream):
+            return on_device(batches[stream]["image"]) if stream in batches else None
+        out = self.method.loss(self.module, images("labeled"), on_device(batches["labeled"]["mask"]),
+                               images("unlabeled"), self.run.step, generator, x_mix=images("unlabeled_mix"))
         if out.pseudo is not None:
-            self.steplog.pseudo_score.add(out.pseudo.detach(), on_device(batch_u.get("withheld_mask")))
+            self.steplog.pseudo_score.add(out.pseudo.detach(), on_device(batches["unlabeled"].get("withheld_mask")))
         return out
 
     def _count(self, batches: dict) -> None:

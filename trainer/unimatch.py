@@ -5,16 +5,14 @@ themselves, with no labeled image in the mix. Pure PyTorch.
 1. One forward of the labeled and the (weakly augmented) unlabeled images together; the unlabeled images'
    prediction, detached, is their pseudo mask and its confidence. The same pass decodes the encoder features
    with channel dropout (0.5) as well: the feature-perturbed view (`fp`).
-2. Two strongly perturbed views of the unlabeled images (`ssl.strong_augment`, drawn independently), each with
+2. A second unlabeled batch (`x_mix`, its own stream in its own order) is predicted in eval mode, without
+   gradients: the pseudo masks of what CutMix pastes in.
+3. Two strongly perturbed views of the unlabeled images (`ssl.strong_augment`, drawn independently), each with
    its own CutMix box (with probability `cutmix_p`, a box of U(0.02, 0.4) of the image at an aspect ratio of
-   U(0.3, 1/0.3)) of another unlabeled image pasted in; the pseudo masks are mixed alike.
-3. Losses on the pixels whose confidence is at least `tau` (0.95), over all pixels (those below count zero):
+   U(0.3, 1/0.3), drawn again until it fits) of its own strong view of the second batch pasted in; the pseudo
+   masks and confidences are mixed alike.
+4. Losses on the pixels whose confidence is at least `tau` (0.95), over all pixels (those below count zero):
    L = (L_x + 0.25 L_s1 + 0.25 L_s2 + 0.5 L_fp) / 2, from the first step (no ramp-up).
-
-Where it differs from the reference, by what this pipeline gives a step:
-- the images pasted in are the batch's others (rolled by one), not a second unlabeled batch, so their pseudo
-  masks come from the same train-mode forward (the reference predicts its second batch in eval mode);
-- an aspect ratio that does not fit the image is clipped to it (the reference draws it again).
 
 Against GuidedMix this answers the reviewer's question: does guidance by labeled images beat mixing unlabeled
 images with each other?
@@ -32,6 +30,9 @@ if TYPE_CHECKING:  # the typed config section, for readers only
     from .config import UniMatchConfig
 
 WEIGHTS = {"strong": 0.25, "fp": 0.5}  # per strong view; the feature-perturbed view
+# a box's draws of ratio and corner until one fits, made at once (the reference loops on the host); at the
+# largest area about 1 in 12 draws fits, so all of them missing has a chance below 1e-9 (that box is left out)
+BOX_DRAWS = 256
 
 
 def _masked_ce(logits: torch.Tensor, target: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
@@ -43,18 +44,21 @@ def _masked_ce(logits: torch.Tensor, target: torch.Tensor, keep: torch.Tensor) -
 def cutmix_boxes(batch: int, height: int, width: int, p: float, generator: Optional[torch.Generator] = None,
                  device=None) -> torch.Tensor:
     """B x H x W 0/1 boxes as UniMatch's `obtain_cutmix_box`: with probability `p` a box of U(0.02, 0.4) of the
-    image's area at an aspect ratio (height / width) of U(0.3, 1/0.3), placed uniformly; else none. Drawn as
-    tensors (no value read back to the host)."""
+    image's area; its aspect ratio (height / width) U(0.3, 1/0.3) and its top-left corner uniform over the
+    image, both drawn again until the box fits inside. Drawn as tensors (no value read back to the host)."""
     on = drawn_on(generator)
 
-    def uniform(low, high):
-        return torch.rand(batch, generator=generator, device=on, dtype=torch.float64) * (high - low) + low
-    area, ratio = uniform(0.02, 0.4) * height * width, uniform(0.3, 1 / 0.3)
-    box_w = torch.sqrt(area / ratio).floor().clamp(max=width)
-    box_h = torch.sqrt(area * ratio).floor().clamp(max=height)
-    top = (uniform(0, 1) * (height - box_h + 1)).floor()
-    left = (uniform(0, 1) * (width - box_w + 1)).floor()
+    def uniform(low, high, *shape):
+        return torch.rand(batch, *shape, generator=generator, device=on, dtype=torch.float64) * (high - low) + low
     present = uniform(0, 1) < p
+    area = (uniform(0.02, 0.4) * height * width).view(-1, 1)
+    ratio = uniform(0.3, 1 / 0.3, BOX_DRAWS)
+    box_w, box_h = torch.sqrt(area / ratio).floor(), torch.sqrt(area * ratio).floor()
+    left, top = (uniform(0, 1, BOX_DRAWS) * width).floor(), (uniform(0, 1, BOX_DRAWS) * height).floor()
+    fits = (left + box_w <= width) & (top + box_h <= height)
+    first = fits.to(torch.uint8).argmax(1, keepdim=True)  # the first draw that fits
+    left, top, box_w, box_h = (t.gather(1, first) for t in (left, top, box_w, box_h))
+    present = present.view(-1, 1) & fits.any(1, keepdim=True)
     rows = torch.arange(height, device=on, dtype=torch.float64).view(1, -1, 1)
     cols = torch.arange(width, device=on, dtype=torch.float64).view(1, 1, -1)
     boxes = ((rows >= top.view(-1, 1, 1)) & (rows < (top + box_h).view(-1, 1, 1))
@@ -62,8 +66,19 @@ def cutmix_boxes(batch: int, height: int, width: int, p: float, generator: Optio
     return boxes.to(device if device is not None else on)
 
 
-def unimatch_loss(model, x_l: torch.Tensor, y_l: torch.Tensor, x_u: torch.Tensor, cfg: "UniMatchConfig",
-                  generator: Optional[torch.Generator] = None) -> StepOutput:
+@torch.no_grad()
+def _predict_in_eval_mode(model, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(confidence, class) per pixel, as the reference predicts its second batch: batch norm on its running
+    statistics, which this forward leaves as they are."""
+    model.eval()
+    try:
+        return model(images).softmax(1).max(1)
+    finally:
+        model.train()
+
+
+def unimatch_loss(model, x_l: torch.Tensor, y_l: torch.Tensor, x_u: torch.Tensor, x_mix: torch.Tensor,
+                  cfg: "UniMatchConfig", generator: Optional[torch.Generator] = None) -> StepOutput:
     b_l, b_u = x_l.shape[0], x_u.shape[0]
     size = x_u.shape[-2:]
 
@@ -77,18 +92,19 @@ def unimatch_loss(model, x_l: torch.Tensor, y_l: torch.Tensor, x_u: torch.Tensor
     pred_fp = perturbed[b_l:]
     confidence, pseudo = pred_u.detach().softmax(1).max(1)
 
-    # 2. two strong views, each with a box of another unlabeled image (the batch's next) pasted in
-    other = torch.roll(torch.arange(b_u, device=x_u.device), 1)
+    # 2. the second batch's pseudo masks, for what is pasted in
+    confidence_mix, pseudo_mix = _predict_in_eval_mode(model, x_mix)
+
+    # 3. two strong views, each with a box of its own strong view of the second batch pasted in
     views, targets, keeps = [], [], []
     for _ in range(2):
         box = cutmix_boxes(b_u, size[0], size[1], cfg.cutmix_p, generator, x_u.device)
-        strong = strong_augment(x_u, generator)
-        views.append(mix(strong, strong[other], box.unsqueeze(1)))
-        targets.append(torch.where(box, pseudo[other], pseudo))
-        keeps.append(torch.where(box, confidence[other], confidence) >= cfg.tau)
+        views.append(mix(strong_augment(x_u, generator), strong_augment(x_mix, generator), box.unsqueeze(1)))
+        targets.append(torch.where(box, pseudo_mix, pseudo))
+        keeps.append(torch.where(box, confidence_mix, confidence) >= cfg.tau)
     pred_s1, pred_s2 = model(torch.cat(views)).chunk(2)
 
-    # 3. the losses, weighted as the reference weighs them
+    # 4. the losses, weighted as the reference weighs them
     loss_x = F.cross_entropy(pred_x, y_l, ignore_index=IGNORE)
     loss_s1, loss_s2 = (_masked_ce(pred, target, keep) for pred, target, keep in
                         zip((pred_s1, pred_s2), targets, keeps))

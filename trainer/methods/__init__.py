@@ -28,7 +28,9 @@ Replay = Callable[[int], Iterator[dict]]
 class Method:
     """What the Trainer asks of a method; the defaults are those of a method with no state of its own."""
 
-    splits: tuple[str, ...] = ("labeled", "unlabeled")  # the training streams the method reads
+    # the training streams the method reads (trainer/loop.py's STREAMS): labeled, unlabeled, and for a method
+    # that pastes in images of a second unlabeled batch, unlabeled_mix
+    splits: tuple[str, ...] = ("labeled", "unlabeled")
     parts: tuple[str, ...] = ()  # the names `state()` may hand a checkpoint
 
     def __init__(self, cfg: "Config", model: torch.nn.Module, ctx: "WorkerContext", metrics: "Metrics",
@@ -36,8 +38,9 @@ class Method:
         self.cfg, self.ctx, self.num_classes = cfg, ctx, num_classes
 
     def loss(self, model: torch.nn.Module, x_l: torch.Tensor, y_l: torch.Tensor, x_u: Optional[torch.Tensor],
-             step: int, generator: torch.Generator) -> StepOutput:
-        """One micro-batch's loss (the tensors on the worker's device; x_u None without an unlabeled split)."""
+             step: int, generator: torch.Generator, x_mix: Optional[torch.Tensor] = None) -> StepOutput:
+        """One micro-batch's loss (the tensors on the worker's device; x_u None without the unlabeled stream,
+        x_mix None without unlabeled_mix)."""
         raise NotImplementedError
 
     def end_step(self, model: torch.nn.Module, step: int) -> None:

@@ -6,5 +6,7 @@ from . import Method
 
 
 class UniMatch(Method):
-    def loss(self, model, x_l, y_l, x_u, step, generator):
-        return unimatch_loss(model, x_l, y_l, x_u, self.cfg.unimatch, generator)
+    splits = ("labeled", "unlabeled", "unlabeled_mix")  # CutMix pastes in a second unlabeled batch
+
+    def loss(self, model, x_l, y_l, x_u, step, generator, x_mix=None):
+        return unimatch_loss(model, x_l, y_l, x_u, x_mix, self.cfg.unimatch, generator)
