@@ -1,6 +1,7 @@
 """`method: unimatch` through the loop: its CutMix sources come from a stream of their own (`unlabeled_mix`, a
 second pass over the unlabeled split in its own order, as the reference's second loader), which the ledger
 plans, the summary counts and a checkpoint resumes."""
+import json
 import os
 import shutil
 
@@ -29,10 +30,20 @@ def test_unimatch_reads_a_second_unlabeled_stream_in_its_own_order_and_resumes_i
     main, pasted = ([key for ledger in ledgers for key in ledger[s]] for s in ("unlabeled", "unlabeled_mix"))
     assert main != pasted and sum(a == b for a, b in zip(main, pasted)) < len(main) / 4  # an order of its own
 
-    resumed = str(tmp_path / "resumed")
-    os.makedirs(f"{resumed}/checkpoints")
-    shutil.copytree(f"{straight}/checkpoints/step-00000006", f"{resumed}/checkpoints/step-00000006")
-    with open(f"{resumed}/checkpoints/latest", "w") as f:
-        f.write("step-00000006")
-    assert run(resumed) == losses and len(losses) == 10  # steps 7-10 trained again, bit for bit
-    check_ledgers(resumed)
+    def resume_from_step_6(out, keep_mix_stream=True):
+        os.makedirs(f"{out}/checkpoints")
+        checkpoint = f"{out}/checkpoints/step-00000006"
+        shutil.copytree(f"{straight}/checkpoints/step-00000006", checkpoint)
+        if not keep_mix_stream:  # as a checkpoint written before unimatch read a second stream
+            state = read_json(f"{checkpoint}/rank-0.json")
+            del state["streams"]["unlabeled_mix"]
+            with open(f"{checkpoint}/rank-0.json", "w") as f:
+                json.dump(state, f)
+        with open(f"{out}/checkpoints/latest", "w") as f:
+            f.write("step-00000006")
+        return run(out)
+
+    assert len(losses) == 10 and resume_from_step_6(str(tmp_path / "resumed")) == losses  # 7-10 bit for bit
+    check_ledgers(str(tmp_path / "resumed"))
+    # a stream the checkpoint lacks starts at the checkpoint's step: here, where the lost position was
+    assert resume_from_step_6(str(tmp_path / "older"), keep_mix_stream=False) == losses

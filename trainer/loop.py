@@ -174,7 +174,8 @@ class TrainStreams:
 
     def load_state_dict(self, state: dict) -> None:
         for name, stream in self.streams.items():
-            stream.load_state_dict(state[name])
+            # a stream the checkpoint lacks (written before its method read it) starts at the checkpoint's step
+            stream.load_state_dict(state.get(name, {"step": state["labeled"]["step"]}))
 
 
 class Trainer:
