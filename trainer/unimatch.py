@@ -31,7 +31,7 @@ if TYPE_CHECKING:  # the typed config section, for readers only
 
 WEIGHTS = {"strong": 0.25, "fp": 0.5}  # per strong view; the feature-perturbed view
 # a box's draws of ratio and corner until one fits, made at once (the reference loops on the host); at the
-# largest area about 1 in 12 draws fits, so all of them missing has a chance below 1e-9 (that box is left out)
+# largest area about 1 in 14 draws fits, so all of them missing has a chance of about 5e-9 (that box is left out)
 BOX_DRAWS = 256
 
 
