@@ -52,14 +52,14 @@ STREAMS = {"labeled": ("labeled", 0), "unlabeled": ("unlabeled", 0), "unlabeled_
 
 
 def split_of(stream: str) -> str:
-    return STREAMS[stream][0] if stream in STREAMS else stream
+    return STREAMS.get(stream, (stream, 0))[0]
 
 
 def stream_spec(cfg: Config, stream: str, ctx: WorkerContext) -> StreamSpec:
     """The data layer's plain values for one stream (a training stream of STREAMS, or val) of this worker, by
     keyword."""
-    d, split, train = cfg.data, split_of(stream), stream != "val"
-    salt = STREAMS.get(stream, (split, 0))[1]
+    split, salt = STREAMS.get(stream, (stream, 0))
+    d, train = cfg.data, stream != "val"
     seed = int(np.random.SeedSequence([cfg.train.seed, salt]).generate_state(1)[0]) if salt else cfg.train.seed
     return StreamSpec(
         url=d.url, split=split, batch_size=getattr(d, f"{split}_batch_size"),
