@@ -260,10 +260,8 @@ class Trainer:
         def on_device(tensor):  # from pinned memory on a GPU: the host does not wait for the copy
             return None if tensor is None else tensor.to(self.ctx.device, non_blocking=True)
 
-        def images(stream):
-            return on_device(batches[stream]["image"]) if stream in batches else None
-        out = self.method.loss(self.module, images("labeled"), on_device(batches["labeled"]["mask"]),
-                               images("unlabeled"), self.run.step, generator, x_mix=images("unlabeled_mix"))
+        images = {stream: on_device(batch["image"]) for stream, batch in batches.items()}
+        out = self.method.loss(self.module, images, on_device(batches["labeled"]["mask"]), self.run.step, generator)
         if out.pseudo is not None:
             self.steplog.pseudo_score.add(out.pseudo.detach(), on_device(batches["unlabeled"].get("withheld_mask")))
         return out

@@ -9,7 +9,7 @@ trainer/unimatch.py); what the methods share is in trainer/ssl.py.
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Callable, Iterator, Optional
+from typing import TYPE_CHECKING, Callable, Iterator
 
 import torch
 
@@ -37,10 +37,10 @@ class Method:
                  num_classes: int):
         self.cfg, self.ctx, self.num_classes = cfg, ctx, num_classes
 
-    def loss(self, model: torch.nn.Module, x_l: torch.Tensor, y_l: torch.Tensor, x_u: Optional[torch.Tensor],
-             step: int, generator: torch.Generator, x_mix: Optional[torch.Tensor] = None) -> StepOutput:
-        """One micro-batch's loss (the tensors on the worker's device; x_u None without the unlabeled stream,
-        x_mix None without unlabeled_mix)."""
+    def loss(self, model: torch.nn.Module, images: dict[str, torch.Tensor], y_l: torch.Tensor, step: int,
+             generator: torch.Generator) -> StepOutput:
+        """One micro-batch's loss: `images` holds a micro-batch of each of `splits` by stream name, `y_l` the
+        labeled images' masks (all on the worker's device)."""
         raise NotImplementedError
 
     def end_step(self, model: torch.nn.Module, step: int) -> None:

@@ -31,7 +31,8 @@ class GuidedMix(Method):
             self.pairing = PairingClient(gm.pairing, cfg.out, ctx.rank, ctx.in_ray, metrics, cfg.train.seed,
                                          ctx.device)
 
-    def loss(self, model, x_l, y_l, x_u, step, generator, x_mix=None):
+    def loss(self, model, images, y_l, step, generator):
+        x_l, x_u = images["labeled"], images["unlabeled"]
         find = None
         if self.pairing is not None:
             find = functools.partial(self.pairing.query, step=step, device=self.ctx.device, generator=generator)

@@ -8,5 +8,5 @@ from . import Method
 class Supervised(Method):
     splits = ("labeled",)
 
-    def loss(self, model, x_l, y_l, x_u, step, generator, x_mix=None):
-        return supervised_loss(model, x_l, y_l)
+    def loss(self, model, images, y_l, step, generator):
+        return supervised_loss(model, images["labeled"], y_l)

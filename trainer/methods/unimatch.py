@@ -8,5 +8,6 @@ from . import Method
 class UniMatch(Method):
     splits = ("labeled", "unlabeled", "unlabeled_mix")  # CutMix pastes in a second unlabeled batch
 
-    def loss(self, model, x_l, y_l, x_u, step, generator, x_mix=None):
-        return unimatch_loss(model, x_l, y_l, x_u, x_mix, self.cfg.unimatch, generator)
+    def loss(self, model, images, y_l, step, generator):
+        return unimatch_loss(model, images["labeled"], y_l, images["unlabeled"], images["unlabeled_mix"],
+                             self.cfg.unimatch, generator)
